@@ -1,0 +1,162 @@
+"""Stage 01: cache the pooled activations of a target network's layers over a probe set.
+
+Each layer is its own artifact (key = target, layer, pooling, probe content, top_k), so adding a
+layer to the config computes only that layer, while all missing layers share one forward pass.
+
+Example:
+    >>> cfg = load_config("offline")                                  # doctest: +SKIP
+    >>> cached = cache_activations(cfg)                               # doctest: +SKIP
+    >>> acts = load_activations(cfg, "head")                          # doctest: +SKIP
+    >>> acts.activations.shape, acts.top_ids.shape                    # doctest: +SKIP
+    (torch.Size([92, 1280]), torch.Size([1280, 50]))
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+from safetensors.torch import load_file
+
+from .config import Config
+from .decode_once import CacheJob, run_decode_once
+from .errors import NdUtilsError
+from .hooks import TraceLayers
+from .probes import ProbeSet, load_probes
+from .runtime import resolve_device
+from .stages import STAGES
+from .store import Artifact, ArtifactStore
+from .targets import Target, load_target
+
+STAGE = STAGES["01_activation_caching"]
+
+
+class TargetConsumer:
+    """Runs the target once per batch and returns the pooled `[B, K]` output of each layer."""
+
+    def __init__(self, target: Target, layers: list[str], pooling: str = "avg"):
+        for layer in layers:
+            target.get_layer(layer)  # unknown names fail here, listing the closest ones
+        self.target, self.outputs, self.pooling = target, list(layers), pooling
+        self.name = f"target:{target.name}"
+        self.preprocess = target.preprocess
+        self._checked = False
+
+    def __call__(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        with TraceLayers(self.target.model, self.outputs, pooling=self.pooling) as trace:
+            self.target.model(batch)
+        if not self._checked:
+            trace.check_calls()
+            self._checked = True
+        return {layer: trace[layer] for layer in self.outputs}
+
+
+def load_probe_from_config(cfg: Config) -> ProbeSet:
+    """The probe set named by `probe.sets` (their union), cut to `probe.limit` images if set."""
+    probe = load_probes(cfg["probe.sets"])
+    limit = cfg.get("probe.limit")
+    if limit is not None:
+        if int(limit) < 1:
+            raise NdUtilsError(f"probe.limit must be a positive number of images or null, got {limit}")
+        probe = probe.subset(int(limit))
+    return probe
+
+
+def activation_key(cfg: Config, layer: str, probe: ProbeSet) -> str:
+    """Artifact key of one layer's activations: config fields read + the probe's content."""
+    params = {**cfg.select(STAGE.reads), "layer": layer}
+    return ArtifactStore.key(STAGE.name, STAGE.version, params,
+                             inputs={"probe_fingerprint": probe.fingerprint})
+
+
+def activation_jobs(cfg: Config, target: Target, probe: ProbeSet,
+                    layers: "list[str] | None" = None) -> list[CacheJob]:
+    """One CacheJob per layer for `run_decode_once` (other consumers may join the same pass)."""
+    layers = list(layers or cfg["target.layers"])
+    consumer = TargetConsumer(target, layers, cfg["target.pooling"])
+    jobs = []
+    for layer in layers:
+        params = {**cfg.select(STAGE.reads), "layer": layer}
+        jobs.append(CacheJob(
+            consumer=consumer, output=layer, stage=STAGE.name,
+            key=activation_key(cfg, layer, probe), version=STAGE.version, params=params,
+            inputs={"probe_fingerprint": probe.fingerprint, "weights_id": target.weights_id},
+            top_k=int(cfg["activations.top_k"]),
+            extra={"layer": layer, "target": target.name, "weights_id": target.weights_id,
+                   "device": str(next(target.model.parameters()).device)}))
+    return jobs
+
+
+def cache_activations(cfg: Config, target: "Target | None" = None, probe: "ProbeSet | None" = None,
+                      extra_jobs: "list[CacheJob] | None" = None, force: bool = False,
+                      progress: bool = True, stop_after_chunks: "int | None" = None
+                      ) -> dict[str, Artifact]:
+    """Cache every layer of `target.layers` (plus `extra_jobs`) in one decode-once pass.
+
+    Returns {layer: Artifact}; finished layers are read from the store, not recomputed, unless
+    `force`. The artifact holds `activations.safetensors` (`activations` [N, K] float32,
+    `top_ids`/`top_values` [K, top_k]) and `images.csv` (id, path, label, ...).
+    """
+    device = resolve_device(cfg.get("device", "auto"))
+    probe = probe or load_probe_from_config(cfg)
+    target = (target or load_target(cfg["target.name"])).to(device)
+    store = ArtifactStore(cfg.data_dir)
+    jobs = activation_jobs(cfg, target, probe) + list(extra_jobs or [])
+    if force:
+        for job in jobs:
+            store.remove(job.stage, job.key)
+    found = run_decode_once(
+        probe, jobs, store, batch_size=int(cfg["activations.batch_size"]),
+        chunk_size=int(cfg["activations.chunk_size"]),
+        num_workers=int(cfg["activations.num_workers"]), device=device, progress=progress,
+        stop_after_chunks=stop_after_chunks)
+    return {job.output: found[(job.stage, job.key)] for job in jobs}
+
+
+@dataclass
+class LayerActivations:
+    """Cached activations of one layer: `activations` [N, K], `top_ids`/`top_values` [K, k]."""
+
+    layer: str
+    activations: torch.Tensor
+    top_ids: torch.Tensor
+    top_values: torch.Tensor
+    images: pd.DataFrame
+    manifest: dict
+    path: Path
+
+    @property
+    def n_images(self) -> int:
+        return self.activations.shape[0]
+
+    @property
+    def n_neurons(self) -> int:
+        return self.activations.shape[1]
+
+
+def load_activations(cfg: Config, layer: str, probe: "ProbeSet | None" = None) -> LayerActivations:
+    """Read one layer's cached activations; a missing cache names notebook 01."""
+    probe = probe or load_probe_from_config(cfg)
+    store = ArtifactStore(cfg.data_dir)
+    art = store.open(STAGE.name, activation_key(cfg, layer, probe),
+                     produced_by=f"notebooks/{STAGE.notebook} (layer {layer!r})")
+    tensors = load_file(str(art.file("activations.safetensors")))
+    images = pd.read_csv(art.file("images.csv"), keep_default_na=False, dtype={"label": str})
+    return LayerActivations(layer, tensors["activations"], tensors["top_ids"],
+                            tensors["top_values"], images, art.manifest, art.path)
+
+
+def activation_summary(acts: "dict[str, LayerActivations]") -> pd.DataFrame:
+    """One row per cached layer: size, key, timings (for the notebook and the run report)."""
+    rows = []
+    for layer, a in acts.items():
+        m = a.manifest
+        t = m.get("timings", {})
+        rate = t.get("images_processed", 0) / t["decode_and_forward_s"] if t.get(
+            "decode_and_forward_s") else float("nan")
+        rows.append({"layer": layer, "images": a.n_images, "neurons": a.n_neurons,
+                     "top_k": a.top_ids.shape[1], "key": m["key"], "device": m.get("device"),
+                     "images_per_s": round(rate, 1), "skipped_images": len(m["skipped_images"]),
+                     "folder": str(a.path)})
+    return pd.DataFrame(rows)

@@ -1,0 +1,224 @@
+"""YAML run configurations: profiles in `configs/`, dotted overrides, the effective config.
+
+A profile is a complete nested mapping (`configs/offline.yaml`, `configs/paper.yaml`). Overrides
+use dotted keys (`target.layers=[layer4]`, `probe.sets.0.path=/data/val`) and may only set keys
+that exist in the profile, so a typo is an error rather than a silently ignored setting.
+
+Example:
+    >>> cfg = load_config("offline", ["target.layers=[head]"])
+    >>> cfg["target.layers"]
+    ['head']
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import yaml
+
+from .errors import ConfigError, closest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = REPO_ROOT / "configs"
+
+_MISSING = object()
+
+
+def list_profiles() -> list[str]:
+    """Names of the YAML profiles in `configs/` (without `.yaml`)."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def _split(key: str) -> list[str]:
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"malformed config key {key!r}: use dotted names such as target.layers")
+    return key.split(".")
+
+
+def _child(node: Any, part: str) -> Any:
+    if isinstance(node, Mapping):
+        return node.get(part, _MISSING)
+    if isinstance(node, list) and part.lstrip("-").isdigit():
+        idx = int(part)
+        return node[idx] if -len(node) <= idx < len(node) else _MISSING
+    return _MISSING
+
+
+def _all_keys(node: Any, prefix: str = "") -> list[str]:
+    keys = []
+    if isinstance(node, Mapping):
+        for k, v in node.items():
+            full = f"{prefix}{k}"
+            keys.append(full)
+            keys.extend(_all_keys(v, full + "."))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            if isinstance(v, (Mapping, list)):
+                keys.extend(_all_keys(v, f"{prefix}{i}."))
+    return keys
+
+
+class Config:
+    """A nested configuration with dotted-key access.
+
+    `cfg["a.b"]` reads, `cfg.select(["a", "c.d"])` returns the sub-mapping a stage depends on,
+    `cfg.to_dict()` a deep copy. Instances are treated as immutable: `with_overrides` copies.
+    """
+
+    def __init__(self, data: Mapping, source: str = "<dict>"):
+        self._data = copy.deepcopy(dict(data))
+        self.source = source
+
+    def __getitem__(self, key: str) -> Any:
+        node: Any = self._data
+        for part in _split(key):
+            node = _child(node, part)
+            if node is _MISSING:
+                raise self._unknown(key)
+        return copy.deepcopy(node)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        try:
+            return self[key]
+        except ConfigError:
+            return default
+
+    def __contains__(self, key: str) -> bool:
+        return self.get(key, _MISSING) is not _MISSING
+
+    def keys(self) -> list[str]:
+        """Every dotted key of the configuration, parents before children."""
+        return _all_keys(self._data)
+
+    def _unknown(self, key: str) -> ConfigError:
+        near = closest(key, self.keys())
+        hint = f" Did you mean: {', '.join(near)}?" if near else ""
+        return ConfigError(
+            f"config key {key!r} does not exist in {self.source}.{hint} "
+            f"List the keys with nd_utils.load_config(...).keys()."
+        )
+
+    def set(self, key: str, value: Any) -> None:
+        """Set an existing key (in place); unknown keys raise ConfigError naming close ones."""
+        parts = _split(key)
+        node: Any = self._data
+        for part in parts[:-1]:
+            node = _child(node, part)
+            if node is _MISSING or not isinstance(node, (Mapping, list)):
+                raise self._unknown(key)
+        last = parts[-1]
+        if _child(node, last) is _MISSING:
+            raise self._unknown(key)
+        if isinstance(node, list):
+            node[int(last)] = value
+        else:
+            node[last] = value
+
+    def with_overrides(self, overrides: "Iterable[str] | Mapping[str, Any] | None") -> "Config":
+        """Return a copy with dotted overrides applied (`["a.b=1"]` or `{"a.b": 1}`)."""
+        new = Config(self._data, self.source)
+        for key, value in parse_overrides(overrides).items():
+            new.set(key, value)
+        return new
+
+    def select(self, keys: Iterable[str]) -> dict:
+        """The values of `keys` as a flat {dotted key: value} dict (what a stage reads)."""
+        return {k: self[k] for k in keys}
+
+    def to_dict(self) -> dict:
+        return copy.deepcopy(self._data)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self._data, sort_keys=False, default_flow_style=None)
+
+    def save(self, path: "str | Path") -> Path:
+        """Write the configuration as YAML (atomically) and return the path."""
+        from .store import atomic_write_text
+
+        return atomic_write_text(Path(path), self.to_yaml())
+
+    @property
+    def data_dir(self) -> Path:
+        """Absolute artifact-store root (`data_dir`, relative paths resolve against the repo)."""
+        p = Path(str(self["data_dir"])).expanduser()
+        return p if p.is_absolute() else (REPO_ROOT / p).resolve()
+
+    def fingerprint(self) -> str:
+        import hashlib
+
+        blob = json.dumps(self._data, sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+    def __repr__(self) -> str:
+        return f"Config(source={self.source!r}, profile={self.get('profile')!r})"
+
+
+def parse_overrides(overrides: "Iterable[str] | Mapping[str, Any] | None") -> dict:
+    """Parse `["key=value", ...]` (values are YAML: `[a, b]`, `3`, `null`) into a dict.
+
+    >>> parse_overrides(["target.layers=[layer4]", "seed=3"])
+    {'target.layers': ['layer4'], 'seed': 3}
+    """
+    if overrides is None:
+        return {}
+    if isinstance(overrides, Mapping):
+        return dict(overrides)
+    if isinstance(overrides, str):
+        overrides = [overrides]
+    out = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(
+                f"override {item!r} has no '=': write it as key=value, e.g. target.layers=[layer4]"
+            )
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({exc})") from None
+        out[key.strip()] = value
+    return out
+
+
+def load_config(
+    config: "str | Path | Mapping | Config" = "offline",
+    overrides: "Iterable[str] | Mapping[str, Any] | None" = None,
+) -> Config:
+    """Load a profile by name, a YAML path, a mapping or a Config, then apply overrides.
+
+    The returned config has `data_dir` made absolute so that a saved copy of it (the effective
+    config of a run) points at the same artifact store wherever it is read from.
+    """
+    if isinstance(config, Config):
+        cfg = Config(config.to_dict(), config.source)
+    elif isinstance(config, Mapping):
+        cfg = Config(config, "<dict>")
+    else:
+        text = str(config)
+        path = Path(text).expanduser()
+        if not path.suffix and not path.exists():
+            path = CONFIG_DIR / f"{text}.yaml"
+        if not path.exists():
+            raise ConfigError(
+                f"config {text!r} not found: give a profile name ({', '.join(list_profiles())}) "
+                f"or the path of a YAML file."
+            )
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh)
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{path} does not hold a YAML mapping of settings")
+        cfg = Config(data, str(path))
+    env_dir = os.environ.get("ND_DATA_DIR")
+    if env_dir and "data_dir" in cfg and not Path(str(cfg["data_dir"])).is_absolute():
+        # Lets tests and batch jobs redirect the store without editing profiles; an explicit
+        # override or an absolute path (a saved effective config) still wins.
+        cfg.set("data_dir", env_dir)
+    cfg = cfg.with_overrides(overrides)
+    for required in ("profile", "data_dir", "target.name", "probe.sets"):
+        if required not in cfg:
+            raise ConfigError(f"{cfg.source} lacks the required key {required!r}")
+    cfg.set("data_dir", str(cfg.data_dir))
+    return cfg

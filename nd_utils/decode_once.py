@@ -1,0 +1,192 @@
+"""One pass over a probe set that feeds every consumer, resumable chunk by chunk.
+
+Each image is decoded once and handed to each consumer's own preprocessing (the target network
+now, a vision-language image encoder later). Every (consumer, output) pair is a `CacheJob` that
+becomes one artifact of the store. Work is split into chunks of images; a finished chunk is saved
+atomically into the job's staging folder, so a killed run resumes at its last finished chunk, and
+only the jobs that still miss a chunk run on it.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Protocol
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from .store import Artifact, ArtifactStore, atomic_write_text
+
+
+class SimulatedInterruption(RuntimeError):
+    """Raised by `run_decode_once(..., stop_after_chunks=n)` to imitate a killed run."""
+
+
+class Consumer(Protocol):
+    """Anything that turns a batch of preprocessed images into named `[B, K]` outputs."""
+
+    name: str
+    preprocess: Callable
+    outputs: list[str]
+
+    def __call__(self, batch: torch.Tensor) -> dict[str, torch.Tensor]: ...
+
+
+@dataclass
+class CacheJob:
+    """One artifact to produce: output `output` of `consumer`, stored as (stage, key)."""
+
+    consumer: Consumer
+    output: str
+    stage: str
+    key: str
+    version: int
+    params: dict
+    inputs: dict = field(default_factory=dict)
+    top_k: int = 0                       # store each column's top image ids when > 0
+    extra: dict = field(default_factory=dict)
+
+
+class _DecodeOnce(Dataset):
+    """Decodes image i once and applies every active consumer's preprocessing to it."""
+
+    def __init__(self, probe, indices: list[int], preprocessors: list[Callable]):
+        self.probe, self.indices, self.preprocessors = probe, indices, preprocessors
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, j: int):
+        img = self.probe.load_image(self.indices[j])
+        return tuple(p(img) for p in self.preprocessors)
+
+
+def _chunk_file(staging: Path, job: CacheJob, chunk: int) -> Path:
+    return staging / "chunks" / f"{chunk:05d}.safetensors"
+
+
+def _save_atomic(tensors: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    tmp.replace(path)
+
+
+def _prepare_staging(store: ArtifactStore, job: CacheJob, n: int, chunk_size: int) -> Path:
+    """Staging folder of a job, emptied when it belongs to another chunking or image count."""
+    staging = store.staging_path(job.stage, job.key)
+    plan = {"n_images": n, "chunk_size": chunk_size, "key": job.key}
+    plan_file = staging / "plan.json"
+    if staging.exists():
+        try:
+            same = json.loads(plan_file.read_text()) == plan
+        except (OSError, ValueError):
+            same = False
+        if not same:
+            import shutil
+            shutil.rmtree(staging)
+    staging.mkdir(parents=True, exist_ok=True)
+    if not plan_file.exists():
+        atomic_write_text(plan_file, json.dumps(plan))
+    return staging
+
+
+def run_decode_once(probe, jobs: list[CacheJob], store: ArtifactStore, *, batch_size: int = 32,
+                    chunk_size: int = 256, num_workers: int = 0,
+                    device: "torch.device | str" = "cpu", progress: bool = True,
+                    stop_after_chunks: "int | None" = None) -> dict[tuple[str, str], Artifact]:
+    """Compute every job's `[N, K]` output over `probe` in one decode-once pass and publish it.
+
+    Jobs already in the store are skipped. `stop_after_chunks` interrupts the pass after that
+    many chunks (tests use it to simulate a killed run). Returns {(stage, key): Artifact}.
+    """
+    n = len(probe)
+    todo = [j for j in jobs if not store.exists(j.stage, j.key)]
+    stagings = {id(j): _prepare_staging(store, j, n, chunk_size) for j in todo}
+    n_chunks = (n + chunk_size - 1) // chunk_size
+    started = time.time()
+    timings = {"decode_and_forward_s": 0.0, "images_processed": 0}
+    bar = tqdm(total=n, desc="caching activations", unit="img", disable=not progress or not todo)
+    done_chunks = 0
+    for c in range(n_chunks):
+        lo, hi = c * chunk_size, min(n, (c + 1) * chunk_size)
+        need = [j for j in todo if not _chunk_file(stagings[id(j)], j, c).exists()]
+        if not need:
+            bar.update(hi - lo)
+            continue
+        if stop_after_chunks is not None and done_chunks >= stop_after_chunks:
+            raise SimulatedInterruption(f"stopped after {done_chunks} chunks")
+        consumers = list({id(j.consumer): j.consumer for j in need}.values())
+        loader = DataLoader(_DecodeOnce(probe, list(range(lo, hi)), [cn.preprocess for cn in consumers]),
+                            batch_size=batch_size, num_workers=num_workers, shuffle=False)
+        parts: dict[tuple[int, str], list[torch.Tensor]] = {}
+        t0 = time.time()
+        with torch.inference_mode():
+            for batch in loader:
+                for cn, x in zip(consumers, batch):
+                    outs = cn(x.to(device, non_blocking=True))
+                    for name, value in outs.items():
+                        parts.setdefault((id(cn), name), []).append(value.float().cpu())
+                bar.update(len(batch[0]))
+        timings["decode_and_forward_s"] += time.time() - t0
+        timings["images_processed"] += hi - lo
+        for j in need:
+            got = parts.get((id(j.consumer), j.output))
+            if got is None:
+                raise RuntimeError(f"consumer {j.consumer.name!r} produced no output {j.output!r}")
+            _save_atomic({"values": torch.cat(got)}, _chunk_file(stagings[id(j)], j, c))
+        done_chunks += 1
+    bar.close()
+    elapsed = time.time() - started
+    result = {}
+    for j in jobs:
+        if not store.exists(j.stage, j.key):
+            _publish(store, j, stagings[id(j)], n_chunks, probe, timings, elapsed)
+        result[(j.stage, j.key)] = store.open(j.stage, j.key)
+    return result
+
+
+def _publish(store, job: CacheJob, staging: Path, n_chunks: int, probe, timings, elapsed) -> None:
+    """Concatenate a job's chunks, add top ids, write the artifact and publish it atomically."""
+    values = torch.cat([load_file(str(_chunk_file(staging, job, c)))["values"]
+                        for c in range(n_chunks)])
+    if values.shape[0] != len(probe):
+        raise RuntimeError(f"{job.output}: {values.shape[0]} rows for {len(probe)} images")
+    tensors = {"activations": values}
+    if job.top_k:
+        k = min(job.top_k, values.shape[0])
+        top = torch.topk(values, k, dim=0)          # over images, per neuron
+        tensors["top_ids"] = top.indices.T.contiguous().to(torch.int64)    # [K, k]
+        tensors["top_values"] = top.values.T.contiguous()                  # [K, k]
+    nonfinite = int((~torch.isfinite(values)).sum())
+    with store.writer(job.stage, job.key, version=job.version, params=job.params,
+                      inputs=job.inputs, resume=True,
+                      extra={**job.extra, "output": job.output, "consumer": job.consumer.name,
+                             "shape": list(values.shape), "nonfinite_values": nonfinite,
+                             "top_k": int(tensors["top_ids"].shape[1]) if job.top_k else 0,
+                             "probe": probe.describe(),
+                             "skipped_images": [list(s) for s in probe.skipped],
+                             "timings": {**timings, "pass_seconds": round(elapsed, 3)}}) as tmp:
+        _save_atomic(tensors, tmp / "activations.safetensors")
+        _write_image_table(probe, tmp / "images.csv")
+        import shutil
+        shutil.rmtree(tmp / "chunks", ignore_errors=True)
+        (tmp / "plan.json").unlink(missing_ok=True)
+
+
+def _write_image_table(probe, path: Path) -> None:
+    import csv
+    import io
+
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["id", "path", "label", "class_index", "source", "sha256"])
+    for i, it in enumerate(probe.items):
+        w.writerow([i, it.path, "" if it.label is None else it.label,
+                    "" if getattr(it, "class_index", None) is None else it.class_index,
+                    it.source, it.sha256])
+    atomic_write_text(path, buf.getvalue())

@@ -1,0 +1,105 @@
+"""The papermill stage runner, on a two-notebook pipeline and on the real offline profile."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+import nd_utils as nd
+from nd_utils.config import REPO_ROOT
+
+PARAMS = 'config = "offline"\noverrides = []\nrun_dir = None\nforce = False'
+
+
+def notebook(path: Path, body: str):
+    nb = nbformat.v4.new_notebook()
+    params = nbformat.v4.new_code_cell(PARAMS)
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [params, nbformat.v4.new_code_cell(body)]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, path)
+
+
+@pytest.fixture
+def pipeline(tmp_path):
+    nbs = tmp_path / "nbs"
+    nbs.mkdir()
+    notebook(nbs / "01_first.ipynb",
+             "import nd_utils as nd, pathlib\nrun = nd.open_run(config, overrides, run_dir)\n"
+             "(run.results / 'first.txt').write_text(run.cfg['target.name'])")
+    notebook(nbs / "02_second.ipynb",
+             "import pathlib\nassert (pathlib.Path(run_dir) / 'results' / 'first.txt').exists()\n"
+             "(pathlib.Path(run_dir) / 'results' / 'second.txt').write_text('ok')")
+    (nbs / "notes.ipynb").write_text("not a stage notebook, never run")
+    return nbs
+
+
+def test_runs_in_order_into_a_run_folder(pipeline, tmp_path):
+    sources = {p: p.read_bytes() for p in pipeline.iterdir()}
+    run = nd.run_pipeline("offline", [f"data_dir={tmp_path / 'd'}", "target.name=resnet18:none"],
+                          notebook_dir=pipeline, log=lambda *a, **k: None)
+    assert run.path.parent == tmp_path / "d" / "runs"
+    assert (run.results / "first.txt").read_text() == "resnet18:none"
+    assert (run.results / "second.txt").read_text() == "ok"
+    assert sorted(p.name for p in (run.path / "notebooks").iterdir()) == [
+        "01_first.ipynb", "02_second.ipynb"]
+    record = json.loads((run.path / "run.json").read_text())
+    assert record["status"] == "ok" and [s["status"] for s in record["stages"]] == ["ok", "ok"]
+    assert nd.load_config(run.config_path)["target.name"] == "resnet18:none"
+    assert {p: p.read_bytes() for p in pipeline.iterdir()} == sources  # sources untouched
+
+
+def test_stops_at_first_failure(pipeline, tmp_path):
+    notebook(pipeline / "01_first.ipynb", "raise ValueError('boom in stage one')")
+    with pytest.raises(nd.StageFailed, match="boom in stage one") as err:
+        nd.run_pipeline("offline", [f"data_dir={tmp_path / 'd'}"], notebook_dir=pipeline,
+                        log=lambda *a, **k: None)
+    assert "01_first.ipynb" in str(err.value)
+    run_dir = next((tmp_path / "d" / "runs").iterdir())
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["status"] == "failed" and len(record["stages"]) == 1
+    assert not (run_dir / "notebooks" / "02_second.ipynb").exists()
+
+
+def test_stage_selection(pipeline, tmp_path):
+    run = nd.run_pipeline("offline", [f"data_dir={tmp_path / 'd'}"], stages="1",
+                          notebook_dir=pipeline, log=lambda *a, **k: None)
+    assert [p.name for p in (run.path / "notebooks").iterdir()] == ["01_first.ipynb"]
+    with pytest.raises(nd.NdUtilsError, match="available stages are 01, 02"):
+        nd.run_pipeline("offline", [f"data_dir={tmp_path / 'd'}"], stages="07",
+                        notebook_dir=pipeline, log=lambda *a, **k: None)
+
+
+def test_cli_rejects_unknown_key(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "nd_utils", "run", "offline",
+                           "--set", "tagret.layers=[fc]"], capture_output=True, text=True,
+                          cwd=REPO_ROOT, env={**os.environ, "ND_DATA_DIR": str(tmp_path)})
+    assert proc.returncode == 1
+    assert "target.layers" in proc.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_demo_pipeline_end_to_end(tmp_path):
+    """What `make demo` runs: every stage notebook on the offline profile, via the CLI."""
+    proc = subprocess.run([sys.executable, "-m", "nd_utils", "run", "offline"],
+                          capture_output=True, text=True, cwd=REPO_ROOT,
+                          env={**os.environ, "ND_DATA_DIR": str(tmp_path)}, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = Path(proc.stdout.strip().splitlines()[-1])
+    assert results.is_dir() and results.parent.parent == tmp_path / "runs"
+    record = json.loads((results.parent / "run.json").read_text())
+    assert record["status"] == "ok"
+    assert [s["notebook"] for s in record["stages"]] == [p.name for p in nd.list_notebooks()]
+    assert (results / "01_activation_distributions.png").stat().st_size > 10_000
+    cfg = nd.load_config(results.parent / "config.yaml")
+    for layer in cfg["target.layers"]:
+        acts = nd.load_activations(cfg, layer)
+        assert acts.n_images >= 50 and torch_finite(acts.activations)
+
+
+def torch_finite(x):
+    import torch
+    return bool(torch.isfinite(x).all())
