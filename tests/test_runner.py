@@ -103,3 +103,24 @@ def test_demo_pipeline_end_to_end(tmp_path):
 def torch_finite(x):
     import torch
     return bool(torch.isfinite(x).all())
+
+
+def _network_reachable(host="download.pytorch.org") -> bool:
+    import socket
+    try:
+        socket.create_connection((host, 443), timeout=3).close()
+        return True
+    except OSError:
+        return False
+
+
+def test_paper_profile_offline_names_the_offline_profile(tmp_path):
+    if _network_reachable():
+        pytest.skip("network reachable: the paper profile would download ResNet-50 for real")
+    env = {**os.environ, "ND_DATA_DIR": str(tmp_path), "TORCH_HOME": str(tmp_path / "torch")}
+    proc = subprocess.run([sys.executable, "-m", "nd_utils", "run", "paper", "--stages", "01"],
+                          capture_output=True, text=True, cwd=REPO_ROOT, env=env, timeout=600)
+    assert proc.returncode == 1
+    assert "OfflineError" in proc.stderr and "configs/offline.yaml" in proc.stderr
+    assert "01_activation_caching.ipynb" in proc.stderr  # the executed copy to open
+    assert not list(tmp_path.glob("artifacts/*/[!.]*"))  # no stage output published
