@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Callable, Protocol
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .store import Artifact, ArtifactStore, atomic_write_text
+from .store import Artifact, ArtifactStore, atomic_write_text, save_tensors
 
 
 class SimulatedInterruption(RuntimeError):
@@ -67,13 +67,6 @@ class _DecodeOnce(Dataset):
 
 def _chunk_file(staging: Path, job: CacheJob, chunk: int) -> Path:
     return staging / "chunks" / f"{chunk:05d}.safetensors"
-
-
-def _save_atomic(tensors: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    tmp.replace(path)
 
 
 def _prepare_staging(store: ArtifactStore, job: CacheJob, n: int, chunk_size: int) -> Path:
@@ -138,7 +131,7 @@ def run_decode_once(probe, jobs: list[CacheJob], store: ArtifactStore, *, batch_
             got = parts.get((id(j.consumer), j.output))
             if got is None:
                 raise RuntimeError(f"consumer {j.consumer.name!r} produced no output {j.output!r}")
-            _save_atomic({"values": torch.cat(got)}, _chunk_file(stagings[id(j)], j, c))
+            save_tensors({"values": torch.cat(got)}, _chunk_file(stagings[id(j)], j, c))
         done_chunks += 1
     bar.close()
     elapsed = time.time() - started
@@ -171,7 +164,7 @@ def _publish(store, job: CacheJob, staging: Path, n_chunks: int, probe, timings,
                              "probe": probe.describe(),
                              "skipped_images": [list(s) for s in probe.skipped],
                              "timings": {**timings, "pass_seconds": round(elapsed, 3)}}) as tmp:
-        _save_atomic(tensors, tmp / "activations.safetensors")
+        save_tensors(tensors, tmp / "activations.safetensors")
         _write_image_table(probe, tmp / "images.csv")
         import shutil
         shutil.rmtree(tmp / "chunks", ignore_errors=True)

@@ -29,6 +29,15 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
     Stage("01_activation_caching", "01_activation_caching.ipynb", version=1,
           reads=("target.name", "target.pooling", "probe.sets", "probe.limit",
                  "activations.top_k")),
+    # the vision-language image features share stage 01's decode-once pass over the probe set
+    Stage("01_image_features", "01_activation_caching.ipynb", version=1,
+          reads=("vlm.name", "probe.sets", "probe.limit")),
+    Stage("02_text_features", "02_clip_dissect.ipynb", version=1,
+          reads=("vlm.name", "clip_dissect.concept_set", "clip_dissect.clean",
+                 "clip_dissect.template")),
+    Stage("02_clip_dissect", "02_clip_dissect.ipynb", version=1,
+          reads=("clip_dissect.similarity", "clip_dissect.hyperparameters"),
+          upstream=("01_activation_caching", "01_image_features", "02_text_features")),
 ]}
 
 

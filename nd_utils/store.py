@@ -73,6 +73,18 @@ def atomic_write_text(path: "str | Path", text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def save_tensors(tensors: dict, path: "str | Path") -> Path:
+    """Save a dict of tensors as safetensors through a temporary file and a rename."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path)
+    return path
+
+
 def package_versions() -> dict:
     """Versions of the packages that decide numerical results, for manifests."""
     from importlib import metadata

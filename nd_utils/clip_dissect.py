@@ -1,0 +1,199 @@
+"""Stage 02: CLIP-Dissect labels for every neuron of the configured layers.
+
+Pipeline (METHODS.md section 2): image features `I [N, D]` of the probe set (cached in stage
+01's decode-once pass), text features `T [M, D]` of the concept set, `P = I @ T.T [N, M]` (plain
+cosines), `sim = f(P, activations [N, K]) [K, M]`, label of neuron k = `argmax_m sim[k, m]`.
+
+Every step is an artifact keyed by content: image features by (vlm, probe content), text
+features by (vlm, concept list hash, template, cleaning), labels by (similarity function,
+hyper-parameters, the three upstream keys).
+
+Example:
+    >>> cfg = load_config("offline")                                   # doctest: +SKIP
+    >>> labels = dissect_layer(cfg, "fc")                              # doctest: +SKIP
+    >>> labels[["unit", "description", "similarity"]].head()           # doctest: +SKIP
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import torch
+from safetensors.torch import load_file
+
+from .activations import activation_key, load_activations, load_probe_from_config
+from .concepts import ConceptSet, load_concept_set
+from .config import Config
+from .errors import ConfigError
+from .decode_once import CacheJob
+from .probes import ProbeSet
+from .runtime import resolve_device
+from .similarity import get_similarity
+from .stages import STAGES
+from .store import ArtifactStore, atomic_write_text, save_tensors
+from .vlm import VisionLanguageModel, load_vlm
+
+IMAGE_STAGE = STAGES["01_image_features"]
+TEXT_STAGE = STAGES["02_text_features"]
+LABEL_STAGE = STAGES["02_clip_dissect"]
+STORED_TOP = 20  # concepts kept per neuron in the artifact; tables show clip_dissect.top_n
+
+
+def load_vlm_from_config(cfg: Config) -> VisionLanguageModel:
+    """The vision-language model named by `vlm.name`, on the configured device."""
+    return load_vlm(cfg["vlm.name"], device=resolve_device(cfg.get("device", "auto")))
+
+
+def image_feature_key(cfg: Config, probe: ProbeSet) -> str:
+    return ArtifactStore.key(IMAGE_STAGE.name, IMAGE_STAGE.version, cfg.select(IMAGE_STAGE.reads),
+                             inputs={"probe_fingerprint": probe.fingerprint})
+
+
+def image_feature_job(cfg: Config, vlm: VisionLanguageModel, probe: ProbeSet) -> CacheJob:
+    """A decode-once job caching the probe set's L2-normalised image features `[N, D]`."""
+    return CacheJob(consumer=vlm.image_consumer(), output="image_features", stage=IMAGE_STAGE.name,
+                    key=image_feature_key(cfg, probe), version=IMAGE_STAGE.version,
+                    params=cfg.select(IMAGE_STAGE.reads),
+                    inputs={"probe_fingerprint": probe.fingerprint, "backend_id": vlm.backend_id},
+                    extra={"vlm": vlm.name, "backend_id": vlm.backend_id})
+
+
+def load_image_features(cfg: Config, probe: ProbeSet) -> torch.Tensor:
+    """Cached image features `[N, D]` of the probe set; missing ones name notebook 01."""
+    art = ArtifactStore(cfg.data_dir).open(
+        IMAGE_STAGE.name, image_feature_key(cfg, probe),
+        produced_by=f"notebooks/{IMAGE_STAGE.notebook} (image features of {cfg['vlm.name']!r})")
+    return load_file(str(art.file("activations.safetensors")))["activations"]
+
+
+def load_concepts_from_config(cfg: Config, name: "str | None" = None) -> ConceptSet:
+    """The concept set `clip_dissect.concept_set` (or `name`) with the configured cleaning."""
+    clean = cfg["clip_dissect.clean"] or {}
+    return load_concept_set(name or cfg["clip_dissect.concept_set"], **clean)
+
+
+def text_feature_key(cfg: Config, concepts: ConceptSet) -> str:
+    params = {**cfg.select(TEXT_STAGE.reads), "clip_dissect.concept_set": concepts.name}
+    return ArtifactStore.key(TEXT_STAGE.name, TEXT_STAGE.version, params,
+                             inputs={"concepts_sha256": concepts.sha256})
+
+
+def cache_text_features(cfg: Config, concepts: ConceptSet,
+                        vlm: "VisionLanguageModel | None" = None) -> torch.Tensor:
+    """Text features `[M, D]` of the concepts, computed once per (backend, concepts, template)."""
+    store = ArtifactStore(cfg.data_dir)
+    key = text_feature_key(cfg, concepts)
+    if not store.exists(TEXT_STAGE.name, key):
+        vlm = vlm or load_vlm_from_config(cfg)
+        feats = vlm.encode_texts(list(concepts), template=cfg["clip_dissect.template"])
+        with store.writer(TEXT_STAGE.name, key, version=TEXT_STAGE.version,
+                          params=cfg.select(TEXT_STAGE.reads),
+                          inputs={"concepts_sha256": concepts.sha256},
+                          extra={"backend_id": vlm.backend_id, "n_concepts": len(concepts),
+                                 "concept_set": concepts.name, "concept_report": concepts.report},
+                          resume=False) as tmp:
+            save_tensors({"text_features": feats.float().cpu()}, tmp / "text_features.safetensors")
+            atomic_write_text(tmp / "concepts.txt", "\n".join(concepts) + "\n")
+    art = store.open(TEXT_STAGE.name, key)
+    return load_file(str(art.file("text_features.safetensors")))["text_features"]
+
+
+def concept_similarity(cfg: Config, probe: ProbeSet, concepts: ConceptSet,
+                       vlm: "VisionLanguageModel | None" = None) -> torch.Tensor:
+    """`P = I @ T.T`, the `[N, M]` image-concept cosine similarities."""
+    return load_image_features(cfg, probe) @ cache_text_features(cfg, concepts, vlm).T
+
+
+def label_key(cfg: Config, layer: str, probe: ProbeSet, concepts: ConceptSet) -> str:
+    upstream = {"01_activation_caching": activation_key(cfg, layer, probe),
+                "01_image_features": image_feature_key(cfg, probe),
+                "02_text_features": text_feature_key(cfg, concepts)}
+    return ArtifactStore.key(LABEL_STAGE.name, LABEL_STAGE.version,
+                             {**cfg.select(LABEL_STAGE.reads), "layer": layer}, upstream=upstream)
+
+
+def dissect_layer(cfg: Config, layer: str, probe: "ProbeSet | None" = None,
+                  concepts: "ConceptSet | None" = None, vlm: "VisionLanguageModel | None" = None,
+                  force: bool = False) -> pd.DataFrame:
+    """Label every neuron of `layer`: one row per unit with its top concepts and scores.
+
+    Columns: `layer, unit, description, similarity` (the reference's schema) then
+    `concept_1, score_1, ...` for the `STORED_TOP` best concepts, best first.
+    """
+    probe = probe or load_probe_from_config(cfg)
+    concepts = concepts or load_concepts_from_config(cfg)
+    store = ArtifactStore(cfg.data_dir)
+    key = label_key(cfg, layer, probe, concepts)
+    if force:
+        store.remove(LABEL_STAGE.name, key)
+    if not store.exists(LABEL_STAGE.name, key):
+        acts = load_activations(cfg, layer, probe=probe)
+        P = concept_similarity(cfg, probe, concepts, vlm)
+        fn = get_similarity(cfg["clip_dissect.similarity"])
+        sim = fn(P, acts.activations, **similarity_hyperparameters(cfg, fn), layer=layer)
+        table = label_table(sim, concepts, layer)
+        with store.writer(LABEL_STAGE.name, key, version=LABEL_STAGE.version,
+                          params={**cfg.select(LABEL_STAGE.reads), "layer": layer},
+                          upstream={"01_activation_caching": acts.manifest["key"],
+                                    "01_image_features": image_feature_key(cfg, probe),
+                                    "02_text_features": text_feature_key(cfg, concepts)},
+                          extra={"layer": layer, "n_neurons": int(sim.shape[0]),
+                                 "n_concepts": int(sim.shape[1]), "concept_set": concepts.name},
+                          resume=False) as tmp:
+            atomic_write_text(tmp / "labels.csv", table.to_csv(index=False))
+    art = store.open(LABEL_STAGE.name, key)
+    return pd.read_csv(art.file("labels.csv"), keep_default_na=False)
+
+
+def similarity_hyperparameters(cfg: Config, fn) -> dict:
+    """`clip_dissect.hyperparameters`, checked against the keywords `fn` accepts."""
+    import inspect
+
+    hyper = dict(cfg["clip_dissect.hyperparameters"] or {})
+    accepted = [p.name for p in inspect.signature(fn).parameters.values()
+                if p.kind == p.KEYWORD_ONLY and p.name not in ("layer", "device", "chunk_size",
+                                                                 "num_workers")]
+    unknown = sorted(set(hyper) - set(accepted))
+    if unknown:
+        raise ConfigError(f"clip_dissect.hyperparameters has {', '.join(unknown)}, which "
+                          f"{fn.__name__} does not take; it accepts: {', '.join(accepted)}")
+    return hyper
+
+
+def label_table(sim: torch.Tensor, concepts: ConceptSet, layer: str,
+                top: int = STORED_TOP) -> pd.DataFrame:
+    """Turn `sim [K, M]` into the label table (best concept first, ties broken by index)."""
+    top = min(top, sim.shape[1])
+    scores, idx = torch.topk(sim.float(), top, dim=1)
+    rows = {"layer": [layer] * sim.shape[0], "unit": list(range(sim.shape[0])),
+            "description": [concepts[int(i)] for i in idx[:, 0]],
+            "similarity": scores[:, 0].tolist()}
+    for j in range(top):
+        rows[f"concept_{j + 1}"] = [concepts[int(i)] for i in idx[:, j]]
+        rows[f"score_{j + 1}"] = scores[:, j].tolist()
+    return pd.DataFrame(rows)
+
+
+def write_label_tables(cfg: Config, results: "str | Path", tables: "dict[str, pd.DataFrame]"
+                       ) -> dict[str, Path]:
+    """Write `02_clip_dissect_<layer>.csv` per layer (top `clip_dissect.top_n` concepts)."""
+    n = int(cfg["clip_dissect.top_n"])
+    out = {}
+    for layer, table in tables.items():
+        keep = ["layer", "unit", "description", "similarity"]
+        keep += [c for j in range(1, n + 1) for c in (f"concept_{j}", f"score_{j}")]
+        path = Path(results) / f"02_clip_dissect_{layer}.csv"
+        atomic_write_text(path, table[keep].to_csv(index=False))
+        out[layer] = path
+    return out
+
+
+def image_feature_jobs_if_missing(cfg: Config, probe: ProbeSet) -> list[CacheJob]:
+    """`[image_feature_job]` when the probe's image features are not cached yet, else `[]`.
+
+    Lets notebook 01 add the vision-language encoder to its decode-once pass without loading
+    the model when its output already exists.
+    """
+    if ArtifactStore(cfg.data_dir).exists(IMAGE_STAGE.name, image_feature_key(cfg, probe)):
+        return []
+    return [image_feature_job(cfg, load_vlm_from_config(cfg), probe)]

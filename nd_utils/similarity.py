@@ -1,0 +1,375 @@
+"""CLIP-Dissect's five similarity functions: `f(P [N, M], A [N, K]) -> sim [K, M]` (METHODS.md §2).
+
+P holds image-concept cosines (N images x M concepts), A the pooled activations of K neurons.
+Defaults and keyword names are the published ones; results match the reference's float32 output
+(tests/test_similarity.py). Implementation choices, for speed and bounded memory:
+
+- Concepts are processed in blocks of `_BLOCK` columns on a pool of `num_workers` threads
+  (torch ops release the GIL); intra-op threading is set to 1 meanwhile and restored afterwards.
+  Per-worker memory is O(N * _BLOCK); only the [K, M] output is allocated in full.
+- wpmi/soft_wpmi never build softmax(a*P) [N, M]: per image the normaliser logsumexp_m(a*P) is
+  computed once, and only the rows of the union of the neurons' top images are exponentiated.
+  A column block holds all K neurons, so the layer prior (a logsumexp over K) is exact per block.
+- soft_wpmi's inner term x = 1 + p_r*(Q-1) + min_prob is built by one `embedding_bag` call
+  (gather + scale + two adds, bit-identical to the reference's float32 rounding, which matters:
+  sim = L - prior cancels ~500 in float32), then logs are taken of products of g terms
+  (g chosen so that no product underflows), which divides the number of logs by g.
+- rank_reorder ranks concepts through int32 keys (global rank << bits | position) sorted with
+  NumPy's SIMD sort on CPU, ~15x faster than torch.sort with indices.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import NdUtilsError, unknown_name
+
+_BLOCK = 256  # concepts per work item: a [K, 256] block of the output
+
+
+def _where(layer: "str | None") -> str:
+    return f" of layer {layer!r}" if layer else ""
+
+
+def _finite(x: torch.Tensor) -> bool:
+    """One reduction pass: NaN and inf propagate to min/max, no [N, M] boolean mask is built."""
+    lo, hi = torch.aminmax(x)
+    return math.isfinite(lo) and math.isfinite(hi)
+
+
+def _prepare(clip_feats, target_feats, device, layer):
+    """Validate both inputs and return float32 tensors on the compute device."""
+    P, A = torch.as_tensor(clip_feats), torch.as_tensor(target_feats)
+    for name, x in (("clip_feats [N images, M concepts]", P), ("target_feats [N images, K neurons]", A)):
+        if x.dim() != 2 or 0 in x.shape:
+            raise NdUtilsError(f"{name} must be a non-empty 2-D tensor, got shape {tuple(x.shape)}")
+    if P.shape[0] != A.shape[0]:  # never truncate: a mismatch means the probe sets differ
+        raise NdUtilsError(f"image counts differ: clip_feats has {P.shape[0]} rows, target_feats"
+                           f"{_where(layer)} has {A.shape[0]}; both must come from the same probe set")
+    dev = torch.device(device) if device is not None else P.device
+    P, A = P.to(dev, torch.float32), A.to(dev, torch.float32)
+    if not _finite(A):
+        units = (~torch.isfinite(A)).any(0).nonzero()[:, 0].tolist()
+        raise NdUtilsError(f"target_feats{_where(layer)} has NaN/inf for neuron(s) {units[:10]}"
+                           f"{' ...' if len(units) > 10 else ''} ({len(units)} of {A.shape[1]});"
+                           f" recompute or drop those activations")
+    if not _finite(P):
+        cols = torch.cat([(~torch.isfinite(P[i:i + 1024])).any(0, keepdim=True)
+                          for i in range(0, P.shape[0], 1024)]).any(0).nonzero()[:, 0].tolist()
+        raise NdUtilsError(f"clip_feats has NaN/inf for concept(s) {cols[:10]} ({len(cols)} of "
+                           f"{P.shape[1]}); check the text/image features")
+    return P, A, dev
+
+
+@contextmanager
+def _pool(dev: torch.device, num_workers: "int | None"):
+    """Yield a `map` running blocks on threads (CPU) or sequentially (GPU / one worker)."""
+    n = num_workers or (torch.get_num_threads() if dev.type == "cpu" else 1)
+    if n <= 1:
+        yield lambda f, items: list(map(f, items))
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread per block beats OpenMP barriers on small ops
+    try:
+        with ThreadPoolExecutor(n) as ex:
+            yield lambda f, items: list(ex.map(f, items))
+    finally:
+        torch.set_num_threads(old)
+
+
+def _blocks(M: int, width: int = _BLOCK) -> list[tuple[int, int]]:
+    """Concept blocks starting at multiples of _BLOCK; a tail under 64 joins the previous block so
+    that torch.sum over ranks takes the same (vectorised) path, hence rounding, as over all M."""
+    b = [[m0, min(M, m0 + width)] for m0 in range(0, M, width)]
+    if len(b) > 1 and b[-1][1] - b[-1][0] < 64:
+        last = b.pop()
+        b[-1][1] = last[1]
+    return [tuple(x) for x in b]
+
+
+def _matmul_sim(P, A, transform, chunk_size, device, layer):
+    """Shared body of the two cosine functions: out = transform(A).T @ transform(P) by blocks."""
+    P, A, _ = _prepare(P, A, device, layer)
+    At = transform(A).T.contiguous()
+    out = torch.empty(A.shape[1], P.shape[1], device=P.device)
+    step = chunk_size or A.shape[1]
+    for m0 in range(0, P.shape[1], 4 * _BLOCK):  # one transformed [N, 1024] slice of P at a time
+        Pb = transform(P[:, m0:m0 + 4 * _BLOCK])
+        for k0 in range(0, A.shape[1], step):
+            torch.matmul(At[k0:k0 + step], Pb, out=out[k0:k0 + step, m0:m0 + Pb.shape[1]])
+    return out
+
+
+def cos_similarity(clip_feats, target_feats, *, chunk_size=None, device=None, layer=None):
+    """Cosine between activation and concept columns over images (no centring) -> [K, M].
+
+    Shapes: clip_feats [N, M], target_feats [N, K]. A zero column gives a row/column of 0.
+    >>> cos_similarity(torch.rand(10, 3), torch.rand(10, 2)).shape
+    torch.Size([2, 3])
+    """
+    def unit(x):  # a zero norm (dead neuron) keeps its zeros instead of 0/0 = NaN
+        return x / x.norm(dim=0, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
+    return _matmul_sim(clip_feats, target_feats, unit, chunk_size, device, layer)
+
+
+def cos_similarity_cubed(clip_feats, target_feats, *, min_norm=1e-3, chunk_size=None, device=None,
+                         layer=None):
+    """Cosine after centring each column and cubing it; norms clipped below at `min_norm` -> [K, M].
+
+    >>> cos_similarity_cubed(torch.rand(10, 3), torch.rand(10, 2)).shape
+    torch.Size([2, 3])
+    """
+    def cube(x):
+        x = (x - x.mean(dim=0, keepdim=True)) ** 3
+        return x / x.norm(dim=0, keepdim=True).clamp_min(min_norm)
+    return _matmul_sim(clip_feats, target_feats, cube, chunk_size, device, layer)
+
+
+def _sort_last(keys: torch.Tensor) -> torch.Tensor:
+    if keys.device.type == "cpu":  # NumPy's AVX-512 sort; releases the GIL
+        return torch.from_numpy(np.sort(keys.numpy(), axis=-1))
+    return torch.sort(keys, dim=-1).values
+
+
+def _orderable(x: torch.Tensor) -> torch.Tensor:
+    """int32 keys with the order of the float32 values (sign-magnitude -> two's complement)."""
+    b = x.contiguous().view(torch.int32)
+    return b ^ ((b >> 31) & 0x7FFFFFFF)
+
+
+def rank_reorder(clip_feats, target_feats, *, p=3, top_fraction=0.05, scale_p=0.5, seed=0,
+                 generator=None, chunk_size=None, device=None, layer=None, num_workers=None):
+    """Rank-reorder score: -(error of re-ordering top activations by a concept) / mean(c)^scale_p.
+
+    Shapes: clip_feats [N, M], target_feats [N, K] -> [K, M]. n = int(N * top_fraction) top images
+    per neuron (raised to 2 with a warning). The chance normaliser B_k averages 5 random
+    permutations drawn from `generator` (default torch.Generator seeded `seed`) in neuron order:
+    5 randperm calls per neuron, as the reference, so seed 0 reproduces its B_k.
+    >>> rank_reorder(torch.rand(60, 4), torch.rand(60, 2)).shape
+    torch.Size([2, 4])
+    """
+    P, A, dev = _prepare(clip_feats, target_feats, device, layer)
+    (N, M), K = P.shape, A.shape[1]
+    n = int(N * top_fraction)
+    if N < 2:
+        raise NdUtilsError(f"rank_reorder needs at least 2 images, got {N}")
+    if n < 2:
+        warnings.warn(f"rank_reorder{_where(layer)}: int(N * top_fraction) = {n} for N = {N};"
+                      f" using the top 2 images", stacklevel=2)
+        n = 2
+    vals, idx = A.T.contiguous().topk(n, dim=1)         # [K, n], descending
+    asc = vals.flip(1)
+    gen = generator or torch.Generator().manual_seed(seed)
+    perms = torch.stack([torch.randperm(n, generator=gen) for _ in range(5 * K)]).to(dev)
+    asc5 = asc.repeat_interleave(5, 0)                  # row 5k + j: neuron k, permutation j
+    B = (asc5 - asc5.gather(1, perms)).abs_().pow_(p).view(K, 5 * n).mean(1)
+    if (B == 0).any():  # constant top activations: every re-ordering has zero error
+        warnings.warn(f"rank_reorder{_where(layer)}: {int((B == 0).sum())} neuron(s) have constant"
+                      f" top activations; their scores are 0", stacklevel=2)
+    B = torch.where(B == 0, torch.ones_like(B), B)
+    c_max = chunk_size or max(1, 2048 // n)              # neurons per chunk: ~128k keys in L2
+    nbits, cbits = max(1, (N - 1).bit_length()), max(1, (c_max * n - 1).bit_length())
+    kdt = torch.int32 if nbits + cbits <= 31 else torch.int64   # int32 keys sort ~3x faster
+    out = torch.empty(K, M, device=dev)
+    pos = torch.arange(N, device=dev)
+    chunk_pos = torch.arange(c_max * n, dtype=kdt, device=dev)
+
+    def block(bounds):
+        m0, m1 = bounds
+        Pb = P[:, m0:m1].contiguous()
+        cmean = F.embedding_bag(idx, Pb, mode="mean")   # [K, w]: mean of c over the top images
+        # dense rank of every image per concept (equal values share a rank) so that ties are
+        # broken by position among the neuron's top images, as the reference's stable sort does;
+        # + 0.0 turns -0.0 into 0.0
+        srt = _sort_last((_orderable(Pb.T.contiguous().add_(0.0)).long() << nbits) | pos)
+        v = srt >> nbits
+        dense = torch.cat([torch.zeros_like(v[:, :1]), (v[:, 1:] != v[:, :-1]).long()], 1).cumsum(1)
+        R = torch.empty_like(srt, dtype=kdt)
+        R.scatter_(1, srt & ((1 << nbits) - 1), (dense << cbits).to(kdt))  # rank in high bits
+        RT = R.T.contiguous()                           # [N, w]: gathers whole rows below
+        err = torch.empty(K, m1 - m0, device=dev)
+        for k0 in range(0, K, c_max):
+            c = min(c_max, K - k0)
+            flat = idx[k0:k0 + c].reshape(-1)
+            keys = torch.empty(m1 - m0, c * n, dtype=kdt, device=dev)   # [w, c*n]
+            torch.add(RT.index_select(0, flat).T, chunk_pos[:c * n], out=keys)  # low bits: position
+            at = _sort_last(keys.view(-1, c, n)).view(-1).bitwise_and_((1 << cbits) - 1)
+            d = vals[k0:k0 + c].reshape(-1).index_select(0, at).view(-1, c, n)
+            # E = mean_j |a at the j-th smallest c - j-th smallest a|^p  (= mean_i |a_i - ã_i|^p)
+            err[k0:k0 + c] = d.sub_(asc[k0:k0 + c]).abs_().pow_(p).mean(2).T
+        out[:, m0:m1] = -(err / B[:, None]) / cmean.pow(scale_p)
+
+    with torch.no_grad(), _pool(dev, num_workers) as pmap:
+        pmap(block, _blocks(M, 64))
+    return out
+
+
+def _top_k(A, top_k, N, layer, name):
+    if top_k > N:  # a small probe set must still run with the defaults: clamp, loudly
+        warnings.warn(f"{name}{_where(layer)}: top_k = {top_k} > N = {N} images; using top_k = {N}",
+                      stacklevel=3)
+        top_k = N
+    if top_k < 1:
+        raise NdUtilsError(f"{name}: top_k must be >= 1, got {top_k}")
+    return top_k, A.T.contiguous().topk(top_k, dim=1).indices   # [K, top_k], descending
+
+
+def _pmi(P, A, *, soft, top_k, a, lam, min_prob, p_start, p_end, prior, chunk_size, device,
+         layer, num_workers):
+    """wpmi/soft_wpmi body; returns (sim [K, M], prior [M])."""
+    name = "soft_wpmi" if soft else "wpmi"
+    P, A, dev = _prepare(P, A, device, layer)
+    (N, M), K = P.shape, A.shape[1]
+    top_k, idx = _top_k(A, int(top_k), N, layer, name)
+    if min_prob < 0:
+        raise NdUtilsError(f"{name}: min_prob must be >= 0, got {min_prob}")
+    if prior is not None:
+        prior = torch.as_tensor(prior, dtype=torch.float32, device=dev).reshape(-1)
+        if prior.numel() != M:
+            raise NdUtilsError(f"{name}: prior has {prior.numel()} entries, clip_feats {M} concepts")
+    # only the union of the top images' rows of softmax(a*P) is needed; inv indexes into it
+    used = torch.zeros(N, dtype=torch.bool, device=dev)
+    used[idx.reshape(-1)] = True
+    rows, inv = used.nonzero()[:, 0], (used.cumsum(0) - 1)[idx]
+    U = rows.numel()
+    mx, rinv = torch.empty(U, 1, device=dev), torch.empty(U, 1, device=dev)
+
+    every = U == N  # rows = 0..N-1 (usual when K * top_k >> N): slice instead of gathering
+
+    def normaliser(i0):  # per image: max of a*P and softmax's 1/sum (= Q at the argmax, exactly);
+        i1 = i0 + 16     # 16 rows keep the temporaries in L2
+        x = torch.mul(P[i0:i1] if every else P.index_select(0, rows[i0:i1]), a)
+        mx[i0:i1], rinv[i0:i1] = x.amax(1, keepdim=True), torch.softmax(x, 1).amax(1, keepdim=True)
+
+    if soft:
+        # 0-based rank r gets membership p_r, computed as the reference does (float32)
+        pr = (p_start - (torch.arange(0, top_k) / top_k * (p_start - p_end))).to(dev)
+        if pr.min() < 0 or pr.max() > 1:
+            raise NdUtilsError(f"soft_wpmi: memberships p_r must lie in [0, 1]; got p_start="
+                               f"{p_start}, p_end={p_end}")
+        # bag (k, r) = rows [i_r, ONE, ONE] with weights [p_r, 1, min_prob] of the table [Q - 1; 1]:
+        # embedding_bag's multiply-add chain gives fl(fl(1 + fl(p_r * fl(Q - 1))) + min_prob),
+        # exactly the reference's float32 rounding, in one pass instead of four
+        ind = torch.stack([inv, torch.full_like(inv, U), torch.full_like(inv, U)], 2).view(-1)
+        w = torch.stack([pr.expand(K, -1), torch.ones(K, top_k, device=dev),
+                         torch.full((K, top_k), float(min_prob), device=dev)], 2).view(-1)
+    step = chunk_size or (16 if soft else 256)
+    offsets = torch.arange(0, 3 * step * top_k, 3, device=dev)  # bags of 3 (soft_wpmi)
+    out = torch.empty(K, M, device=dev)
+    prior_out = torch.empty(M, device=dev)
+
+    def block(bounds):
+        m0, m1 = bounds
+        table = torch.empty(U + soft, m1 - m0, device=dev)
+        Q = table[:U]
+        if every:
+            torch.mul(P[:, m0:m1], a, out=Q)
+        else:
+            torch.index_select(P[:, m0:m1], 0, rows, out=Q).mul_(a)
+        Q.sub_(mx).exp_().mul_(rinv)                    # softmax(a*P)[rows, m0:m1], no [N, M]
+        if soft:
+            Q.sub_(1)
+            table[U] = 1
+            L = torch.empty(K, m1 - m0, device=dev)
+            for k0 in range(0, K, step):
+                c = min(step, K - k0)
+                sl = slice(3 * k0 * top_k, 3 * (k0 + c) * top_k)
+                x = F.embedding_bag(ind[sl], table, offsets[:c * top_k], mode="sum",
+                                    per_sample_weights=w[sl])
+                # log per term and torch.sum over ranks: the reference's order, hence its rounding
+                torch.sum(x.log_().view(c, top_k, -1), 1, out=L[k0:k0 + c])
+        else:
+            Q.add_(min_prob).log_()                     # log(Q + min_prob), once per image
+            L = torch.cat([F.embedding_bag(inv[k0:k0 + step], table, mode="sum")
+                           for k0 in range(0, K, step)])
+        pb = torch.logsumexp(L, 0) - math.log(K) if prior is None else prior[m0:m1]
+        prior_out[m0:m1] = pb
+        out[:, m0:m1] = L.sub_(lam * pb)
+
+    with torch.no_grad(), _pool(dev, num_workers) as pmap:
+        pmap(normaliser, range(0, U, 16))
+        pmap(block, _blocks(M))
+    return out, prior_out
+
+
+def wpmi(clip_feats, target_feats, *, top_k=28, a=2, lam=0.6, min_prob=1e-7, prior=None,
+         chunk_size=None, device=None, layer=None, num_workers=None):
+    """Weighted pointwise mutual information over each neuron's top_k images -> [K, M].
+
+    L[k, m] = sum over top images of log(softmax(a*P)[i, m] + min_prob); sim = L - lam * prior,
+    prior[m] = logsumexp_k L[k, m] - log K, or the given `prior` [M] (e.g. a stored layer prior
+    from `pmi_with_prior`; off by default). top_k > N is clamped to N with a warning.
+    >>> wpmi(torch.rand(40, 5), torch.rand(40, 3)).shape
+    torch.Size([3, 5])
+    """
+    return _pmi(clip_feats, target_feats, soft=False, top_k=top_k, a=a, lam=lam, min_prob=min_prob,
+                p_start=1.0, p_end=1.0, prior=prior, chunk_size=chunk_size, device=device,
+                layer=layer, num_workers=num_workers)[0]
+
+
+def soft_wpmi(clip_feats, target_feats, *, top_k=100, a=10, lam=1, min_prob=1e-7, p_start=0.998,
+              p_end=0.97, prior=None, chunk_size=None, device=None, layer=None, num_workers=None):
+    """Soft WPMI (the default): rank r of a neuron's top_k images has membership p_r -> [K, M].
+
+    L[k, m] = sum_r log(1 + p_r * (Q[i_r, m] - 1) + min_prob), Q = softmax(a*P) per image,
+    p_r = p_start - r / top_k * (p_start - p_end); prior and sim as in `wpmi`.
+    >>> soft_wpmi(torch.rand(200, 5), torch.rand(200, 3)).shape
+    torch.Size([3, 5])
+    """
+    return _pmi(clip_feats, target_feats, soft=True, top_k=top_k, a=a, lam=lam, min_prob=min_prob,
+                p_start=p_start, p_end=p_end, prior=prior, chunk_size=chunk_size, device=device,
+                layer=layer, num_workers=num_workers)[0]
+
+
+def pmi_with_prior(name, clip_feats, target_feats, **hyperparameters):
+    """Return (sim [K, M], prior [M]) of `wpmi`/`soft_wpmi`: store the prior of a whole layer and
+    pass it as `prior=` to score any subset of its neurons exactly as in the whole-layer run.
+
+    >>> P, A = torch.rand(40, 5), torch.rand(40, 3)
+    >>> sim, prior = pmi_with_prior("wpmi", P, A)
+    >>> torch.equal(wpmi(P, A[:, :1], prior=prior), sim[:1])
+    True
+    """
+    if name not in ("wpmi", "soft_wpmi"):
+        raise unknown_name("prior-based similarity", name, ["wpmi", "soft_wpmi"])
+    defaults = {"top_k": 28, "a": 2, "lam": 0.6, "min_prob": 1e-7, "p_start": 1.0, "p_end": 1.0,
+                "prior": None, "chunk_size": None, "device": None, "layer": None, "num_workers": None}
+    if name == "soft_wpmi":
+        defaults.update(top_k=100, a=10, lam=1, p_start=0.998, p_end=0.97)
+    unknown = set(hyperparameters) - set(defaults)
+    if unknown or (name == "wpmi" and {"p_start", "p_end"} & set(hyperparameters)):
+        raise NdUtilsError(f"{name}: unexpected keyword(s) {sorted(unknown or {'p_start', 'p_end'})}")
+    return _pmi(clip_feats, target_feats, soft=name == "soft_wpmi", **{**defaults, **hyperparameters})
+
+
+SIMILARITY_FUNCTIONS: dict[str, Callable[..., torch.Tensor]] = {
+    "cos_similarity": cos_similarity,
+    "cos_similarity_cubed": cos_similarity_cubed,
+    "rank_reorder": rank_reorder,
+    "wpmi": wpmi,
+    "soft_wpmi": soft_wpmi,
+}
+
+
+def list_similarities() -> list[str]:
+    """Names accepted by `get_similarity`, in the order of METHODS.md."""
+    return list(SIMILARITY_FUNCTIONS)
+
+
+def get_similarity(name: str) -> Callable[..., torch.Tensor]:
+    """Return the similarity function called `name` (UnknownNameError listing the valid ones).
+
+    >>> get_similarity("soft_wpmi") is soft_wpmi
+    True
+    """
+    try:
+        return SIMILARITY_FUNCTIONS[name]
+    except (KeyError, TypeError):
+        raise unknown_name("similarity function", str(name), SIMILARITY_FUNCTIONS) from None
