@@ -13,7 +13,7 @@ RUN    ?=
 help:
 	@echo "make demo   - install, run the whole pipeline on configs/$(CONFIG).yaml, print the results folder"
 	@echo "make test   - install, run unit tests and every notebook under nbval"
-	@echo "make bench  - install, print activation-caching throughput and peak memory"
+	@echo "make bench  - install, print activation-caching and similarity-function speed and memory"
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_activations.py
+	$(PY) benchmarks/bench_similarity.py
 
 clean-data:
 	rm -rf data/artifacts data/runs
