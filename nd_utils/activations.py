@@ -27,7 +27,7 @@ from .probes import ProbeSet, load_probes
 from .runtime import resolve_device
 from .stages import STAGES
 from .store import Artifact, ArtifactStore
-from .targets import Target, load_target
+from .targets import Target, is_pinned, load_target
 
 STAGE = STAGES["01_activation_caching"]
 
@@ -63,11 +63,31 @@ def load_probe_from_config(cfg: Config) -> ProbeSet:
     return probe
 
 
-def activation_key(cfg: Config, layer: str, probe: ProbeSet) -> str:
-    """Artifact key of one layer's activations: config fields read + the probe's content."""
+def target_identity(cfg: Config, target: "Target | None" = None) -> str:
+    """What identifies the target's weights in cache keys.
+
+    A registry name that pins its weights (`resnet50:IMAGENET1K_V1`, `efficientnet-lite0`) is
+    enough, so later stages find the cache without loading the model; any other target (a user
+    module, `arch:none`, bare `arch`) is identified by the hash of its weights, which needs the
+    Target itself.
+    """
+    name = cfg["target.name"]
+    if is_pinned(name) and (target is None or target.name == name):
+        return name
+    if target is None:
+        raise NdUtilsError(
+            f"target {name!r} is not a registry name with pinned weights, so its caches are "
+            f"keyed by its weights: pass the Target (e.g. from nd.from_module) as target=")
+    return target.weights_id
+
+
+def activation_key(cfg: Config, layer: str, probe: ProbeSet,
+                   target: "Target | None" = None) -> str:
+    """Artifact key of one layer's activations: config fields read, weights, probe content."""
     params = {**cfg.select(STAGE.reads), "layer": layer}
     return ArtifactStore.key(STAGE.name, STAGE.version, params,
-                             inputs={"probe_fingerprint": probe.fingerprint})
+                             inputs={"probe_fingerprint": probe.fingerprint,
+                                     "target": target_identity(cfg, target)})
 
 
 def activation_jobs(cfg: Config, target: Target, probe: ProbeSet,
@@ -80,8 +100,9 @@ def activation_jobs(cfg: Config, target: Target, probe: ProbeSet,
         params = {**cfg.select(STAGE.reads), "layer": layer}
         jobs.append(CacheJob(
             consumer=consumer, output=layer, stage=STAGE.name,
-            key=activation_key(cfg, layer, probe), version=STAGE.version, params=params,
-            inputs={"probe_fingerprint": probe.fingerprint, "weights_id": target.weights_id},
+            key=activation_key(cfg, layer, probe, target), version=STAGE.version, params=params,
+            inputs={"probe_fingerprint": probe.fingerprint,
+                    "target": target_identity(cfg, target), "weights_id": target.weights_id},
             top_k=int(cfg["activations.top_k"]),
             extra={"layer": layer, "target": target.name, "weights_id": target.weights_id,
                    "device": str(next(target.model.parameters()).device)}))
@@ -135,11 +156,15 @@ class LayerActivations:
         return self.activations.shape[1]
 
 
-def load_activations(cfg: Config, layer: str, probe: "ProbeSet | None" = None) -> LayerActivations:
-    """Read one layer's cached activations; a missing cache names notebook 01."""
+def load_activations(cfg: Config, layer: str, probe: "ProbeSet | None" = None,
+                     target: "Target | None" = None) -> LayerActivations:
+    """Read one layer's cached activations; a missing cache names notebook 01.
+
+    `target` is needed only for targets outside the registry (see `target_identity`).
+    """
     probe = probe or load_probe_from_config(cfg)
     store = ArtifactStore(cfg.data_dir)
-    art = store.open(STAGE.name, activation_key(cfg, layer, probe),
+    art = store.open(STAGE.name, activation_key(cfg, layer, probe, target),
                      produced_by=f"notebooks/{STAGE.notebook} (layer {layer!r})")
     tensors = load_file(str(art.file("activations.safetensors")))
     images = pd.read_csv(art.file("images.csv"), keep_default_na=False, dtype={"label": str})

@@ -104,8 +104,9 @@ def concept_similarity(cfg: Config, probe: ProbeSet, concepts: ConceptSet,
     return load_image_features(cfg, probe) @ cache_text_features(cfg, concepts, vlm).T
 
 
-def label_key(cfg: Config, layer: str, probe: ProbeSet, concepts: ConceptSet) -> str:
-    upstream = {"01_activation_caching": activation_key(cfg, layer, probe),
+def label_key(cfg: Config, layer: str, probe: ProbeSet, concepts: ConceptSet,
+              target=None) -> str:
+    upstream = {"01_activation_caching": activation_key(cfg, layer, probe, target),
                 "01_image_features": image_feature_key(cfg, probe),
                 "02_text_features": text_feature_key(cfg, concepts)}
     return ArtifactStore.key(LABEL_STAGE.name, LABEL_STAGE.version,
@@ -114,20 +115,21 @@ def label_key(cfg: Config, layer: str, probe: ProbeSet, concepts: ConceptSet) ->
 
 def dissect_layer(cfg: Config, layer: str, probe: "ProbeSet | None" = None,
                   concepts: "ConceptSet | None" = None, vlm: "VisionLanguageModel | None" = None,
-                  force: bool = False) -> pd.DataFrame:
+                  force: bool = False, target=None) -> pd.DataFrame:
     """Label every neuron of `layer`: one row per unit with its top concepts and scores.
 
     Columns: `layer, unit, description, similarity` (the reference's schema) then
-    `concept_1, score_1, ...` for the `STORED_TOP` best concepts, best first.
+    `concept_1, score_1, ...` for the `STORED_TOP` best concepts, best first. `target` is
+    needed only for a target outside the registry (a user module).
     """
     probe = probe or load_probe_from_config(cfg)
     concepts = concepts or load_concepts_from_config(cfg)
     store = ArtifactStore(cfg.data_dir)
-    key = label_key(cfg, layer, probe, concepts)
+    key = label_key(cfg, layer, probe, concepts, target)
     if force:
         store.remove(LABEL_STAGE.name, key)
     if not store.exists(LABEL_STAGE.name, key):
-        acts = load_activations(cfg, layer, probe=probe)
+        acts = load_activations(cfg, layer, probe=probe, target=target)
         P = concept_similarity(cfg, probe, concepts, vlm)
         fn = get_similarity(cfg["clip_dissect.similarity"])
         sim = fn(P, acts.activations, **similarity_hyperparameters(cfg, fn), layer=layer)

@@ -176,6 +176,21 @@ def list_targets() -> list[str]:
     return names
 
 
+def is_pinned(name: str) -> bool:
+    """True when a registry name fixes its weights (so the name alone can key a cache).
+
+    Bare ``<arch>`` (DEFAULT weights may change between torchvision releases) and
+    ``<arch>:none`` (random init) are not pinned; user modules never are.
+
+    Example:
+        >>> is_pinned("resnet50:IMAGENET1K_V1"), is_pinned("resnet50:none")
+        (True, False)
+    """
+    if name in _LITE_SIZES or name.startswith("timm:"):
+        return True
+    return name in list_targets()
+
+
 def load_target(name: str, device: str | torch.device = "cpu") -> Target:
     """Load a registry model, frozen in eval mode on ``device`` ("auto" = CUDA if present).
 

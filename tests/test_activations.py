@@ -43,7 +43,7 @@ PRE = T.Compose([T.Resize((16, 16)), T.ToTensor()])
 def setup(tmp_path):
     torch.manual_seed(0)
     folder = make_folder(tmp_path / "imgs")
-    cfg = nd.load_config("offline", [f"data_dir={tmp_path / 'store'}", "target.layers=[act, fc]",
+    cfg = nd.load_config("offline", [f"data_dir={tmp_path / 'store'}", "target.layers=[act, fc]", "target.name=tiny",
                                      f"probe.sets=[{{name: folder, path: {folder}}}]",
                                      "activations.chunk_size=4", "activations.batch_size=3",
                                      "activations.top_k=5", "device=cpu"])
@@ -58,7 +58,7 @@ def test_cache_shapes_top_ids_and_skipped(setup):
     assert len(probe) == 10 and len(probe.skipped) == 1
     arts = nd.cache_activations(cfg, target=target, probe=probe, progress=False)
     assert set(arts) == {"act", "fc"}
-    a = nd.load_activations(cfg, "act", probe=probe)
+    a = nd.load_activations(cfg, "act", probe=probe, target=target)
     assert a.activations.shape == (10, 6) and a.top_ids.shape == (6, 5)
     # reference: the same model run by hand, one image at a time
     with torch.no_grad():
@@ -75,13 +75,23 @@ def test_keys_follow_the_fields_a_stage_reads(setup):
     cfg, target, _ = setup
     with pytest.warns(UserWarning):
         probe = nd.load_probe_from_config(cfg)
-    key = nd.activation_key(cfg, "act", probe)
-    assert nd.activation_key(cfg.with_overrides({"activations.batch_size": 7}), "act", probe) == key
-    assert nd.activation_key(cfg.with_overrides({"seed": 5}), "act", probe) == key
-    assert nd.activation_key(cfg.with_overrides({"target.pooling": "max"}), "act", probe) != key
-    assert nd.activation_key(cfg.with_overrides({"activations.top_k": 3}), "act", probe) != key
-    assert nd.activation_key(cfg, "fc", probe) != key
-    assert nd.activation_key(cfg, "act", probe.subset(9)) != key
+    key = nd.activation_key(cfg, "act", probe, target)
+    assert nd.activation_key(cfg.with_overrides({"activations.batch_size": 7}), "act", probe, target) == key
+    assert nd.activation_key(cfg.with_overrides({"seed": 5}), "act", probe, target) == key
+    assert nd.activation_key(cfg.with_overrides({"target.pooling": "max"}), "act", probe, target) != key
+    assert nd.activation_key(cfg.with_overrides({"activations.top_k": 3}), "act", probe, target) != key
+    assert nd.activation_key(cfg, "fc", probe, target) != key
+    assert nd.activation_key(cfg, "act", probe.subset(9), target) != key
+    # a user module is keyed by its weights: retraining it invalidates the cache
+    retrained = Tiny()
+    retrained.load_state_dict(target.model.state_dict())
+    with torch.no_grad():
+        retrained.fc.bias += 1
+    assert nd.activation_key(cfg, "act", probe, nd.from_module(retrained, PRE, name="tiny")) != key
+    with pytest.raises(nd.NdUtilsError, match="target="):
+        nd.activation_key(cfg, "act", probe)  # not a registry name: the Target is required
+    pinned = cfg.with_overrides({"target.name": "efficientnet-lite0"})
+    assert nd.activation_key(pinned, "act", probe) == nd.activation_key(pinned, "act", probe)
 
 
 def test_resume_after_interruption(setup, monkeypatch):
@@ -91,10 +101,10 @@ def test_resume_after_interruption(setup, monkeypatch):
     store = ArtifactStore(cfg.data_dir)
     with pytest.raises(SimulatedInterruption):
         nd.cache_activations(cfg, target=target, probe=probe, progress=False, stop_after_chunks=2)
-    key = nd.activation_key(cfg, "act", probe)
+    key = nd.activation_key(cfg, "act", probe, target)
     assert not store.exists("01_activation_caching", key)
     with pytest.raises(nd.MissingArtifactError, match="01_activation_caching.ipynb"):
-        nd.load_activations(cfg, "act", probe=probe)
+        nd.load_activations(cfg, "act", probe=probe, target=target)
     chunks = sorted(p.name for p in (store.staging_path("01_activation_caching", key) / "chunks").iterdir())
     assert chunks == ["00000.safetensors", "00001.safetensors"]
     # count the images the resumed run decodes: only the last chunk (2 of 10 images)
@@ -103,11 +113,11 @@ def test_resume_after_interruption(setup, monkeypatch):
     monkeypatch.setattr(type(probe), "load_image", lambda self, i: seen.append(i) or original(self, i))
     nd.cache_activations(cfg, target=target, probe=probe, progress=False)
     assert sorted(seen) == [8, 9]
-    resumed = nd.load_activations(cfg, "act", probe=probe).activations
+    resumed = nd.load_activations(cfg, "act", probe=probe, target=target).activations
     seen.clear()
     nd.cache_activations(cfg, target=target, probe=probe, progress=False, force=True)
     assert len(seen) == 10
-    assert torch.allclose(nd.load_activations(cfg, "act", probe=probe).activations, resumed)
+    assert torch.allclose(nd.load_activations(cfg, "act", probe=probe, target=target).activations, resumed)
 
 
 class Recorder:
@@ -156,11 +166,11 @@ def test_stage_version_bump_recomputes(setup, monkeypatch):
     cfg, target, _ = setup
     with pytest.warns(UserWarning):
         probe = nd.load_probe_from_config(cfg)
-    old = nd.activation_key(cfg, "fc", probe)
+    old = nd.activation_key(cfg, "fc", probe, target)
     nd.cache_activations(cfg, target=target, probe=probe, progress=False)
     from nd_utils import activations, stages
     newer = stages.Stage(**{**activations.STAGE.__dict__, "version": activations.STAGE.version + 1})
     monkeypatch.setattr(activations, "STAGE", newer)
-    assert nd.activation_key(cfg, "fc", probe) != old
+    assert nd.activation_key(cfg, "fc", probe, target) != old
     with pytest.raises(nd.MissingArtifactError):
-        nd.load_activations(cfg, "fc", probe=probe)
+        nd.load_activations(cfg, "fc", probe=probe, target=target)

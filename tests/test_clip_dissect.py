@@ -41,7 +41,7 @@ def wired(tmp_path, monkeypatch):
     folder = make_folder(tmp_path / "imgs", n=12, corrupt=False)
     (tmp_path / "colours.txt").write_text("red\ngreen\n\nblue\n")
     cfg = nd.load_config("offline", [
-        f"data_dir={tmp_path / 'store'}", "target.layers=[act]", "device=cpu",
+        f"data_dir={tmp_path / 'store'}", "target.layers=[act]", "device=cpu", "target.name=tiny",
         f"probe.sets=[{{name: folder, path: {folder}}}]", "activations.top_k=4",
         f"clip_dissect.concept_set={tmp_path / 'colours.txt'}",
         "clip_dissect.hyperparameters={top_k: 3}"])
@@ -52,15 +52,15 @@ def wired(tmp_path, monkeypatch):
     probe = nd.load_probe_from_config(cfg)
     nd.cache_activations(cfg, target=target, probe=probe,
                          extra_jobs=nd.image_feature_jobs_if_missing(cfg, probe), progress=False)
-    return cfg, probe, vlm
+    return cfg, probe, vlm, target
 
 
 def test_labels_match_a_direct_computation(wired):
-    cfg, probe, vlm = wired
+    cfg, probe, vlm, target = wired
     concepts = nd.load_concepts_from_config(cfg)
     assert list(concepts) == ["red", "green", "blue"]  # the blank line shifts nothing
-    table = nd.dissect_layer(cfg, "act", probe=probe, concepts=concepts)
-    acts = nd.load_activations(cfg, "act", probe=probe)
+    table = nd.dissect_layer(cfg, "act", probe=probe, target=target, concepts=concepts)
+    acts = nd.load_activations(cfg, "act", probe=probe, target=target)
     feats = nd.load_image_features(cfg, probe)
     P = feats @ vlm.encode_texts(list(concepts)).T
     sim = nd.SIMILARITY_FUNCTIONS["soft_wpmi"](P, acts.activations, top_k=3)
@@ -71,36 +71,36 @@ def test_labels_match_a_direct_computation(wired):
 
 
 def test_text_features_and_labels_are_cached(wired):
-    cfg, probe, vlm = wired
-    nd.dissect_layer(cfg, "act", probe=probe)
+    cfg, probe, vlm, target = wired
+    nd.dissect_layer(cfg, "act", probe=probe, target=target)
     calls = vlm.text_calls
-    nd.dissect_layer(cfg, "act", probe=probe)
+    nd.dissect_layer(cfg, "act", probe=probe, target=target)
     assert vlm.text_calls == calls  # nothing re-encoded
     with pytest.raises(nd.ConfigError, match="min_norm"):
         nd.dissect_layer(cfg.with_overrides({"clip_dissect.similarity": "cos_similarity_cubed"}),
-                         "act", probe=probe)
+                         "act", probe=probe, target=target)
     other = cfg.with_overrides({"clip_dissect.similarity": "cos_similarity_cubed",
                                 "clip_dissect.hyperparameters": {}})
     concepts = nd.load_concepts_from_config(cfg)
-    assert clip_dissect.label_key(other, "act", probe, concepts) != \
-        clip_dissect.label_key(cfg, "act", probe, concepts)
-    assert nd.activation_key(other, "act", probe) == nd.activation_key(cfg, "act", probe)
-    nd.dissect_layer(other, "act", probe=probe)
+    assert clip_dissect.label_key(other, "act", probe, concepts, target) != \
+        clip_dissect.label_key(cfg, "act", probe, concepts, target)
+    assert nd.activation_key(other, "act", probe, target) == nd.activation_key(cfg, "act", probe, target)
+    nd.dissect_layer(other, "act", probe=probe, target=target)
     assert vlm.text_calls == calls  # text features do not depend on the similarity function
 
 
 def test_missing_image_features_name_notebook_01(wired, tmp_path):
-    cfg, probe, _ = wired
+    cfg, probe, _, target = wired
     fresh = cfg.with_overrides({"data_dir": str(tmp_path / "empty")})
     with pytest.raises(nd.MissingArtifactError, match="01_activation_caching"):
-        nd.dissect_layer(fresh, "act", probe=probe)
+        nd.dissect_layer(fresh, "act", probe=probe, target=target)
 
 
 def test_unknown_similarity_and_count_mismatch(wired):
-    cfg, probe, _ = wired
+    cfg, probe, _, target = wired
     with pytest.raises(nd.UnknownNameError, match="soft_wpmi"):
         nd.dissect_layer(cfg.with_overrides({"clip_dissect.similarity": "soft_wmpi"}), "act",
-                         probe=probe)
+                         probe=probe, target=target)
     P = torch.rand(12, 3)
     with pytest.raises(nd.NdUtilsError, match="12"):
         nd.SIMILARITY_FUNCTIONS["soft_wpmi"](P, torch.rand(11, 4))
@@ -115,8 +115,8 @@ def test_nonfinite_activations_name_layer_and_neuron():
 
 
 def test_label_table_writes_top_n(wired, tmp_path):
-    cfg, probe, _ = wired
-    table = nd.dissect_layer(cfg, "act", probe=probe)
+    cfg, probe, _, target = wired
+    table = nd.dissect_layer(cfg, "act", probe=probe, target=target)
     paths = nd.write_label_tables(cfg.with_overrides({"clip_dissect.top_n": 2}), tmp_path,
                                   {"act": table})
     import pandas as pd
