@@ -36,6 +36,15 @@ def most_selective_neurons(a, n: int = 4) -> list[int]:
     return [int(i) for i in z.argsort(descending=True)[:n]]
 
 
+def draw_thumbnail(ax, probe, idx: int, thumb: int, title: str = "") -> None:
+    """Show probe image `idx` shrunk to at most `thumb` pixels, without ticks."""
+    img = probe.load_image(idx).copy()
+    img.thumbnail((thumb, thumb))
+    ax.imshow(np.asarray(img))
+    ax.set_xticks([]), ax.set_yticks([])
+    ax.set_title(title, fontsize=7)
+
+
 def plot_top_images(a, probe, neurons: Sequence[int], k: int = 6, thumb: int = 112,
                     save: "str | Path | None" = None):
     """Grid: one row per neuron, its k highest-activating probe images with values and labels."""
@@ -45,12 +54,8 @@ def plot_top_images(a, probe, neurons: Sequence[int], k: int = 6, thumb: int = 1
     for row, unit in zip(axes, neurons):
         for col, ax in enumerate(row):
             idx = int(a.top_ids[unit, col])
-            img = probe.load_image(idx).copy()
-            img.thumbnail((thumb, thumb))
-            ax.imshow(np.asarray(img))
-            ax.set_xticks([]), ax.set_yticks([])
             label = probe.items[idx].label or ""
-            ax.set_title(f"{a.top_values[unit, col]:.2f}\n{label[:16]}", fontsize=7)
+            draw_thumbnail(ax, probe, idx, thumb, f"{a.top_values[unit, col]:.2f}\n{label[:16]}")
             if col == 0:
                 ax.set_ylabel(f"{a.layer}\n#{unit}", fontsize=8)
     fig.tight_layout()

@@ -104,13 +104,18 @@ def concept_similarity(cfg: Config, probe: ProbeSet, concepts: ConceptSet,
     return load_image_features(cfg, probe) @ cache_text_features(cfg, concepts, vlm).T
 
 
+def _label_upstream(cfg: Config, layer: str, probe: ProbeSet, concepts: ConceptSet,
+                    target=None) -> dict:
+    return {"01_activation_caching": activation_key(cfg, layer, probe, target),
+            "01_image_features": image_feature_key(cfg, probe),
+            "02_text_features": text_feature_key(cfg, concepts)}
+
+
 def label_key(cfg: Config, layer: str, probe: ProbeSet, concepts: ConceptSet,
               target=None) -> str:
-    upstream = {"01_activation_caching": activation_key(cfg, layer, probe, target),
-                "01_image_features": image_feature_key(cfg, probe),
-                "02_text_features": text_feature_key(cfg, concepts)}
     return ArtifactStore.key(LABEL_STAGE.name, LABEL_STAGE.version,
-                             {**cfg.select(LABEL_STAGE.reads), "layer": layer}, upstream=upstream)
+                             {**cfg.select(LABEL_STAGE.reads), "layer": layer},
+                             upstream=_label_upstream(cfg, layer, probe, concepts, target))
 
 
 def dissect_layer(cfg: Config, layer: str, probe: "ProbeSet | None" = None,
@@ -125,7 +130,9 @@ def dissect_layer(cfg: Config, layer: str, probe: "ProbeSet | None" = None,
     probe = probe or load_probe_from_config(cfg)
     concepts = concepts or load_concepts_from_config(cfg)
     store = ArtifactStore(cfg.data_dir)
-    key = label_key(cfg, layer, probe, concepts, target)
+    upstream = _label_upstream(cfg, layer, probe, concepts, target)
+    key = ArtifactStore.key(LABEL_STAGE.name, LABEL_STAGE.version,
+                            {**cfg.select(LABEL_STAGE.reads), "layer": layer}, upstream=upstream)
     if force:
         store.remove(LABEL_STAGE.name, key)
     if not store.exists(LABEL_STAGE.name, key):
@@ -136,9 +143,7 @@ def dissect_layer(cfg: Config, layer: str, probe: "ProbeSet | None" = None,
         table = label_table(sim, concepts, layer)
         with store.writer(LABEL_STAGE.name, key, version=LABEL_STAGE.version,
                           params={**cfg.select(LABEL_STAGE.reads), "layer": layer},
-                          upstream={"01_activation_caching": acts.manifest["key"],
-                                    "01_image_features": image_feature_key(cfg, probe),
-                                    "02_text_features": text_feature_key(cfg, concepts)},
+                          upstream=upstream,
                           extra={"layer": layer, "n_neurons": int(sim.shape[0]),
                                  "n_concepts": int(sim.shape[1]), "concept_set": concepts.name},
                           resume=False) as tmp:
@@ -190,7 +195,8 @@ def write_label_tables(cfg: Config, results: "str | Path", tables: "dict[str, pd
     return out
 
 
-def image_feature_jobs_if_missing(cfg: Config, probe: ProbeSet) -> list[CacheJob]:
+def image_feature_jobs_if_missing(cfg: Config, probe: ProbeSet,
+                                  vlm: "VisionLanguageModel | None" = None) -> list[CacheJob]:
     """`[image_feature_job]` when the probe's image features are not cached yet, else `[]`.
 
     Lets notebook 01 add the vision-language encoder to its decode-once pass without loading
@@ -198,4 +204,4 @@ def image_feature_jobs_if_missing(cfg: Config, probe: ProbeSet) -> list[CacheJob
     """
     if ArtifactStore(cfg.data_dir).exists(IMAGE_STAGE.name, image_feature_key(cfg, probe)):
         return []
-    return [image_feature_job(cfg, load_vlm_from_config(cfg), probe)]
+    return [image_feature_job(cfg, vlm or load_vlm_from_config(cfg), probe)]

@@ -9,6 +9,7 @@ only the jobs that still miss a chunk run on it.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,7 +66,7 @@ class _DecodeOnce(Dataset):
         return tuple(p(img) for p in self.preprocessors)
 
 
-def _chunk_file(staging: Path, job: CacheJob, chunk: int) -> Path:
+def _chunk_file(staging: Path, chunk: int) -> Path:
     return staging / "chunks" / f"{chunk:05d}.safetensors"
 
 
@@ -80,7 +81,6 @@ def _prepare_staging(store: ArtifactStore, job: CacheJob, n: int, chunk_size: in
         except (OSError, ValueError):
             same = False
         if not same:
-            import shutil
             shutil.rmtree(staging)
     staging.mkdir(parents=True, exist_ok=True)
     if not plan_file.exists():
@@ -107,7 +107,7 @@ def run_decode_once(probe, jobs: list[CacheJob], store: ArtifactStore, *, batch_
     done_chunks = 0
     for c in range(n_chunks):
         lo, hi = c * chunk_size, min(n, (c + 1) * chunk_size)
-        need = [j for j in todo if not _chunk_file(stagings[id(j)], j, c).exists()]
+        need = [j for j in todo if not _chunk_file(stagings[id(j)], c).exists()]
         if not need:
             bar.update(hi - lo)
             continue
@@ -131,7 +131,7 @@ def run_decode_once(probe, jobs: list[CacheJob], store: ArtifactStore, *, batch_
             got = parts.get((id(j.consumer), j.output))
             if got is None:
                 raise RuntimeError(f"consumer {j.consumer.name!r} produced no output {j.output!r}")
-            save_tensors({"values": torch.cat(got)}, _chunk_file(stagings[id(j)], j, c))
+            save_tensors({"values": torch.cat(got)}, _chunk_file(stagings[id(j)], c))
         done_chunks += 1
     bar.close()
     elapsed = time.time() - started
@@ -145,7 +145,7 @@ def run_decode_once(probe, jobs: list[CacheJob], store: ArtifactStore, *, batch_
 
 def _publish(store, job: CacheJob, staging: Path, n_chunks: int, probe, timings, elapsed) -> None:
     """Concatenate a job's chunks, add top ids, write the artifact and publish it atomically."""
-    values = torch.cat([load_file(str(_chunk_file(staging, job, c)))["values"]
+    values = torch.cat([load_file(str(_chunk_file(staging, c)))["values"]
                         for c in range(n_chunks)])
     if values.shape[0] != len(probe):
         raise RuntimeError(f"{job.output}: {values.shape[0]} rows for {len(probe)} images")
@@ -166,7 +166,6 @@ def _publish(store, job: CacheJob, staging: Path, n_chunks: int, probe, timings,
                              "timings": {**timings, "pass_seconds": round(elapsed, 3)}}) as tmp:
         save_tensors(tensors, tmp / "activations.safetensors")
         _write_image_table(probe, tmp / "images.csv")
-        import shutil
         shutil.rmtree(tmp / "chunks", ignore_errors=True)
         (tmp / "plan.json").unlink(missing_ok=True)
 

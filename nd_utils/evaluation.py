@@ -22,7 +22,7 @@ import torch
 
 from .activations import cache_activations, load_activations, load_probe_from_config
 from .clip_dissect import (cache_text_features, image_feature_jobs_if_missing,
-                           load_concepts_from_config, load_image_features)
+                           load_concepts_from_config, load_image_features, load_vlm_from_config)
 from .config import Config
 from .errors import NdUtilsError, ProbeError
 from .similarity import get_similarity
@@ -119,7 +119,8 @@ def evaluate_final_layer(ecfg: Config, similarities: "list[str] | None" = None,
     if not target.class_names:
         raise NdUtilsError(f"target {target.name!r} has no class names: the final-layer "
                            f"evaluation needs a classifier whose neuron k is class k")
-    jobs = image_feature_jobs_if_missing(ecfg, probe)
+    vlm = load_vlm_from_config(ecfg)  # once, for image features, text features and cosines
+    jobs = image_feature_jobs_if_missing(ecfg, probe, vlm)
     cache_activations(ecfg, target=target, probe=probe, extra_jobs=jobs, progress=progress)
     acts = load_activations(ecfg, layer, probe=probe)
     if acts.n_neurons != len(target.class_names):
@@ -129,18 +130,13 @@ def evaluate_final_layer(ecfg: Config, similarities: "list[str] | None" = None,
     truths = list(target.class_names)
     image_features = load_image_features(ecfg, probe)
     sentence, sentence_name = load_sentence_encoder(ecfg["evaluation.sentence_model"])
-    vlm = None
+    vlm_enc = lambda texts: vlm.encode_texts(list(texts))  # noqa: E731
+    st_enc = lambda texts: torch.as_tensor(sentence.encode(list(texts), batch_size=256))  # noqa: E731
     rows, preds = [], {}
     for set_name in concept_sets or ecfg["evaluation.concept_sets"]:
         concepts = load_concepts_from_config(ecfg, set_name)
-        text = cache_text_features(ecfg, concepts)
-        P = image_features @ text.T
+        P = image_features @ cache_text_features(ecfg, concepts, vlm).T
         aligned = set_name in CLASS_NAME_SETS and len(concepts) == len(truths)
-        if vlm is None:
-            from .clip_dissect import load_vlm_from_config
-            vlm = load_vlm_from_config(ecfg)
-        vlm_enc = lambda texts: vlm.encode_texts(list(texts))  # noqa: E731
-        st_enc = lambda texts: torch.as_tensor(sentence.encode(list(texts), batch_size=256))  # noqa: E731
         for fn_name in similarities or ecfg["evaluation.similarities"]:
             sim = get_similarity(fn_name)(P, acts.activations, layer=layer)
             top5 = sim.topk(5, dim=1).indices

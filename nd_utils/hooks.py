@@ -66,12 +66,12 @@ def pool(output: torch.Tensor, pooling: str, layer: str = "?") -> torch.Tensor:
 
 def resolve_layers(model: nn.Module, names: Iterable[str]) -> dict[str, nn.Module]:
     """Map layer names to submodules with `get_submodule` (never `eval`)."""
-    valid = [n for n, _ in model.named_modules() if n]
     found = {}
     for name in names:
         try:
             found[name] = model.get_submodule(name)
         except AttributeError:
+            valid = [n for n, _ in model.named_modules() if n]
             raise unknown_name("layer", name, valid) from None
     return found
 

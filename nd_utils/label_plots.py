@@ -8,6 +8,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
+from .activation_plots import draw_thumbnail
+
 
 def plot_neuron_labels(acts, probe, labels: pd.DataFrame, units: Sequence[int], k: int = 5,
                        n_concepts: int = 5, thumb: int = 112, title: str = "CLIP-Dissect",
@@ -25,11 +27,7 @@ def plot_neuron_labels(acts, probe, labels: pd.DataFrame, units: Sequence[int], 
         for c in range(k):
             ax = fig.add_subplot(grid[r, c])
             idx = int(acts.top_ids[unit, c])
-            img = probe.load_image(idx).copy()
-            img.thumbnail((thumb, thumb))
-            ax.imshow(np.asarray(img))
-            ax.set_xticks([]), ax.set_yticks([])
-            ax.set_title(f"{float(acts.top_values[unit, c]):.2f}", fontsize=7)
+            draw_thumbnail(ax, probe, idx, thumb, f"{float(acts.top_values[unit, c]):.2f}")
             if c == 0:
                 ax.set_ylabel(f"{acts.layer} #{unit}", fontsize=8)
         row = by_unit.loc[unit]
