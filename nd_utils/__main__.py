@@ -1,4 +1,7 @@
-"""Command line: `python -m nd_utils run CONFIG [--set key=value ...] [--stages 01,02] [--force]`."""
+"""Command line: `python -m nd_utils run CONFIG [--set key=value ...] [--stages 01,02] [--force]`.
+
+`python -m nd_utils report RUN [--out DIR]` writes a static HTML report of a run folder.
+"""
 from __future__ import annotations
 
 import argparse
@@ -17,6 +20,10 @@ def main(argv: "list[str] | None" = None) -> int:
     run.add_argument("--stages", default=None, help="comma-separated stage numbers, e.g. 01,02")
     run.add_argument("--force", action="store_true", help="recompute cached stage outputs")
     sub.add_parser("profiles", help="list the config profiles")
+    rep = sub.add_parser("report", help="write a static HTML report of a run folder")
+    rep.add_argument("run", help="run folder path, or 'latest' (newest under data/runs)")
+    rep.add_argument("--out", default=None, metavar="DIR",
+                     help="report folder (default RUN/report)")
     args = parser.parse_args(argv)
 
     from .runner import run_pipeline
@@ -25,6 +32,11 @@ def main(argv: "list[str] | None" = None) -> int:
         if args.command == "profiles":
             from .config import list_profiles
             print("\n".join(list_profiles()))
+            return 0
+        if args.command == "report":
+            from .report import write_report
+            path = write_report(args.run, args.out)
+            print(path)  # last line: the report's index.html
             return 0
         result = run_pipeline(args.config, args.overrides, args.stages, args.force,
                               log=lambda *a, **k: print(*a, file=sys.stderr, **k))

@@ -10,6 +10,7 @@ Example:
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -89,6 +90,18 @@ def select_notebooks(notebooks: list[Path], stages: "Iterable[str] | str | None"
     return [p for p in notebooks if p.name[:2] in wanted]
 
 
+def preflight(cfg, stages: "Iterable[str]") -> None:
+    """Fail before any work when a selected stage cannot run (e.g. no API key for `openai`)."""
+    if "04" in set(stages) and cfg.get("llm.name") == "openai" and cfg.get("llm.mode") == "live":
+        from .openai_backend import MissingApiKeyError
+
+        if not os.environ.get("OPENAI_API_KEY", "").strip():
+            raise MissingApiKeyError(
+                "llm.name is openai but OPENAI_API_KEY is not set, so stage 04 would fail: "
+                "export OPENAI_API_KEY=... first, or use --set llm.name=transformers (offline) "
+                "or llm.mode=replay (answers from the cache)")
+
+
 def run_pipeline(config="offline", overrides=None, stages=None, force: bool = False,
                  notebook_dir: "str | Path" = NOTEBOOK_DIR, kernel_name: "str | None" = None,
                  log=print) -> Run:
@@ -102,6 +115,7 @@ def run_pipeline(config="offline", overrides=None, stages=None, force: bool = Fa
     notebooks = select_notebooks(list_notebooks(notebook_dir), stages)
     if not notebooks:
         raise NdUtilsError(f"no stage notebooks (NN_name.ipynb) in {notebook_dir}")
+    preflight(cfg, [nb.name[:2] for nb in notebooks])
     run = Run(cfg, _new_run_path(cfg))
     (run.path / "notebooks").mkdir(parents=True)
     run.results.mkdir()

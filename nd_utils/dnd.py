@@ -1,0 +1,185 @@
+"""Describe-and-Dissect end to end: one call per notebook (03-06) over the configured layers.
+
+Each call reads its upstream stages from the artifact store and computes the ones that are
+missing (the same content-addressed keys, so nothing is computed twice); stage 01 must exist,
+or the error names notebook 01. Layers and neurons come from `dnd.layers` / `dnd.neurons`.
+
+Example:
+    >>> cfg = load_config("offline")                                   # doctest: +SKIP
+    >>> tops = dnd_top_images(cfg)          # 03: D_top with attention crops
+    >>> caps = dnd_captions(cfg)            # 03: captions
+    >>> concepts = dnd_concepts(cfg)        # 04: candidate concepts
+    >>> images, stats = dnd_synthesis(cfg)  # 05: concept images
+    >>> result = dnd_selection(cfg)         # 06: labels + candidate scores
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from .captioners import cache_captions, caption_key, load_captioner_from_config
+from .concept_generation import LayerConcepts, generate_concepts, language_model_from_config
+from .config import Config
+from .runtime import resolve_device, seed_everything
+from .selection import STAGE as SELECT_STAGE
+from .selection import concept_activations, select_labels
+from .store import ArtifactStore, atomic_write_text
+from .synthesis import ConceptImages, concept_images, load_synthesizer_from_config
+from .targets import load_target
+from .top_images import TopImages, build_top_images
+
+
+def dnd_layers(cfg: Config) -> list[str]:
+    return list(cfg["dnd.layers"])
+
+
+def dnd_top_images(cfg: Config, force: bool = False, progress: bool = True
+                   ) -> dict[str, TopImages]:
+    """Stage 03a for every DnD layer (see `build_top_images`)."""
+    seed_everything(int(cfg["seed"]))
+    target = None
+    out = {}
+    for layer in dnd_layers(cfg):
+        out[layer] = build_top_images(cfg, layer, target=target, force=force, progress=progress)
+    return out
+
+
+def dnd_captions(cfg: Config, force: bool = False, progress: bool = True
+                 ) -> dict[str, pd.DataFrame]:
+    """Stage 03b: captions of every D_top item, per layer (the captioner loads only if needed)."""
+    tops = dnd_top_images(cfg, progress=progress)
+    store = ArtifactStore(cfg.data_dir)
+    todo = force or any(not store.exists("03_captions", caption_key(cfg, t))
+                        for t in tops.values())
+    captioner = load_captioner_from_config(cfg) if todo else None
+    return {layer: cache_captions(cfg, top, captioner, force=force) for layer, top in tops.items()}
+
+
+def dnd_concepts(cfg: Config, force: bool = False, progress: bool = True, lm=None
+                 ) -> dict[str, LayerConcepts]:
+    """Stage 04: candidate concepts per neuron, per layer."""
+    from .concept_generation import STAGE, concepts_key
+
+    tops = dnd_top_images(cfg, progress=progress)
+    caps = dnd_captions(cfg, progress=progress)
+    store = ArtifactStore(cfg.data_dir)
+    keys = {layer: caption_key(cfg, tops[layer]) for layer in tops}
+    if lm is None and (force or any(not store.exists(STAGE.name, concepts_key(cfg, layer, k))
+                                    for layer, k in keys.items())):
+        lm = language_model_from_config(cfg)
+    return {layer: generate_concepts(cfg, layer, caps[layer], keys[layer], lm=lm, force=force,
+                                     progress=progress) for layer in tops}
+
+
+def dnd_synthesis(cfg: Config, progress: bool = True, synth=None
+                  ) -> tuple[dict[str, ConceptImages], dict]:
+    """Stage 05: images of every candidate of every layer, each concept once; plus counters."""
+    concepts = dnd_concepts(cfg, progress=progress)
+    wanted = [c for lc in concepts.values() for c in lc.candidates.candidate]
+    synth = synth or load_synthesizer_from_config(cfg)
+    images, stats = concept_images(cfg, wanted, synth, progress=progress)
+    stats["backend"] = synth.backend_id
+    stats["pool_source"] = getattr(synth, "pool_source", None)
+    stats["images_excluded"] = int(sum((ci.table.status != "ok").sum() for ci in images.values()))
+    return images, stats
+
+
+@dataclass
+class LayerSelection:
+    layer: str
+    labels: pd.DataFrame        # Neuron ID, Label 1, Label 2, Label 3
+    candidates: pd.DataFrame    # every candidate with its scores
+    key: str
+    seconds: float = 0.0
+    manifest: dict = field(default_factory=dict)
+
+
+def dnd_selection(cfg: Config, force: bool = False, progress: bool = True, synth=None
+                  ) -> dict[str, LayerSelection]:
+    """Stage 06: best-concept selection per layer (the target runs once per layer)."""
+    from .clip_dissect import load_vlm_from_config
+
+    tops = dnd_top_images(cfg, progress=progress)
+    concepts = dnd_concepts(cfg, progress=progress)
+    store = ArtifactStore(cfg.data_dir)
+    target = vlm = None
+    out = {}
+    for layer, top in tops.items():
+        t0 = time.time()
+        lc = concepts[layer]
+        needed = lc.candidates.candidate.tolist()
+        if target is None:
+            target = load_target(cfg["target.name"]).to(resolve_device(cfg.get("device", "auto")))
+            vlm = load_vlm_from_config(cfg)
+            synth = synth or load_synthesizer_from_config(cfg, vlm=vlm)
+        images, _ = concept_images(cfg, needed, synth, progress=progress)
+        usable = {c: ci for c, ci in images.items() if len(ci.usable)}
+        cacts = concept_activations(cfg, layer, usable, target, vlm, force=force,
+                                    progress=progress)
+        upstream = {"03_top_images": top.key, "04_concepts": lc.key,
+                    "06_concept_activations": cacts.key}
+        params = {**cfg.select(SELECT_STAGE.reads), "layer": layer}
+        key = ArtifactStore.key(SELECT_STAGE.name, SELECT_STAGE.version, params,
+                                upstream=upstream)
+        if force:
+            store.remove(SELECT_STAGE.name, key)
+        if not store.exists(SELECT_STAGE.name, key):
+            dtop = _dtop_features(top, vlm)
+            labels, cand = select_labels(cfg, layer, top, lc, cacts, dtop)
+            with store.writer(SELECT_STAGE.name, key, version=SELECT_STAGE.version,
+                              params=params, upstream=upstream,
+                              extra={"layer": layer, "n_neurons": len(top.neurons)},
+                              resume=False) as tmp:
+                atomic_write_text(tmp / "labels.csv", labels.to_csv(index=False))
+                atomic_write_text(tmp / "candidates.csv", cand.to_csv(index=False))
+        art = store.open(SELECT_STAGE.name, key)
+        out[layer] = LayerSelection(
+            layer, pd.read_csv(art.file("labels.csv"), keep_default_na=False),
+            pd.read_csv(art.file("candidates.csv"), keep_default_na=False), key,
+            time.time() - t0, art.manifest)
+    return out
+
+
+@torch.no_grad()
+def _dtop_features(top: TopImages, vlm) -> dict[int, torch.Tensor]:
+    """Unit-norm VLM embeddings `[n_top, D]` of each neuron's D_top items."""
+    out = {}
+    for unit in top.neurons:
+        files = list(top.d_top(unit).file)
+        x = torch.stack([vlm.preprocess(top.image(f)) for f in files]).to(vlm.device)
+        out[unit] = vlm.encode_images(x).float().cpu()
+    return out
+
+
+def write_dnd_tables(results: "str | Path", selection: dict[str, LayerSelection]
+                     ) -> dict[str, Path]:
+    """`06_dnd_<layer>.csv` (the reference's schema) and `06_dnd_candidates_<layer>.csv`."""
+    out = {}
+    for layer, sel in selection.items():
+        path = Path(results) / f"06_dnd_{layer}.csv"
+        atomic_write_text(path, sel.labels.to_csv(index=False))
+        atomic_write_text(Path(results) / f"06_dnd_candidates_{layer}.csv",
+                          sel.candidates.to_csv(index=False))
+        out[layer] = path
+    return out
+
+
+def write_top_image_tables(results: "str | Path", tops: dict[str, TopImages],
+                           captions: "dict[str, pd.DataFrame] | None" = None) -> dict[str, Path]:
+    """`03_top_images_<layer>.csv`: every original and crop with absolute paths (+ captions)."""
+    out = {}
+    for layer, top in tops.items():
+        t = top.items.copy()
+        t["path"] = [str(top.path / f) if f else p for f, p in zip(t.file, t.probe_path)]
+        if captions is not None and layer in captions:
+            c = captions[layer][["unit", "rank", "caption"]]
+            t = t.merge(c, on=["unit", "rank"], how="left")
+            t.loc[t["rank"] == 0, "caption"] = ""
+        path = Path(results) / f"03_top_images_{layer}.csv"
+        atomic_write_text(path, t.to_csv(index=False))
+        out[layer] = path
+    return out

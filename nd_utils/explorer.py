@@ -1,0 +1,432 @@
+"""An interactive neuron explorer over a run folder: ipywidgets controls, matplotlib panels.
+
+It reads only what a run left behind (result CSVs, the activation cache, DnD's top-image
+artifact); no model runs. Per-layer data is read once, so moving to another neuron redraws in
+well under a second. `explorer.view` describes everything shown, so tests drive it from Python.
+
+Example:
+    >>> ex = NeuronExplorer("latest")                                   # doctest: +SKIP
+    >>> display(ex); ex.jump("head", 3); ex.view.labels                 # doctest: +SKIP
+    >>> ex.search.value = "dog"; ex.matches.options[1:]                 # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import contextlib
+import html
+import io
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .errors import NdUtilsError
+from .figures import cached_top_images, readable_layers
+from .run_reader import RERUN, RunView, open_run_folder, runs_dir
+
+MAX_MATCHES = 200
+MAP_NOTE = "spatial map not cached (neuron not in dnd.neurons)"
+_WORD = re.compile(r"[a-z0-9]+")
+
+
+def label_tokens(*texts) -> frozenset:
+    """Lower-case words of label texts (what the cheap Jaccard label similarity compares)."""
+    return frozenset(w for t in texts if isinstance(t, str) for w in _WORD.findall(t.lower()))
+
+
+def list_runs(base: "str | Path | None" = None) -> list[Path]:
+    """Run folders (with a run.json) under `base` (default `runs_dir()`), newest first."""
+    base = Path(base) if base else runs_dir()
+    found = [p.resolve() for p in base.glob("*") if (p / "run.json").is_file()] \
+        if base.is_dir() else []
+    return sorted(found, key=lambda p: (p.name[:15], (p / "run.json").stat().st_mtime),
+                  reverse=True)
+
+
+@dataclass
+class ExplorerView:
+    """What the explorer shows for the current neuron (tests and the notebook read it)."""
+
+    run: str = ""
+    layer: str = ""
+    unit: int = -1
+    n_units: int = 0
+    cd_label: "str | None" = None
+    cd_score: "float | None" = None
+    concepts: list = field(default_factory=list)     # [(concept, score)], best first
+    dnd_labels: list = field(default_factory=list)
+    dnd_score: "float | None" = None
+    candidates: list = field(default_factory=list)   # [(candidate, score, [image paths])]
+    n_images: int = 0                                # top probe images drawn
+    n_maps: int = 0                                  # of which with a spatial-map overlay
+    histogram: bool = False
+    similar: list = field(default_factory=list)      # [(layer, unit, jaccard, label)]
+    notes: list = field(default_factory=list)        # what is missing and how to get it
+
+    @property
+    def labels(self) -> list[str]:
+        return [x for x in [self.cd_label, *self.dnd_labels] if x]
+
+    @property
+    def map_overlay(self) -> bool:
+        return self.n_maps > 0
+
+
+@dataclass
+class _Layer:
+    n_units: int
+    acts: object              # LayerActivations or None
+    tops: dict                # unit -> top probe images (DataFrame)
+    cands: dict               # unit -> DnD candidates, best first
+    rows: dict                # unit -> neuron_table row
+    top: object               # TopImages with maps, or None
+    top_note: str             # why `top` is None
+    notes: list
+    chosen: "list | None"     # the layer's dnd.neurons, when the config and cache say
+
+
+class NeuronExplorer:
+    """Browse a run's neurons: run / layer / neuron pickers, label search, one figure each."""
+
+    def __init__(self, run: "str | Path | RunView | None" = None, k: int = 5,
+                 n_candidates: int = 3, candidate_images: int = 3, n_similar: int = 8,
+                 dpi: int = 80):
+        import ipywidgets as W
+
+        self.k, self.n_candidates, self.candidate_images = k, n_candidates, candidate_images
+        self.n_similar, self.dpi = n_similar, dpi
+        self.run: "RunView | None" = None
+        self.message, self.png, self.view, self.last_redraw_seconds = "", b"", ExplorerView(), 0.0
+        self._layers, self._thumbs, self._busy = {}, {}, False
+        self._entries, self._by_word, self._where, self._run_notes = [], {}, {}, []
+        self.run_select = W.Dropdown(description="run", layout=W.Layout(width="480px"))
+        self.layer = W.Dropdown(description="layer", layout=W.Layout(width="auto"))
+        self.unit = W.IntSlider(description="neuron", min=0, max=0, continuous_update=False)
+        self.unit_box = W.BoundedIntText(min=0, max=0, layout=W.Layout(width="90px"))
+        W.link((self.unit, "value"), (self.unit_box, "value"))
+        W.link((self.unit, "max"), (self.unit_box, "max"))
+        self.search = W.Text(description="search", placeholder="label text, all layers")
+        self.matches = W.Dropdown(options=[("type to search labels", None)],
+                                  layout=W.Layout(width="420px"))
+        self.similar = W.Dropdown(description="similar", options=[("", None)],
+                                  layout=W.Layout(width="560px"))
+        self.header, self.notes_html, self.image = W.HTML(), W.HTML(), W.Image(format="png")
+        self.widget = W.VBox([self.run_select, W.HBox([self.layer, self.unit, self.unit_box]),
+                              W.HBox([self.search, self.matches]), self.header, self.image,
+                              self.similar, self.notes_html])
+        runs = list_runs()
+        self.run_select.options = [(p.name, str(p)) for p in runs]
+        self.run_select.observe(lambda c: self._guard(self.open, c.new), "value")
+        self.layer.observe(lambda c: self._guard(self._select_layer, c.new), "value")
+        self.unit.observe(lambda c: self._guard(self.redraw), "value")
+        self.search.observe(lambda c: self._find(c.new), "value")
+        self.matches.observe(lambda c: c.new and self.jump(*c.new), "value")
+        self.similar.observe(lambda c: c.new and self.jump(*c.new), "value")
+        if run is None and not runs:
+            self._fail(f"no run folders with a run.json under {runs_dir()}: {RERUN}; or pass "
+                       f"a run folder to NeuronExplorer")
+        else:
+            self.open(run if run is not None else str(runs[0]))
+
+    def _repr_mimebundle_(self, **kwargs):
+        return self.widget._repr_mimebundle_(**kwargs)
+
+    def _guard(self, fn, *args):
+        if not self._busy:
+            fn(*args)
+
+    @contextlib.contextmanager
+    def _hold(self):
+        """Set several controls without each one triggering a redraw."""
+        busy, self._busy = self._busy, True
+        try:
+            yield
+        finally:
+            self._busy = busy
+
+    def _enable(self, on: bool) -> None:
+        for w in (self.layer, self.unit, self.unit_box, self.search, self.matches, self.similar):
+            w.disabled = not on
+
+    def _fail(self, message: str) -> None:
+        self.message = message
+        self.view = ExplorerView(run=str(self.run.path) if self.run else "", notes=[message])
+        self.header.value = f"<b style='color:#b00'>{html.escape(message)}</b>"
+        self.notes_html.value, self.image.value, self.png = "", b"", b""
+        self._enable(False)
+
+    # ------------------------------------------------------------------ run, layer, neuron
+
+    def open(self, run) -> None:
+        """Show another run folder (a path, 'latest' or a RunView); failures become a message."""
+        try:
+            view = open_run_folder(run)
+            self._run_notes = readable_layers(view)  # a table of another version: skip its layer
+            self.run, self._layers = view, {}
+            self._index()  # reads every label table: an old or damaged one fails here
+        except NdUtilsError as exc:
+            self.run = None
+            return self._fail(f"cannot open run {run}: {exc}")
+        self.message = ""
+        with self._hold():
+            if str(view.path) not in [v for _, v in self.run_select.options]:
+                self.run_select.options = [(view.name, str(view.path)), *self.run_select.options]
+            self.run_select.value = str(view.path)
+            self.search.value = ""
+            self.matches.options = [("type to search labels", None)]
+            self.layer.options = list(view.layers)
+        if not view.layers:
+            return self._fail(f"run {view.name} names no layers (no target.layers in its config, "
+                              f"no result tables): {RERUN}")
+        self._enable(True)
+        first = next((x for x in view.layers if view.dnd(x) is not None), view.layers[0])
+        self.jump(first, min(self._layer(first).rows, default=0))
+
+    def _index(self) -> None:
+        """Labels and their words of every neuron of the run, for search and similarity."""
+        self._entries, self._by_word = [], {}
+        for r in self.run.neuron_table().itertuples(index=False):
+            labels = [("CD", r.cd_label)] if isinstance(r.cd_label, str) and r.cd_label else []
+            dnd = r.dnd_labels if isinstance(r.dnd_labels, list) else []
+            labels += [("DnD", x) for x in dnd if x]
+            words = label_tokens(*(t for _, t in labels))
+            for w in words:
+                self._by_word.setdefault(w, []).append(len(self._entries))
+            self._entries.append((r.layer, int(r.unit), labels, words))
+        self._where = {(e[0], e[1]): i for i, e in enumerate(self._entries)}
+
+    def _layer(self, layer: str) -> _Layer:
+        """Everything of one layer the panels need, read once per run."""
+        if layer in self._layers:
+            return self._layers[layer]
+        run, notes, chosen = self.run, list(self._run_notes), None
+        acts = run.activations(layer)
+        group = lambda t: {} if t is None else {int(u): g for u, g in t.groupby("unit")}  # noqa: E731
+        tops = group(run.top_probe_images(layer, self.k))
+        cand = run.dnd_candidates(layer)
+        if cand is not None:  # rank 0 = a candidate without usable images: list it last
+            r = pd.to_numeric(cand["rank"], errors="coerce").fillna(0)
+            cand = cand.assign(_r=r.where(r > 0, np.inf)).sort_values(["unit", "_r"])
+        table = run.neuron_table()
+        rows = {int(r.unit): r for r in table[table["layer"] == layer].itertuples(index=False)}
+        n = acts.n_neurons if acts is not None else max([*rows, *tops, -1]) + 1
+        if acts is None:
+            why = run._cache.get(("activations_error", layer)) or run._cache.get(
+                "probe_error") or "not found"
+            notes.append(f"no activation cache for layer {layer} ({why.split(':')[0]}): no "
+                         f"histogram; run notebook 01 with this run's config")
+        elif layer in (run.cfg.get("dnd.layers") or []):
+            from .top_images import choose_neurons
+            with contextlib.suppress(NdUtilsError):
+                chosen = choose_neurons(run.cfg, layer, acts.n_neurons)
+        if run.clip_dissect(layer) is None:
+            notes.append(f"no CLIP-Dissect labels for layer {layer}: run notebook 02")
+        if not run.has_dnd():
+            notes.append("no DnD results in this run: run notebooks 03-06")
+        elif run.dnd(layer) is None:
+            notes.append(f"no DnD results for layer {layer}: run notebooks 03-06 on it")
+        top, top_note = cached_top_images(run, layer) if tops else (None, "")
+        self._layers[layer] = _Layer(n, acts, tops, group(cand), rows, top, top_note, notes,
+                                     chosen)
+        return self._layers[layer]
+
+    def _select_layer(self, layer: str) -> None:
+        self.jump(layer, min(self.unit.value, max(self._layer(layer).n_units - 1, 0)))
+
+    def jump(self, layer: str, unit: int) -> None:
+        """Show neuron `unit` of `layer` (what the search results and similar list call)."""
+        if self.run is None or layer not in self.run.layers:
+            return
+        n = self._layer(layer).n_units
+        with self._hold():
+            self.layer.value, self.unit.value = layer, 0
+            self.unit.max = max(n - 1, 0)
+            self.unit.value = min(max(int(unit), 0), self.unit.max)
+        self.redraw()
+
+    # ------------------------------------------------------------------ search, similar
+
+    def _find(self, text: str) -> None:
+        q, found = text.strip().lower(), []
+        for layer, unit, labels, _ in self._entries if q and self.run else []:
+            hit = next(((m, t) for m, t in labels if q in t.lower()), None)
+            if hit:
+                found.append((f"{layer}:{unit} · {hit[0]}: {hit[1]}", (layer, unit)))
+        head = "type to search labels" if not q else (
+            f"{len(found)} match{'es' if len(found) != 1 else ''}"
+            + (f" (first {MAX_MATCHES} listed)" if len(found) > MAX_MATCHES else "")
+            + (": choose one to jump" if found else ""))
+        # the placeholder comes first, so listing matches never jumps by itself
+        self.matches.options = [(head, None), *found[:MAX_MATCHES]]
+
+    def closest(self, layer: str, unit: int) -> list[tuple]:
+        """Neurons of any layer whose label words overlap most (Jaccard) with this one's."""
+        i = self._where.get((layer, unit))
+        words = self._entries[i][3] if i is not None else frozenset()
+        scores = {}
+        for j in {j for w in words for j in self._by_word.get(w, ())} - {i}:
+            other = self._entries[j][3]
+            scores[j] = len(words & other) / len(words | other)
+        best = sorted(scores, key=lambda j: (-scores[j], j))[:self.n_similar]
+        return [(self._entries[j][0], self._entries[j][1], round(scores[j], 3),
+                 self._entries[j][2][0][1]) for j in best]
+
+    # ------------------------------------------------------------------ drawing
+
+    def redraw(self) -> None:
+        """Redraw the current neuron; a failure becomes a note instead of an exception."""
+        if self.run is None:
+            return
+        t0 = time.perf_counter()
+        v = ExplorerView(run=str(self.run.path), layer=self.layer.value, unit=int(self.unit.value))
+        try:
+            d = self._layer(v.layer)
+            self._describe(d, v)
+            self.png = self._draw(d, v)
+        except Exception as exc:  # a damaged table or image must not kill the widget
+            v.notes.append(f"could not draw {v.layer}:{v.unit}: {type(exc).__name__}: {exc}")
+            self.png = b""
+        v.similar = self.closest(v.layer, v.unit)
+        self.view, self.image.value = v, self.png
+        self.similar.options = [(f"{len(v.similar)} neurons with similar labels", None),
+                                *[(f"{a}:{b} · {s:.2f} · {t}", (a, b)) for a, b, s, t in v.similar]]
+        e = html.escape
+        cd = (f"CLIP-Dissect: <b>{e(v.cd_label)}</b> ({v.cd_score:.3f})" if v.cd_label
+              else "CLIP-Dissect: —")
+        dnd = (f"DnD: <b>{e(' | '.join(v.dnd_labels))}</b>" + (
+            f" ({v.dnd_score:.3f})" if v.dnd_score is not None else "")) if v.dnd_labels \
+            else "DnD: —"
+        self.header.value = f"<b>{e(v.layer)}:{v.unit}</b> of {v.n_units} &nbsp; {cd} &nbsp; {dnd}"
+        self.notes_html.value = "<ul style='color:#a60'>" + "".join(
+            f"<li>{e(n)}</li>" for n in v.notes) + "</ul>" if v.notes else ""
+        self.last_redraw_seconds = time.perf_counter() - t0
+
+    def _describe(self, d: _Layer, v: ExplorerView) -> None:
+        """Fill the view's labels, concepts, candidates and notes for the current neuron."""
+        unit, row = v.unit, d.rows.get(v.unit)
+        v.n_units, v.notes = d.n_units, list(d.notes)
+        if row is not None and isinstance(row.cd_label, str):
+            v.cd_label, v.cd_score = row.cd_label, float(row.cd_score)
+            v.concepts = [(str(c), float(s)) for c, s in zip(row.cd_concepts, row.cd_scores)]
+        if row is not None and isinstance(row.dnd_labels, list):
+            v.dnd_labels = [str(x) for x in row.dnd_labels]
+            v.dnd_score = None if pd.isna(row.dnd_score) else float(row.dnd_score)
+            if unit not in d.cands:
+                v.notes.append(f"no DnD candidates of {v.layer}:{unit} in "
+                               f"06_dnd_candidates_{v.layer}.csv: their images are not shown")
+        elif self.run.dnd(v.layer) is not None:
+            v.notes.append(f"{v.layer}:{unit} has no DnD label (not in dnd.neurons)")
+        for r in d.cands[unit].head(self.n_candidates).itertuples() if unit in d.cands else []:
+            paths = [p.strip() for p in str(r.images or "").split(";") if p.strip()]
+            v.candidates.append((str(r.candidate), float(r.score), paths[:self.candidate_images]))
+        if unit not in d.tops:
+            v.notes.append(f"no top images cached for {v.layer}:{unit} (no activation cache "
+                           f"for the layer and not a DnD neuron): run notebook 01")
+        elif d.top is None or unit not in d.top.neurons:  # say why: the neuron, else the layer
+            chosen = d.top.neurons if d.top is not None else d.chosen
+            v.notes.append(MAP_NOTE if chosen is not None and unit not in chosen
+                           else d.top_note or MAP_NOTE)
+
+    def _thumb(self, path: str, image_id=None, square: bool = False, size: int = 160):
+        """An image as a small array (cached: neurons share images); None if unreadable."""
+        key = (path, None, square) if path else (str(self.run.path), image_id, square)
+        if key not in self._thumbs:
+            try:
+                im = self.run.load_image(path, image_id)
+            except (OSError, ValueError):
+                return None
+            if square:  # spatial maps were computed on the image stretched to a square
+                im = im.resize((size, size))
+            else:
+                im.thumbnail((size, size))
+            if len(self._thumbs) > 800:
+                self._thumbs.clear()
+            self._thumbs[key] = np.asarray(im)
+        return self._thumbs[key]
+
+    def _draw(self, d: _Layer, v: ExplorerView) -> bytes:
+        """The neuron's figure as PNG bytes; counts drawn images and map overlays in `v`."""
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        from .attention_crops import normalise_map
+
+        k, nc, unit = self.k, self.candidate_images, v.unit
+        cols = max(k, nc + 1)
+        heights = [1.0, 1.0] + [0.8] * len(v.candidates)
+        fig = Figure(figsize=(1.6 * cols, 1.7 * sum(heights) + 0.3))
+        FigureCanvasAgg(fig)  # a renderer of its own: no pyplot state, nothing auto-displayed
+        grid = fig.add_gridspec(len(heights), cols, height_ratios=heights)
+        tops = d.tops.get(unit)
+        maps = tops is not None and d.top is not None and unit in d.top.neurons
+        if tops is None:
+            ax = fig.add_subplot(grid[0, :])
+            ax.text(0.5, 0.5, "no top images cached", ha="center", va="center", fontsize=9)
+            ax.set_axis_off()
+        for c, r in enumerate(tops.head(k).itertuples() if tops is not None else []):
+            ax = fig.add_subplot(grid[0, c])
+            ax.set_axis_off()
+            img = self._thumb(r.path, r.image_id, square=maps)
+            ax.set_title(f"#{r.image_id}  {float(r.activation):.2f}"
+                         + ("" if img is not None else "\nunreadable"), fontsize=7)
+            if img is None:
+                continue
+            ax.imshow(img)
+            v.n_images += 1
+            m = d.top.spatial_map(unit, int(r.image_id)) if maps else None
+            m = normalise_map(m) if m is not None else None
+            if m is not None:
+                h, w = img.shape[:2]
+                ax.imshow(m.numpy(), cmap="jet", alpha=0.4, interpolation="bilinear",
+                          extent=(-0.5, w - 0.5, h - 0.5, -0.5))
+                v.n_maps += 1
+        half = max(cols // 2, 1)
+        ax = fig.add_subplot(grid[1, :half])
+        if d.acts is not None and unit < d.n_units:
+            values = d.acts.activations[:, unit].numpy()
+            ax.hist(values, bins=30, color="#4c72b0")
+            for x in (tops.activation.head(k) if tops is not None else []):
+                ax.axvline(float(x), color="tab:red", lw=1)
+            ax.set_title(f"activation over {len(values)} probe images (top {k} red)", fontsize=8)
+            ax.tick_params(labelsize=7)
+            v.histogram = True
+        else:
+            ax.text(0.5, 0.5, "no activation cache", ha="center", va="center", fontsize=8)
+            ax.set_axis_off()
+        ax = fig.add_subplot(grid[1, half:])
+        if v.concepts:
+            names, scores = zip(*v.concepts)
+            y = np.arange(len(names))[::-1]
+            ax.barh(y, scores, color="#dd8452")
+            for yy, name in zip(y, names):  # names inside the bars: no tick-label margin needed
+                ax.text(0.01, yy, name[:30], fontsize=7, va="center",
+                        transform=ax.get_yaxis_transform())
+            ax.set_yticks([])
+            ax.set_title("CLIP-Dissect top concepts (score)", fontsize=8)
+            ax.tick_params(axis="x", labelsize=7)
+        else:
+            ax.text(0.5, 0.5, "no CLIP-Dissect labels", ha="center", va="center", fontsize=8)
+            ax.set_axis_off()
+        for i, (name, score, paths) in enumerate(v.candidates):
+            ax = fig.add_subplot(grid[2 + i, 0])
+            ax.set_axis_off()
+            ax.text(0.0, 0.5, f"DnD #{i + 1}\n{name[:28]}\nscore {score:.3f}", fontsize=8,
+                    va="center", transform=ax.transAxes)
+            for j, p in enumerate(paths[:nc]):
+                ax = fig.add_subplot(grid[2 + i, 1 + j])
+                ax.set_axis_off()
+                if (img := self._thumb(p)) is not None:
+                    ax.imshow(img)
+        inch = fig.get_figheight()  # a fixed layout: tight_layout would cost a second draw
+        fig.subplots_adjust(left=0.04, right=0.98, bottom=0.3 / inch, top=1 - 0.25 / inch,
+                            hspace=0.45, wspace=0.12)
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=self.dpi, pil_kwargs={"compress_level": 1})
+        return buf.getvalue()
+
+    def snapshot(self):
+        """The current neuron's figure as an IPython Image (a static notebook output)."""
+        from IPython.display import Image
+        return Image(data=self.png) if self.png else (self.message or "\n".join(self.view.notes))

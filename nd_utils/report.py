@@ -1,0 +1,271 @@
+"""A self-contained static HTML report of a run folder: a card per neuron, an evaluation page.
+
+`write_report(run)` writes `<run>/report/index.html` (neuron cards, filtered, searched, sorted
+and paginated by plain JavaScript over data embedded as JSON), `evaluation.html` (run stages,
+evaluation tables, figures), `img/` (one ~128 px JPEG per distinct image, shared by every card
+showing it) and `fig/` (the run's PNG figures). Nothing is fetched from a server or the network.
+
+Example:
+    $ python -m nd_utils report latest
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import html
+import json
+import math
+import os
+import re
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from importlib import resources
+from pathlib import Path
+
+from .errors import NdUtilsError
+from .run_reader import RunView, open_run_folder
+from .store import atomic_write_text
+
+PAGE_SIZE = 60
+MARKER = "report.json"  # marks a folder as a report, so rewriting it may replace the folder
+
+
+def _asset(name: str) -> str:
+    return resources.files("nd_utils").joinpath("report_assets", name).read_text("utf-8")
+
+
+def _fill(template: str, **values: str) -> str:
+    """Replace `{{name}}` in one pass, so inserted text is never scanned for placeholders."""
+    return re.sub(r"\{\{(\w+)\}\}", lambda m: values[m.group(1)], template)
+
+
+def script_json(data) -> str:
+    """JSON safe inside a `<script>` element: no `<`, `>`, `&` or line separators appear raw."""
+    text = json.dumps(data, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    for raw, esc in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"),
+                     ("\u2028", "\\u2028"), ("\u2029", "\\u2029")):
+        text = text.replace(raw, esc)  # these characters occur only inside JSON strings
+    return text
+
+
+def _num(x, digits: int = 4):
+    """A JSON-able rounded float, or None for missing / NaN values."""
+    try:
+        x = float(x)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(x) or math.isinf(x) else round(x, digits)
+
+
+class Thumbnails:
+    """Distinct images of the report, each written once as `img/<content id>-<size>.jpg`."""
+
+    def __init__(self, view: RunView, size: int = 128):
+        self.view, self.size = view, size
+        self.index: dict = {}  # key -> position in self.items
+        self.items: list[tuple[str, "int | None", str]] = []  # (path, probe id, file name)
+
+    def add(self, path: str = "", image_id=None, sha256: str = "") -> int:
+        """Register an image (by content hash, else by path) and return its index."""
+        path = str(path or "")
+        if sha256:
+            key = ident = sha256
+        elif path:
+            key = ("path", path)
+            try:  # the path may be rewritten later with other content: fold size+mtime in
+                st = os.stat(path)
+                ident = f"{path}|{st.st_size}|{st.st_mtime_ns}"
+            except OSError:
+                ident = path
+        else:
+            key = ident = f"probe-id|{self.view.cfg.fingerprint()}|{image_id}"
+        if key not in self.index:
+            name = f"{hashlib.sha256(ident.encode()).hexdigest()[:20]}-{self.size}.jpg"
+            self.index[key] = len(self.items)
+            self.items.append((path, None if image_id is None else int(image_id), name))
+        if sha256 and path:  # a later path-only reference to this image reuses its thumbnail
+            self.index.setdefault(("path", path), self.index[key])
+        return self.index[key]
+
+    def _make(self, item, folder: Path, previous: "Path | None") -> bool:
+        path, image_id, name = item
+        if previous is not None and (previous / name).is_file():
+            shutil.copyfile(previous / name, folder / name)  # same name = same content and size
+            return True
+        try:
+            im = self.view.load_image(path, image_id)
+        except Exception:  # a moved, deleted or corrupt image must not sink the whole report
+            return False
+        im.thumbnail((self.size, self.size))
+        im.save(folder / name, "JPEG", quality=82, optimize=True)
+        return True
+
+    def write(self, folder: Path, previous: "Path | None" = None, progress: bool = True
+              ) -> list["str | None"]:
+        """Make every thumbnail (in threads: PIL decodes outside the GIL); None = failed."""
+        from tqdm.auto import tqdm
+
+        folder.mkdir(parents=True, exist_ok=True)
+        with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool, tqdm(
+                total=len(self.items), desc="thumbnails", unit="img", disable=not progress) as bar:
+            done = []
+            for ok in pool.map(lambda it: self._make(it, folder, previous), self.items):
+                done.append(ok)
+                bar.update()
+        return [f"img/{it[2]}" if ok else None for it, ok in zip(self.items, done)]
+
+
+def _by_unit(table, value):
+    """{unit: [value(row), ...]} over `table`'s rows in order (empty when table is None)."""
+    out: dict = {}
+    if table is not None:
+        for row in table.itertuples(index=False):
+            out.setdefault(int(row.unit), []).append(value(row))
+    return out
+
+
+def build_data(view: RunView, thumbs: Thumbnails, top_k: int = 5, n_candidates: int = 3,
+               candidate_images: int = 3) -> dict:
+    """The report's embedded data: run meta, layers, missing notes and one record per neuron.
+
+    Neuron record keys (short, because 5,000 of them are embedded): l layer index, u unit,
+    c/s/cc CLIP-Dissect label, score, [[concept, score]], t [[image index, activation]],
+    d DnD labels, ds DnD score, k [[candidate, score, [image index]]], x DnD's D_top items
+    [[image index, activation, "kind · caption"]].
+    """
+    table = view.neuron_table()
+    neurons = []
+    for li, layer in enumerate(view.layers):
+        tops = _by_unit(view.top_probe_images(layer, top_k), lambda r: [
+            thumbs.add(r.path, r.image_id, r.sha256), _num(r.activation)])
+        cand = view.dnd_candidates(layer)
+        cands = {}
+        if cand is not None and len(cand):
+            cand = cand.sort_values(["unit", "rank"]).groupby("unit").head(n_candidates)
+            cands = _by_unit(cand, lambda r: [str(r.candidate), _num(r.score), [
+                thumbs.add(p.strip()) for p in str(r.images or "").split(";")
+                if p.strip()][:candidate_images]])
+        dtop = view.d_top(layer)
+        dtops = _by_unit(None if dtop is None else dtop.groupby("unit").head(top_k), lambda r: [
+            thumbs.add(r.path, r.image_id if r.kind == "original" else None), _num(r.activation),
+            f"{r.kind} · {r.caption}" if r.caption else str(r.kind)])
+        rows = {int(r.unit): r for r in table[table["layer"] == layer].itertuples(index=False)}
+        for unit in sorted(set(rows) | set(tops) | set(dtops)):
+            r = rows.get(unit)
+            rec = {"l": li, "u": unit, "t": tops.get(unit, [])}
+            if unit in dtops:
+                rec["x"] = dtops[unit]
+            if r is not None and isinstance(r.cd_label, str):
+                rec.update(c=r.cd_label, s=_num(r.cd_score), cc=[
+                    [str(c), _num(s)] for c, s in zip(r.cd_concepts, r.cd_scores)])
+            if r is not None and isinstance(r.dnd_labels, list):
+                rec.update(d=[str(x) for x in r.dnd_labels], ds=_num(r.dnd_score),
+                           k=cands.get(unit, []))
+            neurons.append(rec)
+    cfg = view.cfg
+    meta = (f"{view.path} · status {view.status} · target {cfg.get('target.name')} · "
+            f"vlm {cfg.get('vlm.name')} · probe {json.dumps(cfg.get('probe.sets'))} · "
+            f"{len(neurons)} neurons")
+    return {"run": view.name, "meta": meta, "layers": list(view.layers), "pageSize": PAGE_SIZE,
+            "missing": view.missing(), "hasDnd": view.has_dnd(), "neurons": neurons}
+
+
+def _table_html(df, title: str) -> str:
+    import pandas as pd
+
+    if df is None:
+        return ""
+    df = df.copy()
+    for col in df.columns:  # tables read with keep_default_na=False hold numbers as text
+        num = pd.to_numeric(df[col].replace("", float("nan")), errors="coerce")
+        if num.notna().sum() and num.notna().sum() == (df[col].astype(str) != "").sum():
+            df[col] = num
+    return f"<h2>{html.escape(title)}</h2>\n" + df.to_html(index=False, escape=True,
+                                                            na_rep="", float_format="{:.4g}".format)
+
+
+def evaluation_html(view: RunView, figures: list[str], css: str) -> str:
+    """The evaluation page: stages, missing notes, evaluation tables, figures (server-escaped)."""
+    import pandas as pd
+
+    e = html.escape
+    parts = []
+    notes = view.missing()
+    if notes:
+        parts.append('<ul class="notices">' + "".join(f"<li>{e(m)}</li>" for m in notes)
+                     + "</ul>")
+    stages = pd.DataFrame([{k: s.get(k, "") for k in ("notebook", "status", "seconds", "error")}
+                           for s in view.stages])
+    parts.append(_table_html(stages if len(stages) else None, "Stages"))
+    parts.append(_table_html(view.evaluation(), "Final-layer evaluation (07_evaluation.csv)"))
+    parts.append(_table_html(view.published(), "Published numbers (07_published.csv)"))
+    if figures:
+        parts.append("<h2>Figures</h2>\n<div class=\"figures\">" + "".join(
+            f'<figure><a href="{e(f)}"><img src="{e(f)}" alt="{e(f)}" loading="lazy"></a>'
+            f"<figcaption>{e(f.split('/')[-1])}</figcaption></figure>" for f in figures)
+            + "</div>")
+    parts.append("<h2>Effective config</h2>\n<pre>" + e(view.cfg.to_yaml()) + "</pre>")
+    meta = f"{view.path} · status {view.status}"
+    return _fill(_asset("evaluation.html"), title=e(view.name), css=css, meta=e(meta),
+                 body="\n".join(p for p in parts if p))
+
+
+def _publish(staging: Path, out: Path) -> None:
+    """Swap the finished staging folder in for `out` (two renames; the old report goes last)."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+    os.replace(staging, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def write_report(run: "str | Path | RunView" = "latest", out_dir: "str | Path | None" = None, *,
+                 top_k: int = 5, thumb: int = 128, progress: bool = True) -> Path:
+    """Write the static report of a run folder and return the path of its `index.html`.
+
+    `out_dir` defaults to `<run>/report`; an existing report there is replaced atomically
+    (thumbnails it already holds are reused). Open the file in any browser, offline.
+    """
+    t0 = time.time()
+    view = open_run_folder(run)
+    out = Path(out_dir).expanduser().resolve() if out_dir else view.path / "report"
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MARKER).exists())):
+        raise NdUtilsError(f"{out} exists and is not an nd_utils report, so it would be replaced: "
+                           f"pass --out with a new or empty folder")
+    staging = out.with_name(f".{out.name}.staging-{os.getpid()}")
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    try:
+        thumbs = Thumbnails(view, thumb)
+        data = build_data(view, thumbs, top_k)
+        previous = out / "img" if (out / "img").is_dir() else None
+        data["images"] = thumbs.write(staging / "img", previous, progress)
+        if failed := data["images"].count(None):
+            data["missing"].append(f"{failed} of {len(thumbs.items)} images could not be read "
+                                   f"(moved or deleted since the run?); their cards omit them")
+        figures = []
+        for fig in view.figures():
+            (staging / "fig").mkdir(exist_ok=True)
+            shutil.copyfile(fig, staging / "fig" / fig.name)
+            figures.append(f"fig/{fig.name}")
+        css, js = _asset("report.css"), _asset("report.js")
+        # Only this exact script may run: an injected inline script or handler would be blocked.
+        digest = base64.b64encode(hashlib.sha256(js.encode("utf-8")).digest()).decode()
+        page = _fill(_asset("index.html"), title=html.escape(view.name), css=css,
+                     data=script_json(data), js=js)
+        page = page.replace("script-src 'unsafe-inline'", f"script-src 'sha256-{digest}'")
+        atomic_write_text(staging / "index.html", page)
+        atomic_write_text(staging / "evaluation.html", evaluation_html(view, figures, css))
+        atomic_write_text(staging / MARKER, json.dumps({
+            "run": str(view.path), "written": time.time(), "neurons": len(data["neurons"]),
+            "images": len(thumbs.items), "failed_images": failed,
+            "seconds": round(time.time() - t0, 2)}, indent=2))
+        _publish(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out / "index.html"

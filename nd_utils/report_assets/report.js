@@ -1,0 +1,170 @@
+// Neuron cards of the static run report: filter, search, sort, paginate; plain DOM, no network.
+// Every string from the data goes through textContent or setAttribute, never innerHTML,
+// because labels come from concept lists and models and may contain markup.
+(function () {
+  "use strict";
+  var DATA = JSON.parse(document.getElementById("nd-data").textContent);
+  var PAGE = DATA.pageSize || 60;
+  var neurons = DATA.neurons, layers = DATA.layers, images = DATA.images;
+  var state = { layer: "", query: "", sort: "unit", page: 0 };
+  var shown = neurons;
+
+  function $(id) { return document.getElementById(id); }
+  function el(tag, cls, text) {
+    var e = document.createElement(tag);
+    if (cls) e.className = cls;
+    if (text !== undefined && text !== null) e.textContent = String(text);
+    return e;
+  }
+  function fmt(x) { return x === null || x === undefined ? "n/a" : Number(x).toFixed(3); }
+  function img(idx, title, cls) {
+    var src = images[idx];
+    if (!src) return null;  // thumbnail could not be made (file gone); skip it
+    var i = el("img", cls);
+    i.setAttribute("loading", "lazy");
+    i.setAttribute("src", src);
+    i.setAttribute("alt", title);
+    i.setAttribute("title", title);
+    return i;
+  }
+
+  // Lower-cased label text of both methods, computed once, so typing stays fast at 5,000 cards.
+  neurons.forEach(function (n) {
+    var parts = [n.c || ""];
+    (n.cc || []).forEach(function (x) { parts.push(x[0]); });
+    (n.d || []).forEach(function (x) { parts.push(x); });
+    (n.k || []).forEach(function (x) { parts.push(x[0]); });
+    n.q = parts.join("\n").toLowerCase();
+  });
+
+  function card(n) {
+    var c = el("article", "card");
+    c.setAttribute("data-layer", layers[n.l]);
+    c.setAttribute("data-unit", n.u);
+    var h = el("h3");
+    h.appendChild(el("span", "layer", layers[n.l]));
+    h.appendChild(el("span", "unit", "unit " + n.u));
+    c.appendChild(h);
+    var strip = el("div", "imgs");
+    (n.t || []).forEach(function (t) {
+      var i = img(t[0], "activation " + fmt(t[1]));
+      if (!i) return;
+      var f = el("figure");
+      f.appendChild(i);
+      f.appendChild(el("figcaption", "", fmt(t[1])));
+      strip.appendChild(f);
+    });
+    if (!strip.childNodes.length) strip.appendChild(el("span", "absent", "no top images"));
+    c.appendChild(strip);
+
+    var cd = el("section", "method cd");
+    cd.appendChild(el("h4", "", "CLIP-Dissect"));
+    if (n.c === null || n.c === undefined) {
+      cd.appendChild(el("div", "absent", "no CLIP-Dissect label"));
+    } else {
+      var lab = el("div", "label", n.c);
+      lab.appendChild(el("span", "score", fmt(n.s)));
+      cd.appendChild(lab);
+      var top = (n.cc || []).map(function (x) { return x[0] + " " + fmt(x[1]); });
+      if (top.length) cd.appendChild(el("div", "concepts", top.join(" · ")));
+    }
+    c.appendChild(cd);
+
+    var dnd = el("section", "method dnd");
+    dnd.appendChild(el("h4", "", "Describe-and-Dissect"));
+    if (!n.d || !n.d.length) {
+      dnd.appendChild(el("div", "absent", DATA.hasDnd ? "no DnD label" : "no DnD results"));
+    } else {
+      var dl = el("div", "label", n.d[0]);
+      if (n.ds !== null && n.ds !== undefined) dl.appendChild(el("span", "score", fmt(n.ds)));
+      dnd.appendChild(dl);
+      if (n.d.length > 1) {
+        dnd.appendChild(el("div", "concepts", "also: " + n.d.slice(1).join(" · ")));
+      }
+    }
+    if (n.x && n.x.length) {  // D_top: the crops and originals DnD captioned
+      var xs = el("div", "imgs dtop");
+      xs.appendChild(el("span", "tag", "D_top"));
+      n.x.forEach(function (x) {
+        var i = img(x[0], x[2] + " · activation " + fmt(x[1]));
+        if (i) xs.appendChild(i);
+      });
+      dnd.appendChild(xs);
+    }
+    (n.k || []).forEach(function (k) {  // candidate labels, best first, with their images
+      var row = el("div", "cand");
+      row.appendChild(el("span", "name", k[0] + " " + fmt(k[1])));
+      (k[2] || []).forEach(function (idx) {
+        var i = img(idx, k[0]);
+        if (i) row.appendChild(i);
+      });
+      dnd.appendChild(row);
+    });
+    c.appendChild(dnd);
+    return c;
+  }
+
+  function score(n, key) { var v = n[key]; return v === null || v === undefined ? NaN : v; }
+  function sorter(key, dir) {
+    return function (a, b) {
+      var x = score(a, key), y = score(b, key);
+      if (isNaN(x) !== isNaN(y)) return isNaN(x) ? 1 : -1;  // missing scores last
+      return (dir * (x - y)) || (a.l - b.l) || (a.u - b.u);
+    };
+  }
+
+  function apply() {
+    var q = state.query.trim().toLowerCase(), li = layers.indexOf(state.layer);
+    shown = neurons.filter(function (n) {
+      return (li < 0 || n.l === li) && (!q || n.q.indexOf(q) >= 0);
+    });
+    if (state.sort === "cd-desc") shown.sort(sorter("s", -1));
+    else if (state.sort === "cd-asc") shown.sort(sorter("s", 1));
+    else if (state.sort === "dnd-desc") shown.sort(sorter("ds", -1));
+    state.page = 0;
+    render();
+  }
+
+  function render() {
+    var pages = Math.max(1, Math.ceil(shown.length / PAGE));
+    state.page = Math.min(Math.max(0, state.page), pages - 1);
+    var start = state.page * PAGE, slice = shown.slice(start, start + PAGE);
+    var frag = document.createDocumentFragment();
+    slice.forEach(function (n) { frag.appendChild(card(n)); });
+    var box = $("cards");
+    box.replaceChildren(frag);
+    var end = start + slice.length;
+    $("count").textContent = shown.length
+      ? "showing " + (start + 1) + "–" + end + " of " + shown.length + " neurons"
+      : "no neuron matches";
+    $("page").textContent = "page " + (state.page + 1) + " of " + pages;
+    $("first").disabled = $("prev").disabled = state.page === 0;
+    $("next").disabled = $("last").disabled = state.page >= pages - 1;
+  }
+
+  function go(page) { state.page = page; render(); window.scrollTo(0, 0); }
+
+  var sel = $("layer");
+  layers.forEach(function (name) {
+    var o = el("option", "", name);
+    o.value = name;
+    sel.appendChild(o);
+  });
+  var notes = $("notices");
+  (DATA.missing || []).forEach(function (m) { notes.appendChild(el("li", "", m)); });
+  $("run-meta").textContent = DATA.meta || "";
+
+  var timer = null;
+  $("search").addEventListener("input", function (e) {
+    clearTimeout(timer);
+    timer = setTimeout(function () { state.query = e.target.value; apply(); }, 120);
+  });
+  sel.addEventListener("change", function (e) { state.layer = e.target.value; apply(); });
+  $("sort").addEventListener("change", function (e) { state.sort = e.target.value; apply(); });
+  $("first").addEventListener("click", function () { go(0); });
+  $("prev").addEventListener("click", function () { go(state.page - 1); });
+  $("next").addEventListener("click", function () { go(state.page + 1); });
+  $("last").addEventListener("click", function () { go(Infinity); });
+  apply();
+  document.body.setAttribute("data-ready", "1");  // lets browser tests wait for the first render
+})();

@@ -1,0 +1,193 @@
+"""Stage 06: best-concept selection (DnD step 3): score each candidate by its images' activations.
+
+The target runs once over all concept images of all neurons of a layer; each neuron then ranks
+the images of its own candidates together by its pooled activation (rank 0 = highest) and scores
+candidate j from `H_j`, the ascending ranks of its images (METHODS.md section 3.3):
+
+* `mean`: mean(H_j), lower is better.
+* `topk-sq-mean`: mean of the squares of the first min(beta, |H_j|) ranks, lower is better.
+* `image-products`: W_j = mean cosine between the vision-language embeddings of every D_top item
+  and every image of j in the global top-zeta; -1 when it has none. Higher is better.
+* `topk-compare` (the released default): R_j = |T| - position of j by topk-sq-mean (best = |T|),
+  score = R_j * W_j. Higher is better.
+
+Every function is selectable with `selection.scoring` (the reference ignores its own flag).
+
+Example:
+    >>> scores = score_candidates({"dog": [0, 3], "cat": [1, 2]}, beta=5)  # doctest: +SKIP
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .config import Config
+from .errors import NdUtilsError
+from .stages import STAGES
+from .store import ArtifactStore, atomic_write_text, save_tensors
+
+ACT_STAGE = STAGES["06_concept_activations"]
+STAGE = STAGES["06_selection"]
+SCORINGS = {"mean": False, "topk-sq-mean": False, "image-products": True, "topk-compare": True}
+# value: higher is better?
+
+
+def candidate_ranks(activations: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`H_j` per candidate: ascending global ranks of its images (rank 0 = highest activation)."""
+    names = [c for c in activations for _ in range(len(activations[c]))]
+    values = np.concatenate([np.asarray(activations[c], dtype=np.float64) for c in activations]) \
+        if activations else np.zeros(0)
+    order = np.argsort(-values, kind="stable")
+    ranks = np.empty(len(values), dtype=np.int64)
+    ranks[order] = np.arange(len(values))
+    out, start = {}, 0
+    for c in activations:
+        n = len(activations[c])
+        out[c] = np.sort(ranks[start:start + n])
+        start += n
+    assert start == len(names)
+    return out
+
+
+def topk_sq_mean(h: np.ndarray, beta: int = 5) -> float:
+    k = min(int(beta), len(h))
+    return float(np.mean(np.asarray(h[:k], dtype=np.float64) ** 2))
+
+
+def score_candidates(activations: dict[str, np.ndarray], beta: int = 5, zeta: int = 10,
+                     dtop_features: "torch.Tensor | None" = None,
+                     image_features: "dict[str, torch.Tensor] | None" = None) -> pd.DataFrame:
+    """All four scores for one neuron's candidates.
+
+    `activations`: {candidate: its images' activations `[n_j]`} (candidates without images are
+    left out by the caller). `dtop_features [n_top, D]` and `image_features` {candidate:
+    `[n_j, D]`} (unit-norm) are needed for image-products and topk-compare (NaN without them).
+    """
+    H = candidate_ranks(activations)
+    rows = []
+    for c, h in H.items():
+        w = float("nan")
+        if dtop_features is not None and image_features is not None:
+            in_top = h < int(zeta)
+            if in_top.any():
+                # images of c within the global top-zeta: positions in c's own list
+                own = np.argsort(-np.asarray(activations[c]), kind="stable")[:int(in_top.sum())]
+                feats = image_features[c][torch.as_tensor(own)]
+                w = float((dtop_features.float() @ feats.float().T).mean())
+            else:
+                w = -1.0
+        rows.append({"candidate": c, "mean": float(np.mean(h)), "topk_sq_mean": topk_sq_mean(h,
+                     beta), "image_products": w, "n_images": len(h)})
+    table = pd.DataFrame(rows, columns=["candidate", "mean", "topk_sq_mean", "image_products",
+                                        "n_images"])
+    position = table.topk_sq_mean.rank(method="first").astype(int) - 1
+    table["topk_compare"] = (len(table) - position) * table.image_products
+    return table
+
+
+def rank_by(table: pd.DataFrame, scoring: str) -> pd.DataFrame:
+    """Order candidates best first by `scoring`; adds `score` and `rank` (1 = chosen label)."""
+    if scoring not in SCORINGS:
+        raise NdUtilsError(f"selection.scoring {scoring!r} is unknown: use one of "
+                           f"{', '.join(SCORINGS)}")
+    column = scoring.replace("-", "_")
+    higher = SCORINGS[scoring]
+    out = table.assign(score=table[column])
+    out = out.sort_values(["score", "candidate"], ascending=[not higher, True], kind="stable")
+    out = out.reset_index(drop=True)
+    out["rank"] = np.arange(1, len(out) + 1)
+    return out
+
+
+@dataclass
+class ConceptActivations:
+    """Pooled activations `[n_images, K]` and unit-norm VLM features `[n_images, D]` of every
+    usable concept image of a layer; `index` maps (concept, file) to the row."""
+
+    activations: torch.Tensor
+    features: torch.Tensor
+    index: pd.DataFrame
+    key: str
+
+
+@torch.no_grad()
+def concept_activations(cfg: Config, layer: str, images: dict, target, vlm,
+                        force: bool = False, progress: bool = True) -> ConceptActivations:
+    """Run the target (and the VLM) once over all usable images of `images` {concept: ...}."""
+    from safetensors.torch import load_file
+
+    store = ArtifactStore(cfg.data_dir)
+    upstream = {"05_concept_images": sorted({ci.key for ci in images.values()})}
+    params = {**cfg.select(ACT_STAGE.reads), "layer": layer}
+    key = ArtifactStore.key(ACT_STAGE.name, ACT_STAGE.version, params, upstream=upstream,
+                            inputs={"vlm": vlm.backend_id, "weights": target.weights_id})
+    if force:
+        store.remove(ACT_STAGE.name, key)
+    if not store.exists(ACT_STAGE.name, key):
+        from .hooks import TraceLayers
+
+        rows = [{"concept": c, "file": str(p)} for c, ci in images.items() for p in ci.files()]
+        acts, feats = [], []
+        bs = int(cfg["activations.batch_size"])
+        for start in tqdm(range(0, len(rows), bs), desc=f"{layer}: concept images",
+                          disable=not progress):
+            pil = [Image.open(r["file"]).convert("RGB") for r in rows[start:start + bs]]
+            x = torch.stack([target.preprocess(im) for im in pil]).to(target.device)
+            with TraceLayers(target.model, [layer], pooling=cfg["target.pooling"]) as trace:
+                target.model(x)
+            acts.append(trace[layer].cpu())
+            v = torch.stack([vlm.preprocess(im) for im in pil]).to(vlm.device)
+            feats.append(vlm.encode_images(v).float().cpu())
+        A = torch.cat(acts) if acts else torch.zeros(0, 0)
+        F_ = torch.cat(feats) if feats else torch.zeros(0, 0)
+        with store.writer(ACT_STAGE.name, key, version=ACT_STAGE.version, params=params,
+                          upstream=upstream, inputs={"vlm": vlm.backend_id,
+                                                     "weights": target.weights_id},
+                          extra={"n_images": len(rows)}, resume=False) as tmp:
+            save_tensors({"activations": A.contiguous(), "features": F_.contiguous()},
+                         tmp / "concept_activations.safetensors")
+            atomic_write_text(tmp / "index.csv", pd.DataFrame(
+                rows, columns=["concept", "file"]).to_csv(index=False))
+    art = store.open(ACT_STAGE.name, key)
+    t = load_file(str(art.file("concept_activations.safetensors")))
+    index = pd.read_csv(art.file("index.csv"), keep_default_na=False)
+    return ConceptActivations(t["activations"], t["features"], index, key)
+
+
+def select_labels(cfg: Config, layer: str, top, concepts, cacts: ConceptActivations,
+                  dtop_features: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Stage 06 for one layer: (labels `Neuron ID, Label 1..n`, every candidate with scores)."""
+    beta, zeta = int(cfg["selection.beta"]), int(cfg["selection.zeta"])
+    scoring, n_labels = cfg["selection.scoring"], int(cfg["selection.labels"])
+    rank_by(pd.DataFrame(columns=["candidate", scoring.replace("-", "_")]), scoring)  # validate
+    rows_of = {c: torch.as_tensor(g.index.to_numpy().copy())
+               for c, g in cacts.index.groupby("concept")}
+    labels, tables = [], []
+    for unit in top.neurons:
+        cands = [c for c in concepts.for_unit(unit) if c in rows_of]
+        acts = {c: cacts.activations[rows_of[c], unit].numpy() for c in cands}
+        feats = {c: cacts.features[rows_of[c]] for c in cands}
+        table = rank_by(score_candidates(acts, beta, zeta, dtop_features.get(unit), feats),
+                        scoring)
+        files = {c: cacts.index.file.to_numpy()[rows_of[c].numpy()] for c in cands}
+        table["images"] = [";".join(files[c][np.argsort(-acts[c], kind="stable")][:3])
+                           for c in table.candidate]
+        missing = [c for c in concepts.for_unit(unit) if c not in rows_of]
+        if missing:  # every image of these was blank or filtered: listed, never chosen
+            table = pd.concat([table, pd.DataFrame({"candidate": missing, "images": "",
+                                                    "rank": 0})], ignore_index=True)
+        table.insert(0, "unit", unit)
+        table.insert(0, "layer", layer)
+        tables.append(table)
+        chosen = list(table[table["rank"] > 0].sort_values("rank").candidate[:n_labels])
+        labels.append({"Neuron ID": unit, **{f"Label {i + 1}": (chosen[i] if i < len(chosen)
+                                                              else "") for i in range(n_labels)}})
+    cols = ["layer", "unit", "rank", "candidate", "score", "mean", "topk_sq_mean",
+            "image_products", "topk_compare", "n_images", "images"]
+    cand = pd.concat(tables, ignore_index=True)[cols] if tables else pd.DataFrame(columns=cols)
+    return pd.DataFrame(labels), cand
