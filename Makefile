@@ -9,7 +9,7 @@ TORCH  ?= torch==2.14.1 torchvision==0.29.1
 CONFIG ?= offline
 RUN    ?=
 
-.PHONY: install demo test bench clean-data help
+.PHONY: install demo test bench clean-data help figures
 
 help:
 	@echo "make demo   - install, run the whole pipeline on configs/$(CONFIG).yaml, print the results folder"
@@ -37,6 +37,10 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_activations.py
 	$(PY) benchmarks/bench_similarity.py
 	$(PY) benchmarks/bench_dnd.py
+
+# Regenerate figures/ from a run folder: make figures RUN=data/runs/<id> (default: the newest run).
+figures: $(STAMP)
+	@$(PY) -m nd_utils figures $(or $(RUN),latest)
 
 clean-data:
 	rm -rf data/artifacts data/runs

@@ -28,6 +28,8 @@ from .jsonl_cache import JsonlCache
 from .label_plots import plot_evaluation, plot_neuron_labels
 from .language_models import (CachedLanguageModel, ReplayMissError, list_language_models,
                               load_language_model, load_template)
+from .explorer import ExplorerView, NeuronExplorer, list_runs
+from .figures import FiguresResult, write_figures
 from .report import write_report
 from .run_reader import RunView, open_run_folder
 from .probes import ProbeSet, list_probes, load_probe, load_probes
@@ -71,5 +73,6 @@ __all__ = [
     "propose_concepts", "rank_by", "score_candidates", "write_dnd_tables",
     "write_top_image_tables",
     # exploring runs
-    "RunView", "open_run_folder", "write_report",
+    "ExplorerView", "FiguresResult", "NeuronExplorer", "RunView", "list_runs", "open_run_folder",
+    "write_figures", "write_report",
 ]

@@ -1,6 +1,7 @@
 """Command line: `python -m nd_utils run CONFIG [--set key=value ...] [--stages 01,02] [--force]`.
 
 `python -m nd_utils report RUN [--out DIR]` writes a static HTML report of a run folder.
+`python -m nd_utils figures RUN [--out DIR]` regenerates figures/ (PNG, PDF, JSON) from a run.
 """
 from __future__ import annotations
 
@@ -24,6 +25,11 @@ def main(argv: "list[str] | None" = None) -> int:
     rep.add_argument("run", help="run folder path, or 'latest' (newest under data/runs)")
     rep.add_argument("--out", default=None, metavar="DIR",
                      help="report folder (default RUN/report)")
+    figs = sub.add_parser("figures", help="regenerate figures/ (PNG + PDF + JSON provenance) "
+                                          "from a run folder")
+    figs.add_argument("run", help="run folder path, or 'latest' (newest under data/runs)")
+    figs.add_argument("--out", default=None, metavar="DIR",
+                      help="figure folder (default: figures/ of the repository)")
     args = parser.parse_args(argv)
 
     from .runner import run_pipeline
@@ -32,6 +38,12 @@ def main(argv: "list[str] | None" = None) -> int:
         if args.command == "profiles":
             from .config import list_profiles
             print("\n".join(list_profiles()))
+            return 0
+        if args.command == "figures":
+            from .figures import write_figures
+            done = write_figures(args.run, args.out,
+                                 log=lambda *a: print(*a, file=sys.stderr, flush=True))
+            print(done.out)  # last line: the figure folder
             return 0
         if args.command == "report":
             from .report import write_report

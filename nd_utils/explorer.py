@@ -21,9 +21,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
+from .attention_crops import normalise_map
 from .errors import NdUtilsError
-from .figures import cached_top_images, readable_layers
+from .figures import blank, cached_top_images, readable_layers
 from .run_reader import RERUN, RunView, open_run_folder, runs_dir
 
 MAX_MATCHES = 200
@@ -31,16 +34,10 @@ MAP_NOTE = "spatial map not cached (neuron not in dnd.neurons)"
 _WORD = re.compile(r"[a-z0-9]+")
 
 
-def label_tokens(*texts) -> frozenset:
-    """Lower-case words of label texts (what the cheap Jaccard label similarity compares)."""
-    return frozenset(w for t in texts if isinstance(t, str) for w in _WORD.findall(t.lower()))
-
-
 def list_runs(base: "str | Path | None" = None) -> list[Path]:
     """Run folders (with a run.json) under `base` (default `runs_dir()`), newest first."""
     base = Path(base) if base else runs_dir()
-    found = [p.resolve() for p in base.glob("*") if (p / "run.json").is_file()] \
-        if base.is_dir() else []
+    found = [p.resolve() for p in base.glob("*") if (p / "run.json").is_file()]
     return sorted(found, key=lambda p: (p.name[:15], (p / "run.json").stat().st_mtime),
                   reverse=True)
 
@@ -61,6 +58,7 @@ class ExplorerView:
     candidates: list = field(default_factory=list)   # [(candidate, score, [image paths])]
     n_images: int = 0                                # top probe images drawn
     n_maps: int = 0                                  # of which with a spatial-map overlay
+    map_overlay: bool = False                        # n_maps > 0
     histogram: bool = False
     similar: list = field(default_factory=list)      # [(layer, unit, jaccard, label)]
     notes: list = field(default_factory=list)        # what is missing and how to get it
@@ -68,10 +66,6 @@ class ExplorerView:
     @property
     def labels(self) -> list[str]:
         return [x for x in [self.cd_label, *self.dnd_labels] if x]
-
-    @property
-    def map_overlay(self) -> bool:
-        return self.n_maps > 0
 
 
 @dataclass
@@ -116,11 +110,15 @@ class NeuronExplorer:
         self.widget = W.VBox([self.run_select, W.HBox([self.layer, self.unit, self.unit_box]),
                               W.HBox([self.search, self.matches]), self.header, self.image,
                               self.similar, self.notes_html])
+        self._controls = (self.layer, self.unit, self.unit_box, self.search, self.matches,
+                          self.similar)
         runs = list_runs()
-        self.run_select.options = [(p.name, str(p)) for p in runs]
-        self.run_select.observe(lambda c: self._guard(self.open, c.new), "value")
-        self.layer.observe(lambda c: self._guard(self._select_layer, c.new), "value")
-        self.unit.observe(lambda c: self._guard(self.redraw), "value")
+        with self._hold():  # listing runs selects the first: that must not open it yet
+            self.run_select.options = [(p.name, str(p)) for p in runs]
+        # while _busy (see _hold), control changes made by the explorer itself do not redraw
+        self.run_select.observe(lambda c: self._busy or self.open(c.new), "value")
+        self.layer.observe(lambda c: self._busy or self.jump(c.new, self.unit.value), "value")
+        self.unit.observe(lambda c: self._busy or self.redraw(), "value")
         self.search.observe(lambda c: self._find(c.new), "value")
         self.matches.observe(lambda c: c.new and self.jump(*c.new), "value")
         self.similar.observe(lambda c: c.new and self.jump(*c.new), "value")
@@ -133,10 +131,6 @@ class NeuronExplorer:
     def _repr_mimebundle_(self, **kwargs):
         return self.widget._repr_mimebundle_(**kwargs)
 
-    def _guard(self, fn, *args):
-        if not self._busy:
-            fn(*args)
-
     @contextlib.contextmanager
     def _hold(self):
         """Set several controls without each one triggering a redraw."""
@@ -146,30 +140,24 @@ class NeuronExplorer:
         finally:
             self._busy = busy
 
-    def _enable(self, on: bool) -> None:
-        for w in (self.layer, self.unit, self.unit_box, self.search, self.matches, self.similar):
-            w.disabled = not on
-
     def _fail(self, message: str) -> None:
         self.message = message
         self.view = ExplorerView(run=str(self.run.path) if self.run else "", notes=[message])
         self.header.value = f"<b style='color:#b00'>{html.escape(message)}</b>"
         self.notes_html.value, self.image.value, self.png = "", b"", b""
-        self._enable(False)
-
-    # ------------------------------------------------------------------ run, layer, neuron
+        for w in self._controls:
+            w.disabled = True
 
     def open(self, run) -> None:
         """Show another run folder (a path, 'latest' or a RunView); failures become a message."""
         try:
             view = open_run_folder(run)
             self._run_notes = readable_layers(view)  # a table of another version: skip its layer
-            self.run, self._layers = view, {}
-            self._index()  # reads every label table: an old or damaged one fails here
+            self.run, self._layers, self.message = view, {}, ""
+            self._index()  # every layer's labels, once per run
         except NdUtilsError as exc:
             self.run = None
             return self._fail(f"cannot open run {run}: {exc}")
-        self.message = ""
         with self._hold():
             if str(view.path) not in [v for _, v in self.run_select.options]:
                 self.run_select.options = [(view.name, str(view.path)), *self.run_select.options]
@@ -180,7 +168,8 @@ class NeuronExplorer:
         if not view.layers:
             return self._fail(f"run {view.name} names no layers (no target.layers in its config, "
                               f"no result tables): {RERUN}")
-        self._enable(True)
+        for w in self._controls:
+            w.disabled = False
         first = next((x for x in view.layers if view.dnd(x) is not None), view.layers[0])
         self.jump(first, min(self._layer(first).rows, default=0))
 
@@ -191,7 +180,8 @@ class NeuronExplorer:
             labels = [("CD", r.cd_label)] if isinstance(r.cd_label, str) and r.cd_label else []
             dnd = r.dnd_labels if isinstance(r.dnd_labels, list) else []
             labels += [("DnD", x) for x in dnd if x]
-            words = label_tokens(*(t for _, t in labels))
+            # lower-case words of both methods' labels: what the Jaccard similarity compares
+            words = frozenset(_WORD.findall(" ".join(t for _, t in labels).lower()))
             for w in words:
                 self._by_word.setdefault(w, []).append(len(self._entries))
             self._entries.append((r.layer, int(r.unit), labels, words))
@@ -203,7 +193,7 @@ class NeuronExplorer:
             return self._layers[layer]
         run, notes, chosen = self.run, list(self._run_notes), None
         acts = run.activations(layer)
-        group = lambda t: {} if t is None else {int(u): g for u, g in t.groupby("unit")}  # noqa: E731
+        group = lambda t: {int(u): g for u, g in t.groupby("unit")} if t is not None else {}  # noqa
         tops = group(run.top_probe_images(layer, self.k))
         cand = run.dnd_candidates(layer)
         if cand is not None:  # rank 0 = a candidate without usable images: list it last
@@ -213,9 +203,7 @@ class NeuronExplorer:
         rows = {int(r.unit): r for r in table[table["layer"] == layer].itertuples(index=False)}
         n = acts.n_neurons if acts is not None else max([*rows, *tops, -1]) + 1
         if acts is None:
-            why = run._cache.get(("activations_error", layer)) or run._cache.get(
-                "probe_error") or "not found"
-            notes.append(f"no activation cache for layer {layer} ({why.split(':')[0]}): no "
+            notes.append(f"no activation cache for layer {layer} in {run.cfg.data_dir}: no "
                          f"histogram; run notebook 01 with this run's config")
         elif layer in (run.cfg.get("dnd.layers") or []):
             from .top_images import choose_neurons
@@ -232,9 +220,6 @@ class NeuronExplorer:
                                      chosen)
         return self._layers[layer]
 
-    def _select_layer(self, layer: str) -> None:
-        self.jump(layer, min(self.unit.value, max(self._layer(layer).n_units - 1, 0)))
-
     def jump(self, layer: str, unit: int) -> None:
         """Show neuron `unit` of `layer` (what the search results and similar list call)."""
         if self.run is None or layer not in self.run.layers:
@@ -246,18 +231,15 @@ class NeuronExplorer:
             self.unit.value = min(max(int(unit), 0), self.unit.max)
         self.redraw()
 
-    # ------------------------------------------------------------------ search, similar
-
     def _find(self, text: str) -> None:
         q, found = text.strip().lower(), []
         for layer, unit, labels, _ in self._entries if q and self.run else []:
             hit = next(((m, t) for m, t in labels if q in t.lower()), None)
             if hit:
                 found.append((f"{layer}:{unit} · {hit[0]}: {hit[1]}", (layer, unit)))
-        head = "type to search labels" if not q else (
-            f"{len(found)} match{'es' if len(found) != 1 else ''}"
-            + (f" (first {MAX_MATCHES} listed)" if len(found) > MAX_MATCHES else "")
-            + (": choose one to jump" if found else ""))
+        more = (f" (first {MAX_MATCHES} listed)" if len(found) > MAX_MATCHES else "") + (
+            ": choose one to jump" if found else "")
+        head = f"{len(found)} matches{more}" if q else "type to search labels"
         # the placeholder comes first, so listing matches never jumps by itself
         self.matches.options = [(head, None), *found[:MAX_MATCHES]]
 
@@ -272,8 +254,6 @@ class NeuronExplorer:
         best = sorted(scores, key=lambda j: (-scores[j], j))[:self.n_similar]
         return [(self._entries[j][0], self._entries[j][1], round(scores[j], 3),
                  self._entries[j][2][0][1]) for j in best]
-
-    # ------------------------------------------------------------------ drawing
 
     def redraw(self) -> None:
         """Redraw the current neuron; a failure becomes a note instead of an exception."""
@@ -290,15 +270,13 @@ class NeuronExplorer:
             self.png = b""
         v.similar = self.closest(v.layer, v.unit)
         self.view, self.image.value = v, self.png
-        self.similar.options = [(f"{len(v.similar)} neurons with similar labels", None),
-                                *[(f"{a}:{b} · {s:.2f} · {t}", (a, b)) for a, b, s, t in v.similar]]
-        e = html.escape
-        cd = (f"CLIP-Dissect: <b>{e(v.cd_label)}</b> ({v.cd_score:.3f})" if v.cd_label
-              else "CLIP-Dissect: —")
-        dnd = (f"DnD: <b>{e(' | '.join(v.dnd_labels))}</b>" + (
-            f" ({v.dnd_score:.3f})" if v.dnd_score is not None else "")) if v.dnd_labels \
-            else "DnD: —"
-        self.header.value = f"<b>{e(v.layer)}:{v.unit}</b> of {v.n_units} &nbsp; {cd} &nbsp; {dnd}"
+        self.similar.options = [(f"{len(v.similar)} neurons with similar labels", None), *[
+            (f"{a}:{b} · {s:.2f} · {t}", (a, b)) for a, b, s, t in v.similar]]
+        e, dnd_score = html.escape, "" if v.dnd_score is None else f" ({v.dnd_score:.3f})"
+        cd = f"<b>{e(v.cd_label)}</b> ({v.cd_score:.3f})" if v.cd_label else "—"
+        dnd = f"<b>{e(' | '.join(v.dnd_labels))}</b>{dnd_score}" if v.dnd_labels else "—"
+        self.header.value = (f"<b>{e(v.layer)}:{v.unit}</b> of {v.n_units} &nbsp; "
+                             f"CLIP-Dissect: {cd} &nbsp; DnD: {dnd}")
         self.notes_html.value = "<ul style='color:#a60'>" + "".join(
             f"<li>{e(n)}</li>" for n in v.notes) + "</ul>" if v.notes else ""
         self.last_redraw_seconds = time.perf_counter() - t0
@@ -337,10 +315,8 @@ class NeuronExplorer:
                 im = self.run.load_image(path, image_id)
             except (OSError, ValueError):
                 return None
-            if square:  # spatial maps were computed on the image stretched to a square
-                im = im.resize((size, size))
-            else:
-                im.thumbnail((size, size))
+            im = im.resize((size, size)) if square else im  # maps cover the stretched square
+            im.thumbnail((size, size))
             if len(self._thumbs) > 800:
                 self._thumbs.clear()
             self._thumbs[key] = np.asarray(im)
@@ -348,11 +324,6 @@ class NeuronExplorer:
 
     def _draw(self, d: _Layer, v: ExplorerView) -> bytes:
         """The neuron's figure as PNG bytes; counts drawn images and map overlays in `v`."""
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-
-        from .attention_crops import normalise_map
-
         k, nc, unit = self.k, self.candidate_images, v.unit
         cols = max(k, nc + 1)
         heights = [1.0, 1.0] + [0.8] * len(v.candidates)
@@ -362,9 +333,7 @@ class NeuronExplorer:
         tops = d.tops.get(unit)
         maps = tops is not None and d.top is not None and unit in d.top.neurons
         if tops is None:
-            ax = fig.add_subplot(grid[0, :])
-            ax.text(0.5, 0.5, "no top images cached", ha="center", va="center", fontsize=9)
-            ax.set_axis_off()
+            blank(fig.add_subplot(grid[0, :]), "no top images cached")
         for c, r in enumerate(tops.head(k).itertuples() if tops is not None else []):
             ax = fig.add_subplot(grid[0, c])
             ax.set_axis_off()
@@ -376,25 +345,23 @@ class NeuronExplorer:
             ax.imshow(img)
             v.n_images += 1
             m = d.top.spatial_map(unit, int(r.image_id)) if maps else None
-            m = normalise_map(m) if m is not None else None
-            if m is not None:
-                h, w = img.shape[:2]
+            if m is not None and (m := normalise_map(m)) is not None:  # None: a constant map
                 ax.imshow(m.numpy(), cmap="jet", alpha=0.4, interpolation="bilinear",
-                          extent=(-0.5, w - 0.5, h - 0.5, -0.5))
+                          extent=(-0.5, img.shape[1] - 0.5, img.shape[0] - 0.5, -0.5))
                 v.n_maps += 1
+                v.map_overlay = True
         half = max(cols // 2, 1)
         ax = fig.add_subplot(grid[1, :half])
         if d.acts is not None and unit < d.n_units:
             values = d.acts.activations[:, unit].numpy()
             ax.hist(values, bins=30, color="#4c72b0")
-            for x in (tops.activation.head(k) if tops is not None else []):
-                ax.axvline(float(x), color="tab:red", lw=1)
+            ax.vlines(tops.activation.head(k) if tops is not None else [], 0, 1, color="tab:red",
+                      lw=1, transform=ax.get_xaxis_transform())
             ax.set_title(f"activation over {len(values)} probe images (top {k} red)", fontsize=8)
             ax.tick_params(labelsize=7)
             v.histogram = True
         else:
-            ax.text(0.5, 0.5, "no activation cache", ha="center", va="center", fontsize=8)
-            ax.set_axis_off()
+            blank(ax, "no activation cache")
         ax = fig.add_subplot(grid[1, half:])
         if v.concepts:
             names, scores = zip(*v.concepts)
@@ -407,8 +374,7 @@ class NeuronExplorer:
             ax.set_title("CLIP-Dissect top concepts (score)", fontsize=8)
             ax.tick_params(axis="x", labelsize=7)
         else:
-            ax.text(0.5, 0.5, "no CLIP-Dissect labels", ha="center", va="center", fontsize=8)
-            ax.set_axis_off()
+            blank(ax, "no CLIP-Dissect labels")
         for i, (name, score, paths) in enumerate(v.candidates):
             ax = fig.add_subplot(grid[2 + i, 0])
             ax.set_axis_off()

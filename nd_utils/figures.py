@@ -108,6 +108,12 @@ def _new(width: float, height: float) -> Figure:
     return fig
 
 
+def blank(ax, text: str) -> None:
+    """An axes that only says why it is empty."""
+    ax.text(0.5, 0.5, text, ha="center", va="center", fontsize=8)
+    ax.set_axis_off()
+
+
 def _num(s) -> pd.Series:
     return pd.to_numeric(pd.Series(s).replace("", np.nan), errors="coerce")
 
@@ -140,11 +146,13 @@ def _sidecar(run: RunView, name: str, stages: str, inputs: list[str], artifacts:
 
 
 def _pick_neurons(run: RunView, layer: str, n: int) -> list[int]:
-    """DnD's neurons first (both methods label them), then the best CLIP-Dissect scores."""
+    """DnD's neurons first (both methods label them), then the best CLIP-Dissect scores
+    among distinct labels."""
     table = run.neuron_table()
     t = table[table["layer"] == layer]
     dnd = [int(u) for u in t[t["dnd_labels"].apply(lambda x: isinstance(x, list))]["unit"]]
     rest = t[~t["unit"].isin(dnd)].sort_values("cd_score", ascending=False, na_position="last")
+    rest = rest.drop_duplicates("cd_label")  # distinct labels: more telling than 4 "vehicle"s
     return (dnd + [int(u) for u in rest["unit"]])[:n]
 
 
@@ -216,7 +224,8 @@ def neuron_cards(run: RunView, layer: str, n: int = 4, k: int = 5, n_crops: int 
                 va="center", family="monospace")
     fig.suptitle(f"Neuron cards, layer {layer}: top probe images"
                  + (", attention crops (orange)" if nc else "") + ", labels", fontsize=10)
-    return fig, inputs, "01 02 03 06", artifacts
+    fig.subplots_adjust(top=1 - 0.55 / fig.get_figheight())  # no gap under the title
+    return fig, inputs, "01 02 03 04 05 06", artifacts
 
 
 def _published_points(pub: "pd.DataFrame | None", fns: list[str]):
@@ -259,21 +268,28 @@ def similarity_functions(run: RunView):
         ax1.set_ylabel("% of neurons labelled with their class")
         ax1.set_title(f"{layer}, concept set = class names ({acc['concept_set'].iloc[0]})",
                       fontsize=9)
-        ax1.legend(fontsize=7)
+        ax1.set_ylim(0, 135)  # room for the legend above the bars and stars
+        ax1.legend(fontsize=7, loc="upper left")
     else:
-        ax1.text(0.5, 0.5, "no class-name concept set evaluated", ha="center")
-        ax1.set_axis_off()
-    y = np.arange(len(ev))
-    for col, off, color, lab in (("vlm_cos", 0.2, "#dd8452", "VLM text space"),
-                                 ("sentence_cos", -0.2, "#8172b3", "sentence space")):
-        if col in ev:
-            ax2.barh(y + off, ev[col], 0.4, label=lab, color=color)
-    for (lab, value), style in zip(cos_pub, ["--", ":", "-.", (0, (1, 3))] * 4):
-        ax2.axvline(value, color="grey", ls=style, lw=1, label=f"published {lab}")
-    ax2.set_yticks(y, [f"{r.concept_set}: {r.similarity}" for r in ev.itertuples()], fontsize=7)
-    ax2.invert_yaxis()
-    ax2.set_xlabel("mean cosine(label, class name)")
-    ax2.legend(fontsize=6, loc="lower right")
+        blank(ax1, "no class-name concept set evaluated")
+    y, cos = np.arange(len(ev)), [c for c in ("vlm_cos", "sentence_cos") if c in ev]
+    for col in cos:
+        ax2.barh(y + (0.2 if col == "vlm_cos" else -0.2), ev[col], 0.4,
+                 label="VLM text space" if col == "vlm_cos" else "sentence space",
+                 color="#dd8452" if col == "vlm_cos" else "#8172b3")
+    colors = {}  # one colour per source, dashed = VLM text space, dotted = sentence space
+    for lab, value in cos_pub if cos else []:
+        c = colors.setdefault(lab.split(":")[0], f"C{len(colors) + 2}")
+        ax2.axvline(value, color=c, ls="--" if "CLIP" in lab else ":", lw=1.2,
+                    label=f"published {lab}")
+    if cos:
+        ax2.set_yticks(y, [f"{r.concept_set}: {r.similarity}" for r in ev.itertuples()],
+                       fontsize=7)
+        ax2.invert_yaxis()
+        ax2.set_xlabel("mean cosine(label, class name)")
+        ax2.legend(fontsize=6, loc="lower right")
+    else:
+        blank(ax2, "no label cosines (vlm_cos, sentence_cos) in 07_evaluation.csv")
     fig.suptitle(f"Similarity functions on {layer}", fontsize=10)
     fig.tight_layout()
     inputs = ["07_evaluation.csv"] + (["07_published.csv"] if pub is not None else [])
@@ -299,17 +315,18 @@ def label_similarity(run: RunView):
         for layer, ax in zip(layers, line):
             s = data.get(layer)
             if s is None or not len(s):
-                ax.text(0.5, 0.5, f"no {title.split()[0]} labels", ha="center", va="center")
-                ax.set_axis_off()
+                blank(ax, f"no {title.split()[0]} labels")
                 continue
             ax.hist(s, bins=min(30, max(5, len(s) // 4)), color=color)
+            if len(s) < 30:  # a few neurons (DnD's): show each value, not only the bins
+                ax.plot(s, np.zeros(len(s)), "|", color="black", ms=14, clip_on=False)
             ax.axvline(s.median(), color="black", lw=1, ls="--")
             ax.set_title(f"{layer}: {title}\n{len(s)} neurons, median {s.median():.3f}",
                          fontsize=8)
             ax.tick_params(labelsize=7)
     fig.tight_layout()
     inputs = [f"02_clip_dissect_{x}.csv" for x in cd] + [f"06_dnd_candidates_{x}.csv" for x in dnd]
-    return fig, inputs, "02 06", {}
+    return fig, inputs, "02 03 04 05 06", {}
 
 
 def evaluation_table(run: RunView):
@@ -317,15 +334,17 @@ def evaluation_table(run: RunView):
     ev = run.evaluation()
     if ev is None or not len(ev):
         raise _Skip("no results/07_evaluation.csv: run notebook 07")
-    fmt = lambda v: str(v) if np.isnan(n := _num([v])[0]) else f"{n:.4g}"  # noqa: E731
+    fmt = lambda v: str(v) if np.isnan(n := _num([v])[0]) else (  # noqa: E731
+        str(int(n)) if n == int(n) else f"{n:.4g}")
     cells = [[fmt(v) for v in r] for r in ev.itertuples(index=False)]
-    fig = _new(min(2 + 1.5 * len(ev.columns), 16), 0.28 * (len(ev) + 1) + 0.6)
-    ax = fig.add_subplot()
+    chars = [max(len(str(c)), *(len(r[j]) for r in cells)) + 2 for j, c in enumerate(ev.columns)]
+    fig = _new(0.075 * sum(chars) + 0.2, 0.24 * (len(ev) + 1) + 0.5)  # sized to the text
+    ax = fig.add_axes((0, 0, 1, 1 - 0.4 / fig.get_figheight()))
     ax.set_axis_off()
-    tab = ax.table(cellText=cells, colLabels=list(ev.columns), loc="center", cellLoc="right")
+    tab = ax.table(cellText=cells, colLabels=list(ev.columns), cellLoc="right",
+                   colWidths=[c / sum(chars) for c in chars], bbox=(0, 0, 1, 1))
     tab.auto_set_font_size(False)
     tab.set_fontsize(8)
-    tab.auto_set_column_width(list(range(len(ev.columns))))
     ax.set_title(f"Final-layer evaluation ({run.name})", fontsize=10)
     return fig, ["07_evaluation.csv"], "07", {}
 

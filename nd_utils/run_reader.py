@@ -117,7 +117,8 @@ class RunView:
                 m = _LAYER_RE.match(p.name)
                 if m and m.group(1) not in found:
                     found.append(m.group(1))
-        configured = list(self.cfg.get("target.layers") or [])
+        configured = list(dict.fromkeys(list(self.cfg.get("target.layers") or [])
+                                        + list(self.cfg.get("dnd.layers") or [])))
         return configured + [x for x in found if x not in configured]
 
     def _table(self, kind: str, layer: "str | None" = None) -> "pd.DataFrame | None":
