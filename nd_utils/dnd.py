@@ -22,7 +22,10 @@ import pandas as pd
 import torch
 
 from .captioners import cache_captions, caption_key, load_captioner_from_config
-from .concept_generation import LayerConcepts, generate_concepts, language_model_from_config
+from .concept_generation import STAGE as CONCEPT_STAGE
+from .concept_generation import (LayerConcepts, concepts_key, generate_concepts,
+                                 language_model_from_config)
+from .clip_dissect import load_vlm_from_config
 from .config import Config
 from .runtime import resolve_device, seed_everything
 from .selection import STAGE as SELECT_STAGE
@@ -41,11 +44,8 @@ def dnd_top_images(cfg: Config, force: bool = False, progress: bool = True
                    ) -> dict[str, TopImages]:
     """Stage 03a for every DnD layer (see `build_top_images`)."""
     seed_everything(int(cfg["seed"]))
-    target = None
-    out = {}
-    for layer in dnd_layers(cfg):
-        out[layer] = build_top_images(cfg, layer, target=target, force=force, progress=progress)
-    return out
+    return {layer: build_top_images(cfg, layer, force=force, progress=progress)
+            for layer in dnd_layers(cfg)}
 
 
 def dnd_captions(cfg: Config, force: bool = False, progress: bool = True
@@ -62,13 +62,12 @@ def dnd_captions(cfg: Config, force: bool = False, progress: bool = True
 def dnd_concepts(cfg: Config, force: bool = False, progress: bool = True, lm=None
                  ) -> dict[str, LayerConcepts]:
     """Stage 04: candidate concepts per neuron, per layer."""
-    from .concept_generation import STAGE, concepts_key
-
     tops = dnd_top_images(cfg, progress=progress)
     caps = dnd_captions(cfg, progress=progress)
     store = ArtifactStore(cfg.data_dir)
     keys = {layer: caption_key(cfg, tops[layer]) for layer in tops}
-    if lm is None and (force or any(not store.exists(STAGE.name, concepts_key(cfg, layer, k))
+    if lm is None and (force or any(not store.exists(CONCEPT_STAGE.name,
+                                                      concepts_key(cfg, layer, k))
                                     for layer, k in keys.items())):
         lm = language_model_from_config(cfg)
     return {layer: generate_concepts(cfg, layer, caps[layer], keys[layer], lm=lm, force=force,
@@ -100,26 +99,22 @@ class LayerSelection:
 
 def dnd_selection(cfg: Config, force: bool = False, progress: bool = True, synth=None
                   ) -> dict[str, LayerSelection]:
-    """Stage 06: best-concept selection per layer (the target runs once per layer)."""
-    from .clip_dissect import load_vlm_from_config
-
+    """Stage 06: best-concept selection per layer (one target pass over all concept images)."""
     tops = dnd_top_images(cfg, progress=progress)
     concepts = dnd_concepts(cfg, progress=progress)
     store = ArtifactStore(cfg.data_dir)
-    target = vlm = None
+    t0 = time.time()
+    target = load_target(cfg["target.name"]).to(resolve_device(cfg.get("device", "auto")))
+    vlm = load_vlm_from_config(cfg)
+    synth = synth or load_synthesizer_from_config(cfg, vlm=vlm)
+    needed = [c for lc in concepts.values() for c in lc.candidates.candidate]
+    images, _ = concept_images(cfg, needed, synth, progress=progress)
+    usable = {c: ci for c, ci in images.items() if len(ci.usable)}
+    cacts = concept_activations(cfg, list(tops), usable, target, vlm, force=force,
+                                progress=progress)
     out = {}
     for layer, top in tops.items():
-        t0 = time.time()
         lc = concepts[layer]
-        needed = lc.candidates.candidate.tolist()
-        if target is None:
-            target = load_target(cfg["target.name"]).to(resolve_device(cfg.get("device", "auto")))
-            vlm = load_vlm_from_config(cfg)
-            synth = synth or load_synthesizer_from_config(cfg, vlm=vlm)
-        images, _ = concept_images(cfg, needed, synth, progress=progress)
-        usable = {c: ci for c, ci in images.items() if len(ci.usable)}
-        cacts = concept_activations(cfg, layer, usable, target, vlm, force=force,
-                                    progress=progress)
         upstream = {"03_top_images": top.key, "04_concepts": lc.key,
                     "06_concept_activations": cacts.key}
         params = {**cfg.select(SELECT_STAGE.reads), "layer": layer}
@@ -128,8 +123,7 @@ def dnd_selection(cfg: Config, force: bool = False, progress: bool = True, synth
         if force:
             store.remove(SELECT_STAGE.name, key)
         if not store.exists(SELECT_STAGE.name, key):
-            dtop = _dtop_features(top, vlm)
-            labels, cand = select_labels(cfg, layer, top, lc, cacts, dtop)
+            labels, cand = select_labels(cfg, layer, top, lc, cacts, _dtop_features(top, vlm))
             with store.writer(SELECT_STAGE.name, key, version=SELECT_STAGE.version,
                               params=params, upstream=upstream,
                               extra={"layer": layer, "n_neurons": len(top.neurons)},

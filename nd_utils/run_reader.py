@@ -110,16 +110,18 @@ class RunView:
 
     @cached_property
     def layers(self) -> list[str]:
-        """Configured layers, then any other layer a result table names, in that order."""
+        """`target.layers`, then DnD layers that have result tables, in that order."""
         found = []
         if self.results.is_dir():
             for p in sorted(self.results.glob("*.csv")):
                 m = _LAYER_RE.match(p.name)
                 if m and m.group(1) not in found:
                     found.append(m.group(1))
-        configured = list(dict.fromkeys(list(self.cfg.get("target.layers") or [])
-                                        + list(self.cfg.get("dnd.layers") or [])))
-        return configured + [x for x in found if x not in configured]
+        configured = list(self.cfg.get("target.layers") or [])
+        # The run's effective config names every layer it used; other names matching the
+        # pattern (e.g. a comparison table) are not layers.
+        known = set(configured) | set(self.cfg.get("dnd.layers") or [])
+        return configured + [x for x in found if x not in configured and x in known]
 
     def _table(self, kind: str, layer: "str | None" = None) -> "pd.DataFrame | None":
         key = (kind, layer)

@@ -1,6 +1,7 @@
 """Stage 06: best-concept selection (DnD step 3): score each candidate by its images' activations.
 
-The target runs once over all concept images of all neurons of a layer; each neuron then ranks
+The target runs once over all concept images of all neurons of all DnD layers (every layer hooked
+in the same forward pass); each neuron then ranks
 the images of its own candidates together by its pooled activation (rank 0 = highest) and scores
 candidate j from `H_j`, the ascending ranks of its images (METHODS.md section 3.3):
 
@@ -24,10 +25,12 @@ import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from .config import Config
 from .errors import NdUtilsError
+from .hooks import TraceLayers
 from .stages import STAGES
 from .store import ArtifactStore, atomic_write_text, save_tensors
 
@@ -39,7 +42,6 @@ SCORINGS = {"mean": False, "topk-sq-mean": False, "image-products": True, "topk-
 
 def candidate_ranks(activations: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """`H_j` per candidate: ascending global ranks of its images (rank 0 = highest activation)."""
-    names = [c for c in activations for _ in range(len(activations[c]))]
     values = np.concatenate([np.asarray(activations[c], dtype=np.float64) for c in activations]) \
         if activations else np.zeros(0)
     order = np.argsort(-values, kind="stable")
@@ -50,7 +52,6 @@ def candidate_ranks(activations: dict[str, np.ndarray]) -> dict[str, np.ndarray]
         n = len(activations[c])
         out[c] = np.sort(ranks[start:start + n])
         start += n
-    assert start == len(names)
     return out
 
 
@@ -90,11 +91,16 @@ def score_candidates(activations: dict[str, np.ndarray], beta: int = 5, zeta: in
     return table
 
 
-def rank_by(table: pd.DataFrame, scoring: str) -> pd.DataFrame:
-    """Order candidates best first by `scoring`; adds `score` and `rank` (1 = chosen label)."""
+def check_scoring(scoring: str) -> str:
     if scoring not in SCORINGS:
         raise NdUtilsError(f"selection.scoring {scoring!r} is unknown: use one of "
                            f"{', '.join(SCORINGS)}")
+    return scoring
+
+
+def rank_by(table: pd.DataFrame, scoring: str) -> pd.DataFrame:
+    """Order candidates best first by `scoring`; adds `score` and `rank` (1 = chosen label)."""
+    check_scoring(scoring)
     column = scoring.replace("-", "_")
     higher = SCORINGS[scoring]
     out = table.assign(score=table[column])
@@ -106,57 +112,61 @@ def rank_by(table: pd.DataFrame, scoring: str) -> pd.DataFrame:
 
 @dataclass
 class ConceptActivations:
-    """Pooled activations `[n_images, K]` and unit-norm VLM features `[n_images, D]` of every
-    usable concept image of a layer; `index` maps (concept, file) to the row."""
+    """Pooled activations `{layer: [n_images, K]}` and unit-norm VLM features `[n_images, D]`
+    of every usable concept image of the DnD layers; `index` maps (concept, file) to the row."""
 
-    activations: torch.Tensor
+    activations: dict
     features: torch.Tensor
     index: pd.DataFrame
     key: str
 
 
 @torch.no_grad()
-def concept_activations(cfg: Config, layer: str, images: dict, target, vlm,
+def concept_activations(cfg: Config, layers: list[str], images: dict, target, vlm,
                         force: bool = False, progress: bool = True) -> ConceptActivations:
-    """Run the target (and the VLM) once over all usable images of `images` {concept: ...}."""
-    from safetensors.torch import load_file
+    """Run the target (all `layers` hooked at once) and the VLM once over every usable image.
 
+    `images` is {concept: ConceptImages}; a concept shared by neurons of several layers is
+    decoded and embedded once.
+    """
     store = ArtifactStore(cfg.data_dir)
+    layers = list(layers)
     upstream = {"05_concept_images": sorted({ci.key for ci in images.values()})}
-    params = {**cfg.select(ACT_STAGE.reads), "layer": layer}
+    params = {**cfg.select(ACT_STAGE.reads), "layers": layers}
+    inputs = {"vlm": vlm.backend_id, "weights": target.weights_id}
     key = ArtifactStore.key(ACT_STAGE.name, ACT_STAGE.version, params, upstream=upstream,
-                            inputs={"vlm": vlm.backend_id, "weights": target.weights_id})
+                            inputs=inputs)
     if force:
         store.remove(ACT_STAGE.name, key)
     if not store.exists(ACT_STAGE.name, key):
-        from .hooks import TraceLayers
-
         rows = [{"concept": c, "file": str(p)} for c, ci in images.items() for p in ci.files()]
-        acts, feats = [], []
+        acts: dict[str, list] = {layer: [] for layer in layers}
+        feats = []
         bs = int(cfg["activations.batch_size"])
-        for start in tqdm(range(0, len(rows), bs), desc=f"{layer}: concept images",
+        for start in tqdm(range(0, len(rows), bs), desc="concept images",
                           disable=not progress):
             pil = [Image.open(r["file"]).convert("RGB") for r in rows[start:start + bs]]
             x = torch.stack([target.preprocess(im) for im in pil]).to(target.device)
-            with TraceLayers(target.model, [layer], pooling=cfg["target.pooling"]) as trace:
+            with TraceLayers(target.model, layers, pooling=cfg["target.pooling"]) as trace:
                 target.model(x)
-            acts.append(trace[layer].cpu())
+            for layer in layers:
+                acts[layer].append(trace[layer].cpu())
             v = torch.stack([vlm.preprocess(im) for im in pil]).to(vlm.device)
             feats.append(vlm.encode_images(v).float().cpu())
-        A = torch.cat(acts) if acts else torch.zeros(0, 0)
-        F_ = torch.cat(feats) if feats else torch.zeros(0, 0)
+        tensors = {f"activations.{layer}": (torch.cat(a) if a else torch.zeros(0, 0)).contiguous()
+                   for layer, a in acts.items()}
+        tensors["features"] = (torch.cat(feats) if feats else torch.zeros(0, 0)).contiguous()
         with store.writer(ACT_STAGE.name, key, version=ACT_STAGE.version, params=params,
-                          upstream=upstream, inputs={"vlm": vlm.backend_id,
-                                                     "weights": target.weights_id},
-                          extra={"n_images": len(rows)}, resume=False) as tmp:
-            save_tensors({"activations": A.contiguous(), "features": F_.contiguous()},
-                         tmp / "concept_activations.safetensors")
+                          upstream=upstream, inputs=inputs, extra={"n_images": len(rows)},
+                          resume=False) as tmp:
+            save_tensors(tensors, tmp / "concept_activations.safetensors")
             atomic_write_text(tmp / "index.csv", pd.DataFrame(
                 rows, columns=["concept", "file"]).to_csv(index=False))
     art = store.open(ACT_STAGE.name, key)
     t = load_file(str(art.file("concept_activations.safetensors")))
     index = pd.read_csv(art.file("index.csv"), keep_default_na=False)
-    return ConceptActivations(t["activations"], t["features"], index, key)
+    return ConceptActivations({layer: t[f"activations.{layer}"] for layer in layers},
+                              t["features"], index, key)
 
 
 def select_labels(cfg: Config, layer: str, top, concepts, cacts: ConceptActivations,
@@ -164,13 +174,13 @@ def select_labels(cfg: Config, layer: str, top, concepts, cacts: ConceptActivati
     """Stage 06 for one layer: (labels `Neuron ID, Label 1..n`, every candidate with scores)."""
     beta, zeta = int(cfg["selection.beta"]), int(cfg["selection.zeta"])
     scoring, n_labels = cfg["selection.scoring"], int(cfg["selection.labels"])
-    rank_by(pd.DataFrame(columns=["candidate", scoring.replace("-", "_")]), scoring)  # validate
+    check_scoring(scoring)
     rows_of = {c: torch.as_tensor(g.index.to_numpy().copy())
                for c, g in cacts.index.groupby("concept")}
     labels, tables = [], []
     for unit in top.neurons:
         cands = [c for c in concepts.for_unit(unit) if c in rows_of]
-        acts = {c: cacts.activations[rows_of[c], unit].numpy() for c in cands}
+        acts = {c: cacts.activations[layer][rows_of[c], unit].numpy() for c in cands}
         feats = {c: cacts.features[rows_of[c]] for c in cands}
         table = rank_by(score_candidates(acts, beta, zeta, dtop_features.get(unit), feats),
                         scoring)

@@ -55,7 +55,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
           reads=("synthesis.name", "synthesis.model", "synthesis.prompt",
                  "synthesis.images_per_concept", "synthesis.steps", "synthesis.scheduler",
                  "synthesis.guidance_scale", "synthesis.height", "synthesis.width", "seed")),
-    Stage("06_concept_activations", "06_selection.ipynb", version=1,
+    Stage("06_concept_activations", "06_selection.ipynb", version=2,
           reads=("target.name", "target.pooling"),
           upstream=("05_concept_images",)),
     Stage("06_selection", "06_selection.ipynb", version=1,

@@ -30,7 +30,10 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .activations import load_probe_from_config
+from .clip_dissect import image_feature_jobs_if_missing, load_image_features, load_vlm_from_config
 from .config import Config
+from .decode_once import run_decode_once
 from .errors import NdUtilsError, OfflineError, ProbeError, unknown_name
 from .probes import ProbeSet, load_probes
 from .runtime import resolve_device
@@ -127,8 +130,6 @@ def list_synthesizers() -> list[str]:
 
 def load_pool(cfg: Config) -> tuple[ProbeSet, str]:
     """The retrieval pool `synthesis.pool`; falls back to the probe set (with a warning)."""
-    from .activations import load_probe_from_config
-
     try:
         return load_probes(cfg["synthesis.pool"]), "synthesis.pool"
     except ProbeError as exc:
@@ -149,18 +150,12 @@ def load_synthesizer_from_config(cfg: Config, vlm=None):
                                     height=cfg["synthesis.height"], width=cfg["synthesis.width"],
                                     batch_size=cfg["synthesis.batch_size"])
     if name == "retrieve":
-        from .activations import cache_activations
-        from .clip_dissect import image_feature_jobs_if_missing, load_image_features, \
-            load_vlm_from_config
-
         pool, source = load_pool(cfg)
         pcfg = cfg.with_overrides({"probe.sets": cfg["synthesis.pool"] if source ==
                                    "synthesis.pool" else cfg["probe.sets"], "probe.limit": None})
         vlm = vlm or load_vlm_from_config(cfg)
         jobs = image_feature_jobs_if_missing(pcfg, pool, vlm)
-        if jobs:
-            from .decode_once import run_decode_once
-
+        if jobs:  # the pool's image features, computed once and shared with stage 07
             run_decode_once(pool, jobs, ArtifactStore(cfg.data_dir),
                             batch_size=int(cfg["vlm.batch_size"]),
                             chunk_size=int(cfg["activations.chunk_size"]), device=device)

@@ -45,13 +45,15 @@ def test_whole_chain_writes_reference_schema(small_cfg, tmp_path):
         cand = pd.read_csv(tmp_path / f"06_dnd_candidates_{layer}.csv", keep_default_na=False)
         assert {"mean", "topk_sq_mean", "image_products", "topk_compare", "images"} <= set(
             cand.columns)
-        # one target pass per layer covers every usable image of every distinct candidate
-        store = nd.ArtifactStore(cfg.data_dir)
-        acts = store.open("06_concept_activations",
-                          s.manifest["upstream"]["06_concept_activations"])
-        index = pd.read_csv(acts.file("index.csv"), keep_default_na=False)
-        assert set(index.concept) == set(cand[cand["rank"] > 0].candidate)
-        assert len(index) == cand.drop_duplicates("candidate").n_images.sum()
+    # one target pass covers every usable image of every distinct candidate of both layers
+    keys = {s.manifest["upstream"]["06_concept_activations"] for s in sel.values()}
+    assert len(keys) == 1
+    acts = nd.ArtifactStore(cfg.data_dir).open("06_concept_activations", keys.pop())
+    index = pd.read_csv(acts.file("index.csv"), keep_default_na=False)
+    ranked = pd.concat([s.candidates[s.candidates["rank"] > 0] for s in sel.values()])
+    assert set(index.concept) == set(ranked.candidate)
+    assert len(index) == ranked.drop_duplicates("candidate").n_images.sum()
+    assert acts.manifest["params"]["layers"] == ["head", "fc"]
 
 
 def test_rerun_reads_everything_from_the_cache(small_cfg, monkeypatch):

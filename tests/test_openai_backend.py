@@ -32,6 +32,13 @@ def error_body(message: str) -> dict:
     return {"error": {"message": message, "type": "test_error", "code": None}}
 
 
+class _QuietServer(ThreadingHTTPServer):
+    """A client that timed out closes its socket mid-answer; that is expected here, not news."""
+
+    def handle_error(self, request, client_address) -> None:
+        pass
+
+
 class FakeOpenAI:
     """Serves POST /v1/chat/completions from a queue of (status, body, headers) responses.
 
@@ -65,7 +72,7 @@ class FakeOpenAI:
             def log_message(self, *args) -> None:  # keep stderr clean for capsys checks
                 pass
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd = _QuietServer(("127.0.0.1", 0), Handler)
         self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
 
     def script(self, *responses) -> None:
