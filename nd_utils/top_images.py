@@ -37,8 +37,16 @@ STAGE = STAGES["03_top_images"]
 
 
 def choose_neurons(cfg: Config, layer: str, n_neurons: int) -> list[int]:
-    """The units of `layer` named by `dnd.neurons`: a count (the first N) or a list of ids."""
+    """The units of `layer` named by `dnd.neurons`.
+
+    A count (the first N units), a list of unit ids, or a mapping {layer: count or list}.
+    """
     spec = cfg["dnd.neurons"]
+    if isinstance(spec, dict):
+        if layer not in spec:
+            raise NdUtilsError(f"dnd.neurons names layers {sorted(spec)} but not {layer!r}: add "
+                               f"it, or give one count or list for every layer")
+        spec = spec[layer]
     if isinstance(spec, bool) or spec is None:
         raise NdUtilsError(f"dnd.neurons must be a count or a list of unit ids, got {spec!r}")
     ids = list(range(min(int(spec), n_neurons))) if isinstance(spec, int) else spec

@@ -109,6 +109,14 @@ def test_blank_and_nsfw_images_are_excluded(small_cfg):
     assert len(images["grey"].files()) == 1 and len(images["grey"].files(usable=False)) == 3
 
 
+def test_neurons_per_layer(small_cfg):
+    cfg = small_cfg.with_overrides({"dnd.neurons": {"head": 2, "fc": [7, 1, 7]}})
+    assert nd.choose_neurons(cfg, "head", 1280) == [0, 1]
+    assert nd.choose_neurons(cfg, "fc", 1000) == [1, 7]
+    with pytest.raises(NdUtilsError, match="not 'blocks.10'"):
+        nd.choose_neurons(cfg, "blocks.10", 112)
+
+
 def test_bad_neurons_and_missing_stage_01(small_cfg):
     with pytest.raises(NdUtilsError, match=r"outside layer 'fc'.*0\.\.999"):
         nd.build_top_images(small_cfg, "fc", neurons=[1000], progress=False)

@@ -28,7 +28,7 @@ def add_maps(run) -> list[int]:
     cfg = nd.load_config(run / "config.yaml")
     probe = load_probe_from_config(cfg)
     acts = nd.load_activations(cfg, "head", probe=probe)
-    neurons = list(range(min(int(cfg["dnd.neurons"]), acts.n_neurons)))
+    neurons = nd.choose_neurons(cfg, "head", acts.n_neurons)
     rows, maps = [], []
     for u in neurons:
         for i in acts.top_ids[u].tolist():
