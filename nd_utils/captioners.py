@@ -20,7 +20,6 @@ Example:
 """
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import pandas as pd
@@ -33,7 +32,7 @@ from .jsonl_cache import JsonlCache
 from .runtime import resolve_device
 from .stages import STAGES
 from .store import ArtifactStore, atomic_write_text
-from .targets import load_target
+from .targets import _state_dict_hash, load_target
 from .top_images import TopImages, image_sha256
 
 STAGE = STAGES["03_captions"]
@@ -110,7 +109,7 @@ class BlipCaptioner(Captioner):
                 f"(configs/offline.yaml), or set captioner.model to a downloaded copy") from err
         self.model.eval().to(self.device)
         self.max_new_tokens, self.num_beams, self.prompt = int(max_new_tokens), int(num_beams), prompt
-        self.backend_id = (f"blip:{checkpoint or model}:{_weights_digest(self.model)}:"
+        self.backend_id = (f"blip:{checkpoint or model}:{_state_dict_hash(self.model)}:"
                            f"tokens={self.max_new_tokens}:beams={self.num_beams}:prompt={prompt}")
 
     @torch.no_grad()
@@ -123,17 +122,6 @@ class BlipCaptioner(Captioner):
         out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens,
                                   num_beams=self.num_beams, do_sample=False)
         return [t.strip() for t in self.processor.batch_decode(out, skip_special_tokens=True)]
-
-
-def _weights_digest(model: torch.nn.Module, n: int = 4) -> str:
-    """A cheap fingerprint of a model's weights (first values of a few tensors), for cache keys."""
-    h = hashlib.sha256()
-    for i, (name, t) in enumerate(model.state_dict().items()):
-        if i >= n:
-            break
-        h.update(name.encode())
-        h.update(t.detach().float().flatten()[:64].cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 CAPTIONERS = {"blip": BlipCaptioner, "classifier": ClassifierCaptioner}

@@ -48,10 +48,10 @@ def dnd_top_images(cfg: Config, force: bool = False, progress: bool = True
             for layer in dnd_layers(cfg)}
 
 
-def dnd_captions(cfg: Config, force: bool = False, progress: bool = True
-                 ) -> dict[str, pd.DataFrame]:
+def dnd_captions(cfg: Config, force: bool = False, progress: bool = True,
+                 tops: "dict[str, TopImages] | None" = None) -> dict[str, pd.DataFrame]:
     """Stage 03b: captions of every D_top item, per layer (the captioner loads only if needed)."""
-    tops = dnd_top_images(cfg, progress=progress)
+    tops = tops or dnd_top_images(cfg, progress=progress)
     store = ArtifactStore(cfg.data_dir)
     todo = force or any(not store.exists("03_captions", caption_key(cfg, t))
                         for t in tops.values())
@@ -59,11 +59,11 @@ def dnd_captions(cfg: Config, force: bool = False, progress: bool = True
     return {layer: cache_captions(cfg, top, captioner, force=force) for layer, top in tops.items()}
 
 
-def dnd_concepts(cfg: Config, force: bool = False, progress: bool = True, lm=None
-                 ) -> dict[str, LayerConcepts]:
+def dnd_concepts(cfg: Config, force: bool = False, progress: bool = True, lm=None,
+                 tops: "dict[str, TopImages] | None" = None) -> dict[str, LayerConcepts]:
     """Stage 04: candidate concepts per neuron, per layer."""
-    tops = dnd_top_images(cfg, progress=progress)
-    caps = dnd_captions(cfg, progress=progress)
+    tops = tops or dnd_top_images(cfg, progress=progress)
+    caps = dnd_captions(cfg, progress=progress, tops=tops)
     store = ArtifactStore(cfg.data_dir)
     keys = {layer: caption_key(cfg, tops[layer]) for layer in tops}
     if lm is None and (force or any(not store.exists(CONCEPT_STAGE.name,
@@ -101,7 +101,7 @@ def dnd_selection(cfg: Config, force: bool = False, progress: bool = True, synth
                   ) -> dict[str, LayerSelection]:
     """Stage 06: best-concept selection per layer (one target pass over all concept images)."""
     tops = dnd_top_images(cfg, progress=progress)
-    concepts = dnd_concepts(cfg, progress=progress)
+    concepts = dnd_concepts(cfg, progress=progress, tops=tops)
     store = ArtifactStore(cfg.data_dir)
     t0 = time.time()
     target = load_target(cfg["target.name"]).to(resolve_device(cfg.get("device", "auto")))
