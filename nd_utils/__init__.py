@@ -20,8 +20,8 @@ from .decode_once import CacheJob, run_decode_once
 from .dnd import (dnd_captions, dnd_concepts, dnd_layers, dnd_selection, dnd_synthesis,
                   dnd_top_images, write_dnd_tables, write_top_image_tables)
 from .dnd_plots import plot_crop_boxes, plot_dnd_neuron, plot_top_items
-from .errors import (ConfigError, MissingArtifactError, NdUtilsError, OfflineError, ProbeError,
-                     UnknownNameError)
+from .errors import (ConfigError, DamagedArtifactError, MissingArtifactError, NdUtilsError,
+                     OfflineError, ProbeError, UnknownNameError)
 from .evaluation import evaluate_final_layer, evaluation_config, published_table
 from .hooks import TraceLayers, count_hooks, pool
 from .jsonl_cache import JsonlCache
@@ -48,6 +48,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Artifact", "ArtifactStore", "CacheJob", "ConceptSet", "Config", "ConfigError",
+    "DamagedArtifactError",
     "LayerActivations", "MissingArtifactError", "NdUtilsError", "OfflineError", "ProbeError",
     "ProbeSet", "Run", "SIMILARITY_FUNCTIONS", "STAGES", "StageFailed", "Target",
     "TargetConsumer", "TraceLayers", "UnknownNameError", "VisionLanguageModel",

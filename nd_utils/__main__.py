@@ -55,6 +55,10 @@ def main(argv: "list[str] | None" = None) -> int:
     except NdUtilsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # run.json already says "interrupted"; caches resume next time
+        print("interrupted: rerun the same command to resume from the cached stages",
+              file=sys.stderr)
+        return 130
     print(f"run folder: {result.path}", file=sys.stderr)
     print(result.results)  # last line: the results folder (make demo relies on it)
     return 0

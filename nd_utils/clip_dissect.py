@@ -28,7 +28,7 @@ from .errors import ConfigError
 from .decode_once import CacheJob
 from .probes import ProbeSet
 from .runtime import resolve_device
-from .similarity import get_similarity
+from .similarity import get_similarity, top_concepts
 from .stages import STAGES
 from .store import ArtifactStore, atomic_write_text, save_tensors
 from .vlm import VisionLanguageModel, load_vlm
@@ -79,10 +79,13 @@ def text_feature_key(cfg: Config, concepts: ConceptSet) -> str:
 
 
 def cache_text_features(cfg: Config, concepts: ConceptSet,
-                        vlm: "VisionLanguageModel | None" = None) -> torch.Tensor:
+                        vlm: "VisionLanguageModel | None" = None, force: bool = False
+                        ) -> torch.Tensor:
     """Text features `[M, D]` of the concepts, computed once per (backend, concepts, template)."""
     store = ArtifactStore(cfg.data_dir)
     key = text_feature_key(cfg, concepts)
+    if force:
+        store.remove(TEXT_STAGE.name, key)
     if not store.exists(TEXT_STAGE.name, key):
         vlm = vlm or load_vlm_from_config(cfg)
         feats = vlm.encode_texts(list(concepts), template=cfg["clip_dissect.template"])
@@ -99,9 +102,10 @@ def cache_text_features(cfg: Config, concepts: ConceptSet,
 
 
 def concept_similarity(cfg: Config, probe: ProbeSet, concepts: ConceptSet,
-                       vlm: "VisionLanguageModel | None" = None) -> torch.Tensor:
+                       vlm: "VisionLanguageModel | None" = None, force: bool = False
+                       ) -> torch.Tensor:
     """`P = I @ T.T`, the `[N, M]` image-concept cosine similarities."""
-    return load_image_features(cfg, probe) @ cache_text_features(cfg, concepts, vlm).T
+    return load_image_features(cfg, probe) @ cache_text_features(cfg, concepts, vlm, force).T
 
 
 def _label_upstream(cfg: Config, layer: str, probe: ProbeSet, concepts: ConceptSet,
@@ -124,8 +128,9 @@ def dissect_layer(cfg: Config, layer: str, probe: "ProbeSet | None" = None,
     """Label every neuron of `layer`: one row per unit with its top concepts and scores.
 
     Columns: `layer, unit, description, similarity` (the reference's schema) then
-    `concept_1, score_1, ...` for the `STORED_TOP` best concepts, best first. `target` is
-    needed only for a target outside the registry (a user module).
+    `concept_1, score_1, ...` for the `STORED_TOP` best concepts, best first (fewer when the
+    concept set is smaller: `concept_1..M`). `target` is needed only for a target outside the
+    registry (a user module).
     """
     probe = probe or load_probe_from_config(cfg)
     concepts = concepts or load_concepts_from_config(cfg)
@@ -137,7 +142,7 @@ def dissect_layer(cfg: Config, layer: str, probe: "ProbeSet | None" = None,
         store.remove(LABEL_STAGE.name, key)
     if not store.exists(LABEL_STAGE.name, key):
         acts = load_activations(cfg, layer, probe=probe, target=target)
-        P = concept_similarity(cfg, probe, concepts, vlm)
+        P = concept_similarity(cfg, probe, concepts, vlm, force=force)
         fn = get_similarity(cfg["clip_dissect.similarity"])
         sim = fn(P, acts.activations, **similarity_hyperparameters(cfg, fn), layer=layer)
         table = label_table(sim, concepts, layer)
@@ -149,7 +154,11 @@ def dissect_layer(cfg: Config, layer: str, probe: "ProbeSet | None" = None,
                           resume=False) as tmp:
             atomic_write_text(tmp / "labels.csv", table.to_csv(index=False))
     art = store.open(LABEL_STAGE.name, key)
-    return pd.read_csv(art.file("labels.csv"), keep_default_na=False)
+    table = pd.read_csv(art.file("labels.csv"), keep_default_na=False)  # "nan", "null" are words
+    for col in table.columns:  # scores stay numeric even where one is NaN (written as "")
+        if col == "similarity" or col.startswith("score_"):
+            table[col] = pd.to_numeric(table[col], errors="coerce")
+    return table
 
 
 def similarity_hyperparameters(cfg: Config, fn) -> dict:
@@ -169,9 +178,13 @@ def similarity_hyperparameters(cfg: Config, fn) -> dict:
 
 def label_table(sim: torch.Tensor, concepts: ConceptSet, layer: str,
                 top: int = STORED_TOP) -> pd.DataFrame:
-    """Turn `sim [K, M]` into the label table (best concept first, ties broken by index)."""
-    top = min(top, sim.shape[1])
-    scores, idx = torch.topk(sim.float(), top, dim=1)
+    """Turn `sim [K, M]` into the label table: `concept_j, score_j` for j = 1..min(top, M).
+
+    Best concept first, ties broken by index, NaN ranked last (never a label while any
+    concept has a number; `similarity.top_concepts`).
+    """
+    scores, idx = top_concepts(sim, top)
+    top = idx.shape[1]
     rows = {"layer": [layer] * sim.shape[0], "unit": list(range(sim.shape[0])),
             "description": [concepts[int(i)] for i in idx[:, 0]],
             "similarity": scores[:, 0].tolist()}
@@ -183,10 +196,14 @@ def label_table(sim: torch.Tensor, concepts: ConceptSet, layer: str,
 
 def write_label_tables(cfg: Config, results: "str | Path", tables: "dict[str, pd.DataFrame]"
                        ) -> dict[str, Path]:
-    """Write `02_clip_dissect_<layer>.csv` per layer (top `clip_dissect.top_n` concepts)."""
-    n = int(cfg["clip_dissect.top_n"])
+    """Write `02_clip_dissect_<layer>.csv` per layer (top `clip_dissect.top_n` concepts).
+
+    A concept set smaller than `top_n` gives as many `concept_j, score_j` pairs as it has
+    concepts (a 3-concept set: concept_1..3); readers count the columns.
+    """
     out = {}
     for layer, table in tables.items():
+        n = min(int(cfg["clip_dissect.top_n"]), n_concept_columns(table))
         keep = ["layer", "unit", "description", "similarity"]
         keep += [c for j in range(1, n + 1) for c in (f"concept_{j}", f"score_{j}")]
         path = Path(results) / f"02_clip_dissect_{layer}.csv"
@@ -195,13 +212,24 @@ def write_label_tables(cfg: Config, results: "str | Path", tables: "dict[str, pd
     return out
 
 
+def n_concept_columns(table: pd.DataFrame) -> int:
+    """How many `concept_j, score_j` pairs (j = 1, 2, ...) a label table holds, in order."""
+    n = 0
+    while f"concept_{n + 1}" in table.columns and f"score_{n + 1}" in table.columns:
+        n += 1
+    return n
+
+
 def image_feature_jobs_if_missing(cfg: Config, probe: ProbeSet,
-                                  vlm: "VisionLanguageModel | None" = None) -> list[CacheJob]:
-    """`[image_feature_job]` when the probe's image features are not cached yet, else `[]`.
+                                  vlm: "VisionLanguageModel | None" = None,
+                                  force: bool = False) -> list[CacheJob]:
+    """`[image_feature_job]` when the probe's image features are not cached yet (or `force`).
 
     Lets notebook 01 add the vision-language encoder to its decode-once pass without loading
-    the model when its output already exists.
+    the model when its output already exists; `cache_activations(..., force=True)` then
+    recomputes the job it is given.
     """
-    if ArtifactStore(cfg.data_dir).exists(IMAGE_STAGE.name, image_feature_key(cfg, probe)):
+    if not force and ArtifactStore(cfg.data_dir).exists(IMAGE_STAGE.name,
+                                                        image_feature_key(cfg, probe)):
         return []
     return [image_feature_job(cfg, vlm or load_vlm_from_config(cfg), probe)]

@@ -2,10 +2,20 @@
 
 Per neuron (METHODS.md section 3.2): the language model simplifies each caption, then summarises
 the list of simplified captions into one 1-5 word concept, `llm.summaries` times with the list
-shuffled between calls by a seeded generator. Text before a ':' is dropped. An answer with commas,
-an empty one, or a garbled one (no letters, over 12 words or 120 characters) is asked again once
-with the re-ask template; if that fails too it is recorded as failed, with the raw text, and the
-run goes on. The surviving answers are cleaned (`clean_candidates`) into the candidates.
+shuffled between calls by a seeded generator. What happens to each answer depends on
+`llm.guards`:
+
+* `reference` (the released code, `DnD_models.GPT_model_single`): with a ':' the text between the
+  first and the second ':' is kept; an answer with commas is asked again once with the re-ask
+  template and the second answer is kept, whatever it is (an empty one is recorded as failed:
+  the released code would fail on it). Simplifications are used as answered (on one line).
+* `strict`: the answer's first line, without list markers, preambles or quotes, after the last
+  ':'; an answer with commas, an empty one, a garbled one (no letters, over 12 words or 120
+  characters) or one that repeats a line of the prompt's worked examples is asked again once; if
+  that fails too it is recorded as failed, with the raw text, and dropped. A simplification that
+  shares no content word with its caption (a hallucination) is replaced by the caption.
+
+The kept answers are cleaned (`clean_candidates`) into the candidates.
 
 Identical prompts hit the answer cache, so a caption shared by several neurons is simplified once.
 
@@ -26,6 +36,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from .config import Config
+from .errors import NdUtilsError
 from .language_models import (CachedLanguageModel, content_words, load_language_model,
                               load_template)
 from .runtime import resolve_device
@@ -35,6 +46,7 @@ from .store import ArtifactStore, atomic_write_text, canonical_json
 STAGE = STAGES["04_concepts"]
 MAX_WORDS, MAX_CHARS = 12, 120
 BACKGROUND_WORDS = {"design", "designs", "graphic", "graphics"}
+GUARDS = ("reference", "strict")
 
 
 def parse_answer(raw: str) -> str:
@@ -48,6 +60,17 @@ def parse_answer(raw: str) -> str:
                   text, flags=re.IGNORECASE)
     text = text.strip().strip("\"'`*").strip()
     return re.sub(r"\s+", " ", text).rstrip(".").strip().strip("\"'`")
+
+
+def parse_answer_reference(raw: str) -> str:
+    """The released code's parse: with a ':', the text between the first and second ':'.
+
+    Only surrounding whitespace is removed (the released code keeps it).
+    """
+    text = str(raw)
+    if ":" in text:
+        text = text.split(":")[1]
+    return text.strip()
 
 
 def answer_problem(concept: str, copied: "set[str] | frozenset" = frozenset()) -> "str | None":
@@ -69,16 +92,32 @@ def answer_problem(concept: str, copied: "set[str] | frozenset" = frozenset()) -
 
 
 def clean_concept(concept: str) -> str:
-    """The published cleaning of one candidate: lower-case, no trailing '.', background rule."""
-    c = re.sub(r"\s+", " ", concept).strip().lower().rstrip(".").strip()
-    if c and c.split()[-1] in BACKGROUND_WORDS:
-        c = f"{c} background"
-    return c
+    """One candidate as published: lower-case, no trailing '.' (whitespace tidied).
+
+    Idempotent: a cleaned candidate cleans to itself. (The released code removes one '.'.)
+    """
+    return re.sub(r"\s+", " ", str(concept)).strip().lower().rstrip(".").rstrip()
 
 
 def clean_candidates(concepts: list[str]) -> list[str]:
-    """Clean and de-duplicate candidates, first occurrence first; empty ones are dropped."""
-    return [c for c in dict.fromkeys(clean_concept(x) for x in concepts) if c]
+    """The published cleaning of a neuron's answers (the released `describe_neurons.py`).
+
+    Each answer is cleaned (`clean_concept`); one whose last word is design, designs, graphic or
+    graphics also gets "<answer> background" (added right after it, the answer itself is kept);
+    then duplicates go, first occurrence first. Empty answers are dropped (the released code
+    fails on them). The released code de-duplicates through a set (an order that changes with
+    Python's hash seed) and tests the last word before removing the '.', so "floral design."
+    gets no background variant there; here it does, as METHODS.md orders the steps.
+    """
+    out = []
+    for raw in concepts:
+        c = clean_concept(raw)
+        if not c:
+            continue
+        out.append(c)
+        if c.split()[-1] in BACKGROUND_WORDS:
+            out.append(f"{c} background")
+    return list(dict.fromkeys(out))
 
 
 def example_lines(template) -> frozenset:
@@ -104,19 +143,37 @@ class NeuronConcepts:
 
 
 def propose_concepts(captions: list[str], lm: CachedLanguageModel, seed: int, unit: int,
-                     summaries: int = 5, prompts: str = "v1") -> NeuronConcepts:
-    """Simplify the captions, summarise them `summaries` times (seeded shuffles), clean."""
+                     summaries: int = 5, prompts: str = "v1",
+                     guards: str = "strict") -> NeuronConcepts:
+    """Simplify the captions, summarise them `summaries` times (seeded shuffles), clean.
+
+    `guards`: `reference` or `strict` (see the module docstring).
+    """
+    if guards not in GUARDS:
+        raise NdUtilsError(f"llm.guards must be one of {', '.join(GUARDS)}, got {guards!r}")
+    strict = guards == "strict"
+    parse = parse_answer if strict else parse_answer_reference
     simplify, summarize, reask = (load_template(f"{n}.{prompts}")
                                   for n in ("simplify", "summarize", "reask"))
     simplified = []
     for c in captions:
-        s = parse_answer(lm.ask(simplify, {"caption": c}, seed=seed))
+        raw = lm.ask(simplify, {"caption": c}, seed=seed)
+        if not strict:  # as answered, on one line (the descriptions are a one-per-line list)
+            simplified.append(" ".join(str(raw).split()))
+            continue
+        s = parse_answer(raw)
         # A simplification that shares no content word with its caption is a hallucination
         # (small models do this); the caption itself is then the better description.
         usable = answer_problem(s) in (None, "commas") and set(content_words(s)) & set(
             content_words(c))
         simplified.append(s if usable else c)
     copied = example_lines(summarize)
+
+    def problem_of(concept: str) -> "str | None":
+        if strict:
+            return answer_problem(concept, copied)
+        return "commas" if "," in concept else None
+
     rng = random.Random(f"{seed}:{unit}")
     answers, order = [], list(simplified)
     for t in range(int(summaries)):
@@ -124,14 +181,17 @@ def propose_concepts(captions: list[str], lm: CachedLanguageModel, seed: int, un
             rng.shuffle(order)
         descriptions = "\n".join(f"- {d}" for d in order)
         raw = lm.ask(summarize, {"descriptions": descriptions}, seed=seed + t)
-        concept, reasked = parse_answer(raw), False
-        problem = answer_problem(concept, copied)
+        concept, reasked = parse(raw), False
+        problem = problem_of(concept)
         if problem:
             reasked = True
             raw2 = lm.ask(reask, {"answer": raw.strip()[:200], "descriptions": descriptions},
                           seed=seed + t)
-            concept, raw = parse_answer(raw2), f"{raw}\n--- re-asked ---\n{raw2}"
-            problem = answer_problem(concept, copied)
+            concept, raw = parse(raw2), f"{raw}\n--- re-asked ---\n{raw2}"
+            # reference: the second answer is kept, whatever it is
+            problem = problem_of(concept) if strict else None
+        if not strict and not clean_concept(concept):
+            problem = "empty"  # nothing to keep (the released code fails on an empty answer)
         answers.append({"unit": unit, "call": t, "raw": raw, "concept": concept if not problem
                         else "", "status": "failed: " + problem if problem else "ok",
                         "reasked": reasked})
@@ -182,7 +242,8 @@ def generate_concepts(cfg: Config, layer: str, captions: pd.DataFrame, captions_
         for unit in tqdm(units, desc=f"{layer}: concepts", disable=not progress):
             caps = list(captions[captions.unit == unit].sort_values("rank").caption)
             res = propose_concepts(caps, lm, seed=int(cfg["seed"]), unit=int(unit),
-                                   summaries=int(cfg["llm.summaries"]), prompts=cfg["llm.prompts"])
+                                   summaries=int(cfg["llm.summaries"]), prompts=cfg["llm.prompts"],
+                                   guards=cfg["llm.guards"])
             votes = [clean_concept(a["concept"]) for a in res.answers if a["status"] == "ok"]
             rows += [{"layer": layer, "unit": int(unit), "candidate": c, "votes": votes.count(c)}
                      for c in res.candidates]

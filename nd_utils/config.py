@@ -3,6 +3,8 @@
 A profile is a complete nested mapping (`configs/offline.yaml`, `configs/paper.yaml`). Overrides
 use dotted keys (`target.layers=[layer4]`, `probe.sets.0.path=/data/val`) and may only set keys
 that exist in the profile, so a typo is an error rather than a silently ignored setting.
+`load_config` then checks the type, range or choices of every value (`nd_utils.config_schema`):
+a bad value fails at once, with one ConfigError naming each key, its value and what is expected.
 
 Example:
     >>> cfg = load_config("offline", ["target.layers=[head]"])
@@ -14,11 +16,13 @@ from __future__ import annotations
 import copy
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import yaml
 
+from .config_schema import validate_config
 from .errors import ConfigError, closest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -206,8 +210,7 @@ def load_config(
                 f"config {text!r} not found: give a profile name ({', '.join(list_profiles())}) "
                 f"or the path of a YAML file."
             )
-        with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh)
+        data = _read_yaml(path)
         if not isinstance(data, Mapping):
             raise ConfigError(f"{path} does not hold a YAML mapping of settings")
         cfg = Config(data, str(path))
@@ -220,5 +223,53 @@ def load_config(
     for required in ("profile", "data_dir", "target.name", "probe.sets"):
         if required not in cfg:
             raise ConfigError(f"{cfg.source} lacks the required key {required!r}")
+    validate_config(cfg._data, cfg.source)
     cfg.set("data_dir", str(cfg.data_dir))
     return cfg
+
+
+def _read_yaml(path: Path) -> Any:
+    """Parse a YAML file; syntax errors become a ConfigError naming the file, line and column."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return yaml.safe_load(fh)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark else str(path)
+        problem = ": ".join(str(p) for p in (getattr(exc, "context", None),
+                                             getattr(exc, "problem", None)) if p) or str(exc)
+        raise ConfigError(f"{where}: invalid YAML: {problem}. Fix the file there (indentation, "
+                          f"a ':' after each key, matching quotes and brackets).") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}): save "
+                          f"it as UTF-8") from None
+
+
+def check_data_dir(cfg_or_path: "Config | str | Path") -> Path:
+    """Check that the artifact store can be written: a folder, created when absent.
+
+    Returns the absolute folder; raises ConfigError naming the path and the fix when it is a
+    file or cannot be created or written. `load_config` does not call it (reading a read-only
+    store is legitimate): call it before writing to the store.
+
+    Example:
+        >>> check_data_dir(load_config("offline")).is_dir()       # doctest: +SKIP
+        True
+    """
+    if isinstance(cfg_or_path, Config):
+        path = cfg_or_path.data_dir
+    else:
+        path = Path(str(cfg_or_path)).expanduser()
+        path = path if path.is_absolute() else (REPO_ROOT / path).resolve()
+    fix = ("set a writable folder with --set data_dir=/some/writable/folder or the ND_DATA_DIR "
+           "environment variable")
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"data_dir {str(path)!r} exists but is not a directory: {fix}")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".nd-write-check-"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"data_dir {str(path)!r} is not writable ({exc.strerror or exc}): "
+                          f"{fix}") from None
+    return path

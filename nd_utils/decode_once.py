@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from .locks import wait_until_free
 from .store import Artifact, ArtifactStore, atomic_write_text, save_tensors
 
 
@@ -71,7 +72,10 @@ def _chunk_file(staging: Path, chunk: int) -> Path:
 
 
 def _prepare_staging(store: ArtifactStore, job: CacheJob, n: int, chunk_size: int) -> Path:
-    """Staging folder of a job, emptied when it belongs to another chunking or image count."""
+    """Staging folder of a job, emptied when it belongs to another chunking or image count.
+
+    Called only while holding the job's key lock, so no other writer uses the folder.
+    """
     staging = store.staging_path(job.stage, job.key)
     plan = {"n_images": n, "chunk_size": chunk_size, "key": job.key}
     plan_file = staging / "plan.json"
@@ -91,19 +95,62 @@ def _prepare_staging(store: ArtifactStore, job: CacheJob, n: int, chunk_size: in
 def run_decode_once(probe, jobs: list[CacheJob], store: ArtifactStore, *, batch_size: int = 32,
                     chunk_size: int = 256, num_workers: int = 0,
                     device: "torch.device | str" = "cpu", progress: bool = True,
-                    stop_after_chunks: "int | None" = None) -> dict[tuple[str, str], Artifact]:
+                    stop_after_chunks: "int | None" = None,
+                    log: "Callable[[str], None] | None" = None) -> dict[tuple[str, str], Artifact]:
     """Compute every job's `[N, K]` output over `probe` in one decode-once pass and publish it.
 
-    Jobs already in the store are skipped. `stop_after_chunks` interrupts the pass after that
-    many chunks (tests use it to simulate a killed run). Returns {(stage, key): Artifact}.
+    Jobs already in the store are skipped. A job whose key another process is computing (its
+    lock is held) is not computed twice: this pass waits for it at the end and reuses the
+    published output (or computes it, when that writer died). `stop_after_chunks` interrupts
+    the pass after that many chunks (tests use it to simulate a killed run).
+    Returns {(stage, key): Artifact}.
     """
-    n = len(probe)
+    if int(chunk_size) < 1 or int(batch_size) < 1:
+        raise ValueError(f"chunk_size and batch_size must be >= 1, got {chunk_size} and "
+                         f"{batch_size} (activations.chunk_size / activations.batch_size)")
     todo = [j for j in jobs if not store.exists(j.stage, j.key)]
+    mine, theirs = _claim(store, todo)
+    try:
+        if mine:
+            _compute(probe, mine, store, batch_size=batch_size, chunk_size=chunk_size,
+                     num_workers=num_workers, device=device, progress=progress,
+                     stop_after_chunks=stop_after_chunks)
+    finally:
+        for j in mine:
+            store.lock(j.stage, j.key).release()
+    for j in theirs:
+        wait_until_free(store.lock(j.stage, j.key), f"{j.stage}/{j.key}", log=log)
+    orphans = [j for j in theirs if not store.exists(j.stage, j.key)]
+    if orphans:  # their writer stopped before publishing: resume its work here
+        run_decode_once(probe, orphans, store, batch_size=batch_size, chunk_size=chunk_size,
+                        num_workers=num_workers, device=device, progress=progress,
+                        stop_after_chunks=stop_after_chunks, log=log)
+    return {(j.stage, j.key): store.open(j.stage, j.key) for j in jobs}
+
+
+def _claim(store: ArtifactStore, todo: list[CacheJob]) -> tuple[list[CacheJob], list[CacheJob]]:
+    """Split jobs into those whose lock this process took and those another process holds."""
+    mine, theirs = [], []
+    for j in sorted(todo, key=lambda j: (j.stage, j.key)):
+        lock = store.lock(j.stage, j.key)
+        if not lock.acquire(blocking=False):
+            theirs.append(j)
+        elif store.exists(j.stage, j.key):      # published between our check and the lock
+            lock.release()
+        else:
+            mine.append(j)
+    return mine, theirs
+
+
+def _compute(probe, todo: list[CacheJob], store: ArtifactStore, *, batch_size, chunk_size,
+             num_workers, device, progress, stop_after_chunks) -> None:
+    """The decode-once pass over the jobs this process holds the locks of; publishes each."""
+    n = len(probe)
     stagings = {id(j): _prepare_staging(store, j, n, chunk_size) for j in todo}
     n_chunks = (n + chunk_size - 1) // chunk_size
     started = time.time()
     timings = {"decode_and_forward_s": 0.0, "images_processed": 0}
-    bar = tqdm(total=n, desc="caching activations", unit="img", disable=not progress or not todo)
+    bar = tqdm(total=n, desc="caching activations", unit="img", disable=not progress)
     done_chunks = 0
     for c in range(n_chunks):
         lo, hi = c * chunk_size, min(n, (c + 1) * chunk_size)
@@ -135,12 +182,8 @@ def run_decode_once(probe, jobs: list[CacheJob], store: ArtifactStore, *, batch_
         done_chunks += 1
     bar.close()
     elapsed = time.time() - started
-    result = {}
-    for j in jobs:
-        if not store.exists(j.stage, j.key):
-            _publish(store, j, stagings[id(j)], n_chunks, probe, timings, elapsed)
-        result[(j.stage, j.key)] = store.open(j.stage, j.key)
-    return result
+    for j in todo:
+        _publish(store, j, stagings[id(j)], n_chunks, probe, timings, elapsed)
 
 
 def _publish(store, job: CacheJob, staging: Path, n_chunks: int, probe, timings, elapsed) -> None:

@@ -74,13 +74,16 @@ def dnd_concepts(cfg: Config, force: bool = False, progress: bool = True, lm=Non
                                      progress=progress) for layer in tops}
 
 
-def dnd_synthesis(cfg: Config, progress: bool = True, synth=None
+def dnd_synthesis(cfg: Config, progress: bool = True, synth=None, force: bool = False
                   ) -> tuple[dict[str, ConceptImages], dict]:
-    """Stage 05: images of every candidate of every layer, each concept once; plus counters."""
+    """Stage 05: images of every candidate of every layer, each concept once; plus counters.
+
+    `force` makes the images of this run's candidates again (other stages' caches are kept).
+    """
     concepts = dnd_concepts(cfg, progress=progress)
     wanted = [c for lc in concepts.values() for c in lc.candidates.candidate]
     synth = synth or load_synthesizer_from_config(cfg)
-    images, stats = concept_images(cfg, wanted, synth, progress=progress)
+    images, stats = concept_images(cfg, wanted, synth, progress=progress, force=force)
     stats["backend"] = synth.backend_id
     stats["pool_source"] = getattr(synth, "pool_source", None)
     stats["images_excluded"] = int(sum((ci.table.status != "ok").sum() for ci in images.values()))

@@ -27,6 +27,21 @@ class MissingArtifactError(NdUtilsError, FileNotFoundError):
     """A stage input is not in the artifact store yet."""
 
 
+class DamagedArtifactError(NdUtilsError, RuntimeError):
+    """A finished stage output no longer matches its manifest (edited, truncated, half-written).
+
+    `path` is the artifact folder, `stage` its stage; the message names the rebuild command.
+    """
+
+    def __init__(self, message: str, path=None, stage: "str | None" = None):
+        super().__init__(message)
+        self.path, self.stage = path, stage
+
+
+class StoreNotWritableError(NdUtilsError, PermissionError):
+    """The artifact store (data_dir) cannot be written."""
+
+
 class OfflineError(NdUtilsError, RuntimeError):
     """A download from a hub was attempted without network access."""
 

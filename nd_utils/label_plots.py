@@ -9,6 +9,17 @@ import numpy as np
 import pandas as pd
 
 from .activation_plots import draw_thumbnail
+from .clip_dissect import n_concept_columns
+from .similarity import RANK_REORDER_FLOOR
+
+
+def _score(x) -> "float | None":
+    """A drawable score: a finite number above RANK_REORDER_FLOOR, else None."""
+    try:
+        x = float(x)
+    except (TypeError, ValueError):
+        return None
+    return x if np.isfinite(x) and x > RANK_REORDER_FLOOR else None
 
 
 def plot_neuron_labels(acts, probe, labels: pd.DataFrame, units: Sequence[int], k: int = 5,
@@ -17,8 +28,11 @@ def plot_neuron_labels(acts, probe, labels: pd.DataFrame, units: Sequence[int], 
     """One row per neuron: its k top probe images, then a bar chart of its best concepts.
 
     `acts` is a LayerActivations, `labels` the label table of the same layer (columns
-    `unit, concept_j, score_j`). Returns the matplotlib Figure.
+    `unit, concept_j, score_j`; at most `n_concepts` of them are drawn, fewer when the table
+    has fewer). Scores that are not finite numbers above `RANK_REORDER_FLOOR` (rank_reorder's
+    mark for a concept with a mean cosine <= 0) are left out of the bars. Returns the Figure.
     """
+    n_concepts = min(n_concepts, n_concept_columns(labels))
     k = min(k, acts.top_ids.shape[1])
     fig = plt.figure(figsize=(1.7 * k + 3.6, 1.9 * len(units)))
     grid = fig.add_gridspec(len(units), k + 2, width_ratios=[1] * k + [0.15, 2.2])
@@ -31,17 +45,24 @@ def plot_neuron_labels(acts, probe, labels: pd.DataFrame, units: Sequence[int], 
             if c == 0:
                 ax.set_ylabel(f"{acts.layer} #{unit}", fontsize=8)
         row = by_unit.loc[unit]
-        names = [str(row[f"concept_{j}"]) for j in range(1, n_concepts + 1)]
-        scores = [float(row[f"score_{j}"]) for j in range(1, n_concepts + 1)]
+        pairs = [(str(row[f"concept_{j}"]), _score(row[f"score_{j}"]))
+                 for j in range(1, n_concepts + 1)]
+        pairs = [(n, s) for n, s in pairs if s is not None]
         ax = fig.add_subplot(grid[r, k + 1])
+        if r == 0:
+            ax.set_title(f"{title}: top concepts", fontsize=8)
+        if not pairs:
+            ax.set_xticks([]), ax.set_yticks([])
+            ax.text(0.5, 0.5, "no scored concept", fontsize=8, ha="center", va="center",
+                    transform=ax.transAxes)
+            continue
+        names, scores = [n for n, _ in pairs], [s for _, s in pairs]
         ax.barh(range(len(names))[::-1], scores, color="#dd8452")
         ax.set_yticks(range(len(names))[::-1], [n[:22] for n in names], fontsize=8)
         ax.tick_params(axis="x", labelsize=7)
         lo, hi = min(scores), max(scores)
         pad = (hi - lo) * 0.5 + 1e-6
         ax.set_xlim(lo - pad, hi + pad * 0.2)
-        if r == 0:
-            ax.set_title(f"{title}: top concepts", fontsize=8)
     fig.tight_layout()
     if save:
         fig.savefig(save, dpi=110)

@@ -181,7 +181,8 @@ def _check(path: str) -> tuple[str, str | None]:
             im.load()
     # PIL.UnidentifiedImageError and "image file is truncated" both arrive as OSError
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        reason = f"{type(e).__name__}: {e}"
+        # PIL names the in-memory buffer ("<_io.BytesIO object at 0x...>"), not the file
+        reason = f"{type(e).__name__}: {re.sub(r' ?<_io.BytesIO object at 0x[0-9a-f]+>', '', str(e))}"
     # like git's "racy" index: a file rewritten within the mtime granularity could keep its key
     if time.time_ns() - st.st_mtime_ns > _RACY_NS:
         _SCAN_CACHE[key] = (sha, reason)
@@ -207,6 +208,11 @@ def _build(name: str, params: dict, entries: list[tuple[str, str | None, int | N
         first = ", ".join(p for p, _ in skipped[:3])
         warnings.warn(f"probe set {name!r}: {len(skipped)} unreadable image(s) left out "
                       f"(first: {first}); see ProbeSet.skipped for reasons.", stacklevel=4)
+        from .runner import record_notice  # lazy: runner imports papermill-facing code
+
+        record_notice("probe_skipped", f"probe set {name!r}: {len(skipped)} of {len(entries)} "
+                      f"image(s) unreadable and left out (first: {skipped[0][0]}: "
+                      f"{skipped[0][1]})", probe=name, skipped=[list(x) for x in skipped])
     if not items:
         raise ProbeError(f"probe set {name!r}: none of the {len(entries)} images could be read "
                          f"(first problem: {skipped[0][0]}: {skipped[0][1]})." if skipped

@@ -22,6 +22,8 @@ import pandas as pd
 from .config import Config, load_config
 from .errors import NdUtilsError
 
+RANK_REORDER_FLOOR = -3.4028234663852886e38  # = nd_utils.similarity's; no torch import here
+
 # Keys every run.json written by the current runner holds (nd_utils.runner.run_pipeline).
 RUN_FIELDS = ("config", "source", "force", "stages", "status", "started")
 RERUN = ("rerun the pipeline: python -m nd_utils run CONFIG (a profile such as offline, "
@@ -305,14 +307,21 @@ class RunView:
             cd, dnd, cand = self.clip_dissect(layer), self.dnd(layer), self.dnd_candidates(layer)
             frames = []
             if cd is not None:
-                n = sum(1 for c in cd.columns if c.startswith("concept_"))
+                n = 0  # concept_1, score_1, ... as many as the table has (top_n, or fewer)
+                while f"concept_{n + 1}" in cd.columns and f"score_{n + 1}" in cd.columns:
+                    n += 1
+                names = cd[[f"concept_{j}" for j in range(1, n + 1)]].astype(str)
+                scores = cd[[f"score_{j}" for j in range(1, n + 1)]].apply(pd.to_numeric,
+                                                                            errors="coerce")
+                # rank_reorder's floor marks concepts with mean cosine <= 0: not candidates
+                pairs = [[(c, s) for c, s in zip(cs, ss) if not s <= RANK_REORDER_FLOOR]
+                         for cs, ss in zip(names.itertuples(index=False),
+                                           scores.itertuples(index=False))]
                 frames.append(pd.DataFrame({
                     "unit": cd["unit"].astype(int), "cd_label": cd["description"].astype(str),
                     "cd_score": pd.to_numeric(cd["similarity"], errors="coerce"),
-                    "cd_concepts": [list(r) for r in cd[[f"concept_{j}" for j in range(
-                        1, n + 1)]].astype(str).itertuples(index=False)],
-                    "cd_scores": [list(r) for r in cd[[f"score_{j}" for j in range(1, n + 1)]]
-                                  .apply(pd.to_numeric, errors="coerce").itertuples(index=False)]
+                    "cd_concepts": [[c for c, _ in p] for p in pairs],
+                    "cd_scores": [[s for _, s in p] for p in pairs],
                     }).set_index("unit"))
             if dnd is not None:
                 labels = [c for c in ("Label 1", "Label 2", "Label 3") if c in dnd]

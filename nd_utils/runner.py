@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import re
 import time
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from typing import Iterable
 
 from .config import REPO_ROOT, Config, load_config
 from .errors import NdUtilsError
+from .locks import process_lock
 from .store import atomic_write_text
 
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
@@ -45,6 +47,80 @@ class Run:
         return self.path / "config.yaml"
 
 
+NOTICES = "notices.jsonl"
+_CURRENT_RUN: "Path | None" = None     # the run folder notebooks of this process write into
+
+
+def record_notice(kind: str, message: str, **data) -> None:
+    """Tell the runner something the user should see (e.g. images left out of a probe set).
+
+    Inside a run (after `open_run`) the notice is appended to `<run>/notices.jsonl`, which the
+    runner prints as one line per distinct notice after the stage; outside a run it does nothing
+    (the caller also warns).
+    """
+    if _CURRENT_RUN is None:
+        return
+    line = json.dumps({"kind": kind, "message": message, "time": time.time(), **data},
+                      default=str) + "\n"
+    path = _CURRENT_RUN / NOTICES
+    try:
+        with process_lock(path.with_name(NOTICES + ".lock")), open(path, "a", encoding="utf-8") as fh:
+            fh.write(line)
+    except OSError:  # a notice must never fail the stage that sends it
+        pass
+
+
+def read_notices(run_path: "str | Path") -> list[dict]:
+    """The notices of a run, in order (unreadable lines skipped)."""
+    path = Path(run_path) / NOTICES
+    out = []
+    if path.exists():
+        for raw in path.read_bytes().split(b"\n"):
+            try:
+                out.append(json.loads(raw.decode("utf-8")))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                continue
+    return out
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def mark_interrupted_runs(runs_dir: "str | Path", log=print) -> list[Path]:
+    """Mark runs whose `run.json` still says "running" but whose runner process is gone.
+
+    A killed runner (kill -9, a closed laptop, a lost node) cannot update its record; the next
+    run on the same host finds it here and sets `status: interrupted`. Records written before
+    runners stored their pid, or by another host, are left as they are.
+    """
+    found = []
+    for rec_path in sorted(Path(runs_dir).glob("*/run.json")):
+        try:
+            rec = json.loads(rec_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        pid, host = rec.get("pid"), rec.get("host")
+        if (rec.get("status") == "running" and isinstance(pid, int)
+                and host == platform.node() and not _pid_alive(pid)):
+            rec.update(status="interrupted", interrupted_noticed=time.time())
+            for stage in rec.get("stages", []):
+                if stage.get("status") == "running":
+                    stage["status"] = "interrupted"
+            atomic_write_text(rec_path, json.dumps(rec, indent=2))
+            found.append(rec_path.parent)
+    if found:
+        log(f"marked {len(found)} earlier run(s) as interrupted (their runner process is gone): "
+            f"{', '.join(p.name for p in found)}")
+    return found
+
+
 def _new_run_path(cfg: Config, suffix: str = "") -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     base = cfg.data_dir / "runs" / f"{stamp}-{cfg['profile']}-{cfg.fingerprint()[:6]}{suffix}"
@@ -60,10 +136,12 @@ def open_run(config="offline", overrides=None, run_dir: "str | Path | None" = No
     Notebooks call this first: under the runner `run_dir` is given and its saved config is the
     one to use; run on their own they create a fresh run folder (suffix `-nb`).
     """
+    global _CURRENT_RUN
     cfg = load_config(config, overrides)
     path = Path(run_dir) if run_dir else _new_run_path(cfg, "-nb")
     (path / "results").mkdir(parents=True, exist_ok=True)
     run = Run(cfg, path)
+    _CURRENT_RUN = path
     if not run.config_path.exists() or overrides:
         cfg.save(run.config_path)
     return run
@@ -92,6 +170,9 @@ def select_notebooks(notebooks: list[Path], stages: "Iterable[str] | str | None"
 
 def preflight(cfg, stages: "Iterable[str]") -> None:
     """Fail before any work when a selected stage cannot run (e.g. no API key for `openai`)."""
+    from .config import check_data_dir
+
+    check_data_dir(cfg)
     if "04" in set(stages) and cfg.get("llm.name") == "openai" and cfg.get("llm.mode") == "live":
         from .openai_backend import MissingApiKeyError
 
@@ -116,40 +197,59 @@ def run_pipeline(config="offline", overrides=None, stages=None, force: bool = Fa
     if not notebooks:
         raise NdUtilsError(f"no stage notebooks (NN_name.ipynb) in {notebook_dir}")
     preflight(cfg, [nb.name[:2] for nb in notebooks])
+    mark_interrupted_runs(cfg.data_dir / "runs", log=log)
     run = Run(cfg, _new_run_path(cfg))
     (run.path / "notebooks").mkdir(parents=True)
     run.results.mkdir()
     cfg.save(run.config_path)
     record = {"config": str(run.config_path), "source": cfg.source, "force": force,
-              "stages": [], "status": "running", "started": time.time()}
+              "stages": [], "status": "running", "started": time.time(),
+              "pid": os.getpid(), "host": platform.node(), "notices": []}
 
     def save_record():
         atomic_write_text(run.path / "run.json", json.dumps(record, indent=2))
 
     save_record()
+    shown: set = set()
     for nb in notebooks:
         out = run.path / "notebooks" / nb.name
         log(f"[{nb.name[:2]}] {nb.name} ...", flush=True)
         t0 = time.time()
-        entry = {"notebook": nb.name, "executed": str(out)}
+        entry = {"notebook": nb.name, "executed": str(out), "status": "running"}
+        record["stages"].append(entry)
+        save_record()
         try:
             pm.execute_notebook(
                 str(nb), str(out), kernel_name=kernel_name, progress_bar=False, cwd=str(nb.parent),
                 parameters={"config": str(run.config_path), "overrides": [],
                             "run_dir": str(run.path), "force": bool(force)})
-        except Exception as exc:  # papermill wraps the cell's error
-            entry.update(status="failed", seconds=round(time.time() - t0, 2),
+        except BaseException as exc:  # papermill wraps the cell's error; Ctrl-C lands here too
+            stopped = isinstance(exc, KeyboardInterrupt)
+            entry.update(status="interrupted" if stopped else "failed",
+                         seconds=round(time.time() - t0, 2),
                          error=f"{getattr(exc, 'ename', type(exc).__name__)}: "
                                f"{getattr(exc, 'evalue', exc)}")
-            record["stages"].append(entry)
-            record["status"] = "failed"
+            record["status"] = entry["status"]
+            _report_notices(run, nb.name[:2], shown, record, log)
             save_record()
+            if not isinstance(exc, Exception):
+                raise
             raise StageFailed(f"stage {nb.name} failed: {entry['error']}\n"
                               f"Executed notebook with the traceback: {out}") from None
         entry.update(status="ok", seconds=round(time.time() - t0, 2))
-        record["stages"].append(entry)
+        _report_notices(run, nb.name[:2], shown, record, log)
         save_record()
         log(f"[{nb.name[:2]}] done in {entry['seconds']:.1f} s", flush=True)
     record.update(status="ok", finished=time.time())
     save_record()
     return run
+
+
+def _report_notices(run: Run, stage: str, shown: set, record: dict, log) -> None:
+    """Print each new distinct notice the stage's notebook recorded, once per run."""
+    for notice in read_notices(run.path):
+        text = notice.get("message", "")
+        if text and text not in shown:
+            shown.add(text)
+            record["notices"].append({"stage": stage, **notice})
+            log(f"[{stage}] note: {text} (details: {run.path / NOTICES})", flush=True)

@@ -150,6 +150,23 @@ def _orderable(x: torch.Tensor) -> torch.Tensor:
     return b ^ ((b >> 31) & 0x7FFFFFFF)
 
 
+RANK_REORDER_FLOOR = float(torch.finfo(torch.float32).min)  # -3.4028235e38
+_ABOVE_FLOOR = float(np.nextafter(np.float32(RANK_REORDER_FLOOR), np.float32(0)))
+
+
+def _floor_invalid(score: torch.Tensor, cmean: torch.Tensor, scale_p) -> torch.Tensor:
+    """rank_reorder's score with pairs of mean(c) <= 0 at RANK_REORDER_FLOOR, never NaN/-inf.
+
+    A valid pair (mean(c) > 0) is non-finite only through float32 under/overflow of
+    mean(c)^scale_p: -inf becomes the float just above the floor, and 0/0 (a perfect
+    re-ordering, error 0) becomes 0, the score error 0 has for every positive mean.
+    """
+    score = score.nan_to_num_(nan=0.0, neginf=_ABOVE_FLOOR)
+    if scale_p == 0:
+        return score
+    return score.masked_fill_(~(cmean > 0), RANK_REORDER_FLOOR)
+
+
 def rank_reorder(clip_feats, target_feats, *, p=3, top_fraction=0.05, scale_p=0.5, seed=0,
                  generator=None, chunk_size=None, device=None, layer=None, num_workers=None):
     """Rank-reorder score: -(error of re-ordering top activations by a concept) / mean(c)^scale_p.
@@ -158,6 +175,23 @@ def rank_reorder(clip_feats, target_feats, *, p=3, top_fraction=0.05, scale_p=0.
     per neuron (raised to 2 with a warning). The chance normaliser B_k averages 5 random
     permutations drawn from `generator` (default torch.Generator seeded `seed`) in neuron order:
     5 randperm calls per neuron, as the reference, so seed 0 reproduces its B_k.
+
+    Concepts whose mean cosine c over the neuron's top images is <= 0 (common with ConSE, whose
+    cosines can be negative; CLIP's hardly ever are) score `RANK_REORDER_FLOOR`, the lowest
+    finite float32, below every other score: for scale_p > 0 the formula is undefined there
+    (NaN for fractional powers, which torch.topk ranks first; a sign flip for odd powers) and
+    tends to -inf as mean(c) -> 0+. With scale_p = 0 the mean does not enter and no pair is
+    floored. A valid score that overflows float32 is clamped just above the floor.
+
+    Ties: equal concept values c_i among a neuron's top images get ranks in the order of the
+    neuron's top-n list (a stable sort: the more active image gets the lower rank). The
+    reference ranks c with torch.argsort's default, unstable sort, whose order of tied values
+    is an implementation detail: in torch 2.14 on CPU it is ours for n <= 16 (insertion sort)
+    and often another one for n > 16 (introsort); CUDA differs again. Where it differs, E and
+    the score of that (neuron, concept) pair differ by far more than 1e-5 (the error of one
+    swap of two tied images). Exact ties need bit-identical cosines of two top images whose
+    activations differ; the golden fixture (n = 30) has one among its 12,000 pairs, which the
+    reference happened to order as we do, so the fixture agrees everywhere (< 1e-6).
     >>> rank_reorder(torch.rand(60, 4), torch.rand(60, 2)).shape
     torch.Size([2, 4])
     """
@@ -179,7 +213,8 @@ def rank_reorder(clip_feats, target_feats, *, p=3, top_fraction=0.05, scale_p=0.
     B = (asc5 - asc5.gather(1, perms)).abs_().pow_(p).view(K, 5 * n).mean(1)
     if (B == 0).any():  # constant top activations: every re-ordering has zero error
         warnings.warn(f"rank_reorder{_where(layer)}: {int((B == 0).sum())} neuron(s) have constant"
-                      f" top activations; their scores are 0", stacklevel=2)
+                      f" top activations; their scores are 0 (RANK_REORDER_FLOOR for concepts"
+                      f" with a mean cosine <= 0)", stacklevel=2)
     B = torch.where(B == 0, torch.ones_like(B), B)
     c_max = chunk_size or max(1, 2048 // n)              # neurons per chunk: ~128k keys in L2
     nbits, cbits = max(1, (N - 1).bit_length()), max(1, (c_max * n - 1).bit_length())
@@ -211,7 +246,7 @@ def rank_reorder(clip_feats, target_feats, *, p=3, top_fraction=0.05, scale_p=0.
             d = vals[k0:k0 + c].reshape(-1).index_select(0, at).view(-1, c, n)
             # E = mean_j |a at the j-th smallest c - j-th smallest a|^p  (= mean_i |a_i - ã_i|^p)
             err[k0:k0 + c] = d.sub_(asc[k0:k0 + c]).abs_().pow_(p).mean(2).T
-        out[:, m0:m1] = -(err / B[:, None]) / cmean.pow(scale_p)
+        out[:, m0:m1] = _floor_invalid(-(err / B[:, None]) / cmean.pow(scale_p), cmean, scale_p)
 
     with torch.no_grad(), _pool(dev, num_workers) as pmap:
         pmap(block, _blocks(M, 64))
@@ -344,6 +379,36 @@ def pmi_with_prior(name, clip_feats, target_feats, **hyperparameters):
     if name not in ("wpmi", "soft_wpmi"):
         raise unknown_name("similarity function with a prior", str(name), ["wpmi", "soft_wpmi"])
     return SIMILARITY_FUNCTIONS[name](clip_feats, target_feats, return_prior=True, **hyperparameters)
+
+
+def top_concepts(sim: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k best concepts per neuron: (scores [K, k'], indices [K, k']), k' = min(k, M).
+
+    Best first; equal scores in index order (a stable sort, so floored rank_reorder pairs and
+    other ties come out the same on every machine); NaN ranks below every number (torch.topk
+    and argmax would rank it first) and is returned as NaN.
+    >>> top_concepts(torch.tensor([[0.1, float("nan"), 0.3, 0.3]]), 3)[1].tolist()
+    [[2, 3, 0]]
+    """
+    sim = torch.as_tensor(sim).float()
+    k = min(int(k), sim.shape[1])
+    nan = torch.isnan(sim)
+    key = sim.masked_fill(nan, -math.inf) if nan.any() else sim
+    vals, idx = key.topk(k, dim=1)                    # fast; its order among ties is arbitrary
+    order = idx.argsort(dim=1)                        # so: by index, then stably by value
+    idx, vals = idx.gather(1, order), vals.gather(1, order)
+    idx = idx.gather(1, vals.argsort(dim=1, descending=True, stable=True))
+    # rows where ties straddle the cut (topk may have kept any of them) or with NaN: full sort
+    full = (key >= vals.min(1, keepdim=True).values).sum(1) > k
+    full |= nan.any(1)
+    if full.any():
+        rows = full.nonzero()[:, 0]
+        o = torch.sort(key[rows], dim=1, descending=True, stable=True).indices
+        # NaN after -inf too: a second stable sort on the NaN flag alone
+        o = o.gather(1, torch.sort(nan[rows].gather(1, o).to(torch.uint8), dim=1,
+                                   stable=True).indices)
+        idx[rows] = o[:, :k]
+    return sim.gather(1, idx), idx
 
 
 SIMILARITY_FUNCTIONS: dict[str, Callable[..., torch.Tensor]] = {

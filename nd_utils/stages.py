@@ -35,20 +35,23 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
     Stage("02_text_features", "02_clip_dissect.ipynb", version=1,
           reads=("vlm.name", "clip_dissect.concept_set", "clip_dissect.clean",
                  "clip_dissect.template")),
-    Stage("02_clip_dissect", "02_clip_dissect.ipynb", version=1,
+    # v2: rank_reorder floors pairs with mean cosine <= 0 (was NaN, ranked first); label
+    # tables rank NaN last and break ties by concept index
+    Stage("02_clip_dissect", "02_clip_dissect.ipynb", version=2,
           reads=("clip_dissect.similarity", "clip_dissect.hyperparameters"),
           upstream=("01_activation_caching", "01_image_features", "02_text_features")),
     # Describe-and-Dissect (03-06); keys also carry the layer and the chosen neurons
-    Stage("03_top_images", "03_captions.ipynb", version=2,
+    Stage("03_top_images", "03_captions.ipynb", version=3,
           reads=("dnd.top_k", "dnd.crops", "target.pooling"),
           upstream=("01_activation_caching",)),
     Stage("03_captions", "03_captions.ipynb", version=1,
           reads=("captioner.name", "captioner.model", "captioner.checkpoint",
                  "captioner.max_new_tokens"),
           upstream=("03_top_images",)),
-    Stage("04_concepts", "04_concepts.ipynb", version=2,
+    # v3: the background rule adds "<c> background" beside <c> (it replaced it); llm.guards
+    Stage("04_concepts", "04_concepts.ipynb", version=3,
           reads=("llm.name", "llm.model", "llm.temperature", "llm.max_new_tokens",
-                 "llm.summaries", "llm.prompts", "seed"),
+                 "llm.summaries", "llm.prompts", "llm.guards", "seed"),
           upstream=("03_captions",)),
     # one artifact per (backend, model, prompt, settings, seed): shared by neurons and runs
     Stage("05_concept_images", "05_synthesis.ipynb", version=1,

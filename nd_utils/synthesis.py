@@ -3,9 +3,11 @@
 Registry names (`list_synthesizers`, `load_synthesizer`):
 
 * `diffusers`: any text-to-image pipeline id or folder (the paper: Stable Diffusion,
-  DPM-Solver multistep, 50 steps), fp16 on CUDA, full resolution, batched, with one seeded
-  generator per image (image i of a concept uses seed `seed + i`), so an image never depends
-  on call order or batch size. Blank and NSFW-filtered images are recorded and excluded.
+  DPM-Solver multistep, 50 steps), fp16 on CUDA, full resolution, batched, with one seeded CPU
+  generator per image (image i of a concept uses `torch.Generator("cpu").manual_seed(seed + i)`,
+  as the diffusers reproducibility guide recommends), so an image depends neither on call
+  order, batch size nor the GPU's random number generator. Blank and NSFW-filtered images are
+  recorded and excluded.
 * `retrieve`: the offline default. The `images_per_concept` images of a reference pool (an image
   folder or probe-set spec, never the probe images themselves when avoidable) whose
   vision-language embeddings are most similar to the prompt's. Real photos, no generation:
@@ -61,16 +63,25 @@ class DiffusersSynthesizer:
 
     def __init__(self, model: str, device="cpu", steps: int = 50, scheduler: str = "dpm-multistep",
                  guidance_scale: float = 7.5, height: "int | None" = None,
-                 width: "int | None" = None, batch_size: int = 10):
+                 width: "int | None" = None, batch_size: int = 10,
+                 dtype: "torch.dtype | None" = None):
         from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler
 
         if not model:
             raise NdUtilsError("synthesis.model is empty: name a diffusers pipeline, e.g. "
                                "CompVis/stable-diffusion-v1-4")
         self.device = resolve_device(device)
-        dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        if dtype is None:
+            dtype = torch.float16 if self.device.type == "cuda" else torch.float32
         try:
-            self.pipe = DiffusionPipeline.from_pretrained(model, dtype=dtype)
+            # `torch_dtype` is the name every diffusers version from our minimum (0.30) on
+            # honours; 0.30-0.39 ignore `dtype`, and 0.40+ take `dtype` but still accept
+            # `torch_dtype` (deprecated, with a FutureWarning that is ours to act on, not the
+            # user's: hidden).
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*torch_dtype.*",
+                                        category=FutureWarning)
+                self.pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype)
         except OSError as err:
             raise OfflineError(
                 f"could not load diffusers pipeline {model!r} ({type(err).__name__}): it needs the "
@@ -82,17 +93,23 @@ class DiffusersSynthesizer:
             raise NdUtilsError(f"synthesis.scheduler must be dpm-multistep or default, got "
                                f"{scheduler!r}")
         self.pipe.to(self.device)
+        if self.pipe.dtype != dtype:  # a diffusers release that ignored the dtype argument
+            self.pipe.to(dtype=dtype)
         self.pipe.set_progress_bar_config(disable=True)
         self.steps, self.guidance_scale = int(steps), float(guidance_scale)
         self.height, self.width, self.batch_size = height, width, int(batch_size)
-        self.backend_id = f"diffusers:{model}:{scheduler}:{dtype}"
+        self.dtype = dtype
+        # cpu-seeds: the initial noise comes from CPU generators (images made before came from
+        # generators on the pipeline's device, which differ on CUDA)
+        self.backend_id = f"diffusers:{model}:{scheduler}:{dtype}:cpu-seeds"
 
     def generate(self, prompt: str, seeds: list[int]) -> list[tuple[Image.Image, str, dict]]:
         """One image per seed: (image, status, info)."""
         out = []
         for start in range(0, len(seeds), self.batch_size):
             chunk = seeds[start:start + self.batch_size]
-            gens = [torch.Generator(device=self.device).manual_seed(int(s)) for s in chunk]
+            # one CPU generator per image: the same noise on any device, in any batch
+            gens = [torch.Generator("cpu").manual_seed(int(s)) for s in chunk]
             res = self.pipe(prompt=[prompt] * len(chunk), generator=gens,
                             num_inference_steps=self.steps, guidance_scale=self.guidance_scale,
                             height=self.height, width=self.width)
@@ -192,15 +209,20 @@ def concept_image_key(cfg: Config, concept: str, backend_id: str) -> str:
                              inputs={"prompt": prompt_for(cfg, concept), "backend": backend_id})
 
 
-def concept_images(cfg: Config, concepts: list[str], synth, progress: bool = True
-                   ) -> tuple[dict[str, ConceptImages], dict]:
-    """Images of every concept (cached per concept); returns ({concept: images}, counters)."""
+def concept_images(cfg: Config, concepts: list[str], synth, progress: bool = True,
+                   force: bool = False) -> tuple[dict[str, ConceptImages], dict]:
+    """Images of every concept (cached per concept); returns ({concept: images}, counters).
+
+    `force` makes every concept's images again (replacing the cached ones).
+    """
     store = ArtifactStore(cfg.data_dir)
     n, seed = int(cfg["synthesis.images_per_concept"]), int(cfg["seed"])
     found, made = {}, 0
     unique = list(dict.fromkeys(concepts))
     for concept in tqdm(unique, desc="concept images", disable=not progress):
         key = concept_image_key(cfg, concept, synth.backend_id)
+        if force:
+            store.remove(STAGE.name, key)
         if not store.exists(STAGE.name, key):
             made += 1
             prompt = prompt_for(cfg, concept)

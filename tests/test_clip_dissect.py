@@ -123,3 +123,66 @@ def test_label_table_writes_top_n(wired, tmp_path):
     written = pd.read_csv(paths["act"])
     assert list(written.columns) == ["layer", "unit", "description", "similarity", "concept_1",
                                      "score_1", "concept_2", "score_2"]
+
+
+def test_concept_set_smaller_than_top_n(wired, tmp_path):
+    """3 concepts, top_n = 5: concept_1..3 everywhere, no KeyError 'concept_4'."""
+    import pandas as pd
+    cfg, probe, _, target = wired
+    assert cfg["clip_dissect.top_n"] == 5
+    table = nd.dissect_layer(cfg, "act", probe=probe, target=target)
+    assert clip_dissect.n_concept_columns(table) == 3 and "concept_4" not in table
+    paths = nd.write_label_tables(cfg, tmp_path, {"act": table})
+    written = pd.read_csv(paths["act"], keep_default_na=False)
+    assert [c for c in written.columns if c.startswith(("concept_", "score_"))] == [
+        "concept_1", "score_1", "concept_2", "score_2", "concept_3", "score_3"]
+    assert (written.score_1 >= written.score_2).all() and (written.score_2 >= written.score_3).all()
+    assert {*written.concept_1, *written.concept_2, *written.concept_3} <= {"red", "green", "blue"}
+    acts = nd.load_activations(cfg, "act", probe=probe, target=target)
+    fig = nd.plot_neuron_labels(acts, probe, table, [0, 1], save=tmp_path / "labels.png")
+    assert (tmp_path / "labels.png").stat().st_size > 0
+    bars = [len(ax.patches) for ax in fig.axes if ax.patches]
+    assert bars == [3, 3]                                       # every concept, no padding
+
+
+def test_one_concept_set(wired, tmp_path):
+    cfg, probe, _, target = wired
+    (tmp_path / "one.txt").write_text("\n\ngreen\n")
+    one = cfg.with_overrides({"clip_dissect.concept_set": str(tmp_path / "one.txt")})
+    table = nd.dissect_layer(one, "act", probe=probe, target=target)
+    assert clip_dissect.n_concept_columns(table) == 1 and set(table.description) == {"green"}
+    nd.write_label_tables(one, tmp_path, {"act": table})
+
+
+def test_zero_concepts_after_cleaning_names_the_file(wired, tmp_path):
+    cfg, probe, _, target = wired
+    (tmp_path / "stop.txt").write_text("the\nof\n")
+    bad = cfg.with_overrides({"clip_dissect.concept_set": str(tmp_path / "stop.txt"),
+                              "clip_dissect.clean": {"drop_stopwords": True}})
+    with pytest.raises(nd.NdUtilsError, match=r"stop\.txt\) is empty after cleaning"):
+        nd.dissect_layer(bad, "act", probe=probe, target=target)
+
+
+def test_rank_reorder_never_labels_a_concept_with_negative_cosines(wired, tmp_path, monkeypatch):
+    """'not red' has a negative cosine with every image: its rank_reorder score was NaN, which
+    torch.topk ranks first, so it labelled every neuron. Now it scores the floor, last."""
+    import math
+
+    import pandas as pd
+    cfg, probe, vlm, target = wired
+    monkeypatch.setitem(ColourVLM.COLOURS, "not red", [-1.0, -0.2, -0.2])
+    (tmp_path / "neg.txt").write_text("not red\nred\ngreen\nblue\n")
+    rr = cfg.with_overrides({"clip_dissect.concept_set": str(tmp_path / "neg.txt"),
+                             "clip_dissect.similarity": "rank_reorder",
+                             "clip_dissect.hyperparameters": {"top_fraction": 0.25}})
+    table = nd.dissect_layer(rr, "act", probe=probe, target=target)
+    assert "not red" not in set(table.description)
+    assert (table.concept_4 == "not red").all()
+    assert (table.score_4 == nd.similarity.RANK_REORDER_FLOOR).all()
+    assert all(math.isfinite(s) for c in ("similarity", "score_1", "score_4") for s in table[c])
+    written = pd.read_csv(nd.write_label_tables(rr, tmp_path, {"act": table})["act"])
+    assert all(math.isfinite(s) for s in written.score_4)     # CSV round trip keeps it finite
+    acts = nd.load_activations(rr, "act", probe=probe, target=target)
+    fig = nd.plot_neuron_labels(acts, probe, table, [0])
+    bar_ax = [ax for ax in fig.axes if ax.patches][0]
+    assert len(bar_ax.patches) == 3 and bar_ax.get_xlim()[0] > -100   # floor left out

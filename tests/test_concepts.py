@@ -249,6 +249,88 @@ def test_empty_files(tmp_path):
         load_concept_set(str(p))
 
 
+def test_empty_after_cleaning_names_the_file(tmp_path):
+    p = tmp_path / "only_stopwords.txt"
+    p.write_text("the\nof\nthe\nShit\nShit\n")
+    with pytest.raises(NdUtilsError) as err:
+        load_concept_set(str(p), drop_stopwords=True, drop_profanity=True)
+    msg = str(err.value)
+    assert str(p.resolve()) in msg and "empty after cleaning" in msg and "clip_dissect.clean" in msg
+    assert "5 concept(s) were all dropped (3 stop-words, 2 profanities;" in msg
+
+
+# ---------------------------------------------------------------- size limits
+def test_long_concept_names_file_line_length_and_fix(tmp_path):
+    p = tmp_path / "long.txt"
+    p.write_bytes(b"dog\r\n\r\ncat\r" + b"x" * 300 + b"\nbird\n" + b"y" * 257 + b"\n")
+    with pytest.raises(NdUtilsError) as err:
+        load_concept_set(str(p))
+    msg = str(err.value)
+    assert str(p.resolve()) in msg and "line 4:" in msg       # the blank line 2 is counted
+    assert "300 characters" in msg and "limit 256" in msg and "(2 lines are too long)" in msg
+    assert "one concept a line" in msg and "max_concept_chars=" in msg
+    cs = load_concept_set(str(p), max_concept_chars=300)      # the documented way round it
+    assert list(cs)[2] == "x" * 300 and len(cs) == 5
+    ok = tmp_path / "ok.txt"
+    ok.write_text("a" * concepts.MAX_CONCEPT_CHARS + "\n")    # the limit itself is allowed
+    assert len(load_concept_set(str(ok))[0]) == 256
+
+
+def test_megabyte_single_line_fails_fast(tmp_path):
+    """A 5 MB line (under the file limit): an error naming line 1, before any encoding."""
+    p = tmp_path / "one_line.txt"
+    p.write_bytes(b"word " * (1 << 20))
+    with pytest.raises(NdUtilsError, match=r"one_line.txt, line 1: a concept of 5,242,87\d "
+                                           r"characters"):
+        load_concept_set(str(p))
+
+
+def test_huge_file_refused_reading_at_most_the_limit(tmp_path, monkeypatch):
+    import tracemalloc
+    p = tmp_path / "huge.txt"
+    with open(p, "wb") as fh:                                   # sparse: 1 GiB of NUL bytes
+        fh.truncate(1 << 30)
+    tracemalloc.start()
+    try:
+        with pytest.raises(NdUtilsError) as err:
+            load_concept_set(str(p))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 3 * concepts.MAX_FILE_BYTES                   # never the whole gigabyte
+    msg = str(err.value)
+    assert str(p) in msg and "1,073,741,824 bytes" in msg and f"{concepts.MAX_FILE_BYTES:,}" in msg
+    assert "line 1 alone holds a concept of at least 8,388,608 characters" in msg
+    # many short lines: the size alone is the reason given
+    many = tmp_path / "many.txt"
+    many.write_bytes(b"word\n" * (concepts.MAX_FILE_BYTES // 5 + 1))
+    with pytest.raises(NdUtilsError, match=r"many.txt has 8,388,610 bytes.*probably not a list"):
+        load_concept_set(str(many))
+    # the 10 MB line that once exhausted memory while encoding: named by its line
+    big = tmp_path / "big.txt"
+    big.write_text("dog\n" + "x" * 10_000_000 + "\ncat\n")
+    with pytest.raises(NdUtilsError, match=r"big.txt has 10,000,009 bytes.*line 2 alone holds"):
+        load_concept_set(str(big))
+    # a paper-set name in ND_CONCEPT_DIR is size-checked before its hash is computed
+    with open(tmp_path / "3k.txt", "wb") as fh:
+        fh.truncate(concepts.MAX_FILE_BYTES + 1)
+    monkeypatch.setenv("ND_CONCEPT_DIR", str(tmp_path))
+    with pytest.raises(NdUtilsError, match="3k.txt has 8,388,609 bytes"):
+        load_concept_set("3k")
+
+
+def test_shipped_sets_are_within_the_limits():
+    for name in ("imagenet_classes", "cifar100_classes", "words-20k"):
+        assert max(map(len, load_concept_set(name))) <= concepts.MAX_CONCEPT_CHARS // 2
+
+
+@needs_ref
+def test_reference_sets_are_within_the_limits():
+    for path in sorted(REF.glob("*.txt")):
+        assert path.stat().st_size < concepts.MAX_FILE_BYTES // 50, path
+        assert max(map(len, parse_concept_text(path.read_text("utf-8")))) <= 121, path
+
+
 def test_unknown_name_and_missing_path(tmp_path):
     with pytest.raises(UnknownNameError, match="20k") as err:
         load_concept_set("20K")

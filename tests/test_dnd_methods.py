@@ -103,8 +103,9 @@ def test_answer_problems_and_cleaning():
     assert answer_problem("Red-themed scenes", copied) == "copied an example"
     assert answer_problem("a red barn in a field", copied) == "copied an example"
     assert answer_problem("red barns", copied) is None
-    assert clean_concept("Floral Design.") == "floral design background"
-    assert clean_concept("Vector  Graphics") == "vector graphics background"
+    assert clean_concept("Floral Design.") == "floral design"
+    assert clean_candidates(["Vector  Graphics"]) == ["vector graphics",
+                                                      "vector graphics background"]
     assert clean_candidates(["Dogs.", "dogs", "", "Cats"]) == ["dogs", "cats"]
 
 

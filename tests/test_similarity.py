@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from nd_utils.errors import NdUtilsError, UnknownNameError
-from nd_utils.similarity import (SIMILARITY_FUNCTIONS, get_similarity, list_similarities,
-                                 pmi_with_prior, soft_wpmi, wpmi)
+from nd_utils.similarity import (RANK_REORDER_FLOOR, SIMILARITY_FUNCTIONS, get_similarity,
+                                 list_similarities, pmi_with_prior, rank_reorder, soft_wpmi,
+                                 top_concepts, wpmi)
 
 FIXTURE = Path(__file__).parent / "data" / "similarity_public.npz"
 NAMES = ["cos_similarity", "cos_similarity_cubed", "rank_reorder", "wpmi", "soft_wpmi"]
@@ -156,6 +157,83 @@ def test_rank_reorder_ties_broken_by_activation_rank():
     assert rel_err(out, ref, rows=True) < 1e-5
 
 
+def test_rank_reorder_tie_order_is_not_torch_unstable_argsort():
+    """Documents the one known difference from the reference: it ranks c with torch.argsort's
+    default (unstable) sort; tied values then come out in another order for n > 16 on CPU
+    (n <= 16: an insertion sort, the same order as ours), and the scores differ."""
+    c = torch.tensor([0.2, 0.1, 0.2, 0.3, 0.1] * 6)                # n = 30, many ties
+    P = torch.stack([c, c + 0.5], 1).repeat(20, 1)              # N = 600: n = 30 top images
+    A = torch.zeros(600, 1)
+    A[:30, 0] = torch.linspace(2, 1, 30)                          # images 0..29 are the top 30
+    out = rank_reorder(P, A)
+    ref = ref_rank_reorder(P.double(), A.double())                # stable: position breaks ties
+    assert rel_err(out, ref, rows=True) < 1e-6
+    unstable = torch.argsort(torch.argsort(c))                    # the reference's ranks
+    stable = torch.argsort(torch.argsort(c, stable=True))
+    if not torch.equal(unstable, stable):                         # torch 2.x on CPU: they differ
+        up = A[:30, 0].flip(0).double()
+        E_unstable = (A[:30, 0].double() - up[unstable]).abs().pow(3).mean()
+        E_stable = (A[:30, 0].double() - up[stable]).abs().pow(3).mean()
+        assert abs(E_unstable - E_stable) / E_stable > 1e-5
+
+
+# ---- concepts with mean cosine <= 0: rank_reorder's floor; NaN never ranks first --------------
+
+def _negative_concept_inputs(N=400, K=6, seed=5):
+    """P with concept 0 strictly negative (ConSE-like), concept 1 zero on every image, concept 2
+    negative but ordering each neuron's top images perfectly, the rest CLIP-like positive."""
+    P, A = random_inputs(N, 9, K, seed=seed)
+    P[:, 0] = -0.05 - 0.1 * torch.rand(N, generator=torch.Generator().manual_seed(1))
+    P[:, 1] = 0.0
+    P[:, 2] = -1.0 + 0.5 * A.mean(1) / A.mean(1).max()          # negative, rises with activation
+    return P, A
+
+
+def test_rank_reorder_negative_mean_cosine_scores_the_floor():
+    P, A = _negative_concept_inputs()
+    out = rank_reorder(P, A)
+    assert torch.isfinite(out).all()                              # was NaN (0.5-th power of < 0)
+    assert (out[:, :3] == RANK_REORDER_FLOOR).all()               # mean 0 included (was -inf/NaN)
+    assert (out[:, 3:] > RANK_REORDER_FLOOR).all()
+    # labels: argmax, topk and the NaN-safe helper all pick a concept with a positive mean
+    assert (out.argmax(1) >= 3).all() and (out.topk(3, dim=1).indices >= 3).all()
+    assert (top_concepts(out, 6)[1] >= 3).all()
+    # the floored pairs tie: they come last, in index order
+    assert top_concepts(out, 9)[1][:, 6:].tolist() == [[0, 1, 2]] * A.shape[1]
+    # the valid pairs are unchanged: the float64 reference, row by row up to B_k
+    ref = ref_rank_reorder(P[:, 3:].double(), A.double())
+    assert rel_err(out[:, 3:], ref, rows=True) < 1e-6
+
+
+def test_rank_reorder_odd_scale_p_does_not_flip_the_sign():
+    """scale_p = 1: a negative mean made the score positive, above every valid one."""
+    P, A = _negative_concept_inputs()
+    out = rank_reorder(P, A, scale_p=1)
+    assert (out[:, :3] == RANK_REORDER_FLOOR).all() and (out.argmax(1) >= 3).all()
+    # scale_p = 0: the mean does not enter the score, nothing is floored
+    out0 = rank_reorder(P, A, scale_p=0)
+    assert torch.isfinite(out0).all() and (out0 <= 0).all() and (out0 > RANK_REORDER_FLOOR).all()
+
+
+def test_rank_reorder_overflow_stays_above_the_floor():
+    """A tiny positive mean whose power overflows float32: just above the floor, never -inf."""
+    P, A = random_inputs(200, 4, 3)
+    P[:, 0] = 1e-30
+    out = rank_reorder(P, A, scale_p=2)                           # (1e-30)^2 underflows to 0
+    assert torch.isfinite(out).all()
+    assert (out[:, 0] > RANK_REORDER_FLOOR).all() and (out[:, 0] < out[:, 1:].min()).all()
+
+
+def test_top_concepts_nan_last_ties_by_index():
+    sim = torch.tensor([[0.1, float("nan"), 0.3, -math.inf, 0.3],
+                        [float("nan")] * 5])
+    scores, idx = top_concepts(sim, 10)
+    assert idx.tolist() == [[2, 4, 0, 3, 1], [0, 1, 2, 3, 4]]
+    assert scores[0, :3].tolist() == pytest.approx([0.3, 0.3, 0.1]) and math.isnan(scores[0, 4])
+    assert top_concepts(sim, 2)[1].shape == (2, 2)
+    assert torch.topk(sim[:1], 1).indices.item() == 1             # what torch itself would pick
+
+
 # ---- chunking, workers, priors ---------------------------------------------------------------
 
 @pytest.mark.parametrize("name", NAMES)
@@ -164,8 +242,8 @@ def test_chunking_and_workers_do_not_change_results(name):
     f = SIMILARITY_FUNCTIONS[name]
     base = f(P, A)
     one = f(P, A, chunk_size=1)
-    if name.startswith("cos"):                                # BLAS may re-associate sums
-        torch.testing.assert_close(one, base, rtol=1e-6, atol=1e-7)
+    if name.startswith("cos"):  # BLAS re-associates sums: GEMV (one neuron) and GEMM differ
+        torch.testing.assert_close(one, base, rtol=1e-5, atol=1e-6)  # by a few float32 ulps
     else:
         assert torch.equal(one, base)
         assert torch.equal(f(P, A, chunk_size=5, num_workers=1), base)

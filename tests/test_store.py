@@ -30,7 +30,7 @@ def test_writer_publishes_with_manifest(tmp_path):
     assert "torch" in art.manifest["packages"]
     art.verify()
     (art.path / "x.txt").write_text("tampered")
-    with pytest.raises(nd.MissingArtifactError, match="checksum"):
+    with pytest.raises(nd.DamagedArtifactError, match="x.txt .*--force"):
         art.verify()
 
 
