@@ -26,6 +26,9 @@ from .evaluation import evaluate_final_layer, evaluation_config, published_table
 from .hooks import TraceLayers, count_hooks, pool
 from .jsonl_cache import JsonlCache
 from .label_plots import plot_evaluation, plot_neuron_labels
+from .label_quality import (QualityResult, evaluate_label_quality, quality_config, quality_parts,
+                            write_quality_tables)
+from .quality_plots import plot_label_quality
 from .language_models import (CachedLanguageModel, ReplayMissError, list_language_models,
                               load_language_model, load_template)
 from .explorer import ExplorerView, NeuronExplorer, list_runs
@@ -73,6 +76,9 @@ __all__ = [
     "load_template", "parse_answer", "plot_crop_boxes", "plot_dnd_neuron", "plot_top_items",
     "propose_concepts", "rank_by", "score_candidates", "write_dnd_tables",
     "write_top_image_tables",
+    # label quality (08)
+    "QualityResult", "evaluate_label_quality", "plot_label_quality", "quality_config",
+    "quality_parts", "write_quality_tables",
     # exploring runs
     "ExplorerView", "FiguresResult", "NeuronExplorer", "RunView", "list_runs", "open_run_folder",
     "write_figures", "write_report",

@@ -63,6 +63,14 @@ def load_probe_from_config(cfg: Config) -> ProbeSet:
     return probe
 
 
+def cfg_for_root(cfg: Config, probe: ProbeSet) -> Config:
+    """`cfg` with the split removed from `probe.sets`, so keys are those of the whole set."""
+    if probe.parent is None:
+        return cfg
+    specs = [{k: v for k, v in s.items() if k != "split"} for s in cfg["probe.sets"]]
+    return cfg.with_overrides({"probe.sets": specs})
+
+
 def target_identity(cfg: Config, target: "Target | None" = None) -> str:
     """What identifies the target's weights in cache keys.
 
@@ -121,6 +129,12 @@ def cache_activations(cfg: Config, target: "Target | None" = None, probe: "Probe
     """
     device = resolve_device(cfg.get("device", "auto"))
     probe = probe or load_probe_from_config(cfg)
+    if probe.parent is not None:  # a split part reads the whole set's caches
+        if extra_jobs:
+            raise NdUtilsError("cache_activations: pass the whole probe set (probe.root) when "
+                               "adding extra jobs for a split part")
+        return cache_activations(cfg_for_root(cfg, probe), target, probe.root, force=force,
+                                 progress=progress, stop_after_chunks=stop_after_chunks)
     target = (target or load_target(cfg["target.name"])).to(device)
     store = ArtifactStore(cfg.data_dir)
     jobs = activation_jobs(cfg, target, probe) + list(extra_jobs or [])
@@ -163,6 +177,9 @@ def load_activations(cfg: Config, layer: str, probe: "ProbeSet | None" = None,
     `target` is needed only for targets outside the registry (see `target_identity`).
     """
     probe = probe or load_probe_from_config(cfg)
+    if probe.parent is not None:
+        return part_view(load_activations(cfg_for_root(cfg, probe), layer, probe.parent, target),
+                         probe)
     store = ArtifactStore(cfg.data_dir)
     art = store.open(STAGE.name, activation_key(cfg, layer, probe, target),
                      produced_by=f"notebooks/{STAGE.notebook} (layer {layer!r})")
@@ -170,6 +187,22 @@ def load_activations(cfg: Config, layer: str, probe: "ProbeSet | None" = None,
     images = pd.read_csv(art.file("images.csv"), keep_default_na=False, dtype={"label": str})
     return LayerActivations(layer, tensors["activations"], tensors["top_ids"],
                             tensors["top_values"], images, art.manifest, art.path)
+
+
+def part_view(full: LayerActivations, part: ProbeSet) -> LayerActivations:
+    """The rows `part.parent_ids` of a whole probe set's activations, with the part's own top
+    images (`top_ids` are ids within the part, as long as the stored top-k allows)."""
+    ids = torch.as_tensor(part.parent_ids, dtype=torch.long)
+    acts = full.activations[ids]
+    k = min(full.top_ids.shape[1], acts.shape[0])
+    # a stable sort keeps ties in id order, as the decode-once pass does
+    order = torch.sort(acts.T, dim=1, descending=True, stable=True)
+    images = full.images.iloc[ids.numpy()].reset_index(drop=True)
+    if "id" in images.columns:
+        images["id"] = range(len(images))
+    return LayerActivations(full.layer, acts, order.indices[:, :k].contiguous(),
+                            order.values[:, :k].contiguous(), images,
+                            {**full.manifest, "part": part.params.get("split", {})}, full.path)
 
 
 def activation_summary(acts: "dict[str, LayerActivations]") -> pd.DataFrame:

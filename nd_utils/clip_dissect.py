@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file
 
-from .activations import activation_key, load_activations, load_probe_from_config
+from .activations import activation_key, cfg_for_root, load_activations, load_probe_from_config
 from .concepts import ConceptSet, load_concept_set
 from .config import Config
 from .errors import ConfigError
@@ -60,6 +60,9 @@ def image_feature_job(cfg: Config, vlm: VisionLanguageModel, probe: ProbeSet) ->
 
 def load_image_features(cfg: Config, probe: ProbeSet) -> torch.Tensor:
     """Cached image features `[N, D]` of the probe set; missing ones name notebook 01."""
+    if probe.parent is not None:  # a split part: rows of the whole set's features
+        whole = load_image_features(cfg_for_root(cfg, probe), probe.parent)
+        return whole[torch.as_tensor(probe.parent_ids, dtype=torch.long)]
     art = ArtifactStore(cfg.data_dir).open(
         IMAGE_STAGE.name, image_feature_key(cfg, probe),
         produced_by=f"notebooks/{IMAGE_STAGE.notebook} (image features of {cfg['vlm.name']!r})")
@@ -229,6 +232,10 @@ def image_feature_jobs_if_missing(cfg: Config, probe: ProbeSet,
     the model when its output already exists; `cache_activations(..., force=True)` then
     recomputes the job it is given.
     """
+    if probe.parent is not None:
+        raise ValueError("image_feature_jobs_if_missing: pass the whole probe set (probe.root "
+                         "with activations.cfg_for_root(cfg, probe)); a split part has no "
+                         "features of its own")
     if not force and ArtifactStore(cfg.data_dir).exists(IMAGE_STAGE.name,
                                                         image_feature_key(cfg, probe)):
         return []

@@ -224,6 +224,16 @@ class Evaluation(_Section):
     sentence_model: Text = _f("a sentence-transformers model name or folder")
 
 
+class Quality(_Section):
+    probe_sets: ProbeSets = _f("a list of one probe set, e.g. [{name: imagenet-sample-1k}]")
+    split: dict[Text, Unit] = _f("fractions of the probe per part adding up to 1, e.g. "
+                                 "{select: 0.4, pool: 0.2, calibrate: 0.1, test: 0.3}")
+    cosy_prompt: Annotated[str, AfterValidator(_prompt)] = _f(
+        "text with {concept}, e.g. 'realistic photo of a close up of {concept}'")
+    cosy_images: PosInt = _f("a whole number >= 1 (images per label)")
+    bootstrap: PosInt = _f("a whole number >= 1 (bootstrap resamples)")
+
+
 class Crops(_Section):
     size: PosInt = _f("a whole number >= 1 (pixels of the square image the crops come from)")
     max_per_image: Annotated[int, Field(ge=0)] = _f("a whole number >= 0 (crops per image)")
@@ -302,6 +312,7 @@ class Schema(_Section):
     vlm: Vlm = _f(_SECTION)
     clip_dissect: ClipDissect = _f(_SECTION)
     evaluation: Evaluation = _f(_SECTION)
+    quality: Quality = _f(_SECTION)
     dnd: Dnd = _f(_SECTION)
     captioner: Captioner = _f(_SECTION)
     llm: Llm = _f(_SECTION)
@@ -328,6 +339,11 @@ def _cross_checks(cfg: Schema) -> list[tuple[tuple, Any, str]]:
         if name not in accepted:
             out.append((("clip_dissect", "hyperparameters", name), value,
                         f"a keyword of {fn.__name__}: one of {', '.join(accepted)}"))
+    parts = {"select", "pool", "calibrate", "test"}
+    if cfg.quality is not None and (set(cfg.quality.split) != parts
+                                    or abs(sum(cfg.quality.split.values()) - 1) > 1e-6):
+        out.append((("quality", "split"), cfg.quality.split,
+                    "fractions for select, pool, calibrate and test adding up to 1"))
     if cfg.synthesis.name == "diffusers" and not cfg.synthesis.model:
         out.append((("synthesis", "model"), cfg.synthesis.model,
                     "a diffusers pipeline id or folder when synthesis.name is diffusers, "

@@ -27,7 +27,7 @@ from matplotlib.figure import Figure
 from .attention_crops import normalise_map
 from .errors import NdUtilsError
 from .figures import blank, cached_top_images, readable_layers
-from .run_reader import RERUN, RunView, open_run_folder, runs_dir
+from .run_reader import QUALITY_METRICS, RERUN, RunView, open_run_folder, runs_dir
 
 MAX_MATCHES = 200
 MAP_NOTE = "spatial map not cached (neuron not in dnd.neurons)"
@@ -56,6 +56,7 @@ class ExplorerView:
     dnd_labels: list = field(default_factory=list)
     dnd_score: "float | None" = None
     candidates: list = field(default_factory=list)   # [(candidate, score, [image paths])]
+    quality: list = field(default_factory=list)  # [(method, CoSy AUC, MAD, sim r, label)], 08
     n_images: int = 0                                # top probe images drawn
     n_maps: int = 0                                  # of which with a spatial-map overlay
     map_overlay: bool = False                        # n_maps > 0
@@ -66,6 +67,15 @@ class ExplorerView:
     @property
     def labels(self) -> list[str]:
         return [x for x in [self.cd_label, *self.dnd_labels] if x]
+
+    @property
+    def quality_line(self) -> str:
+        """Stage 08's scores of both labels on one line ("" when the run has none)."""
+        def fmt(x):
+            return "n/a" if x is None else f"{x:.3f}"
+
+        return " | ".join(f"{m}{f' “{lab}”' if lab else ''}: AUC {fmt(a)} · MAD {fmt(d)} · "
+                          f"sim r {fmt(r)}" for m, a, d, r, lab in self.quality)
 
 
 @dataclass
@@ -275,8 +285,10 @@ class NeuronExplorer:
         e, dnd_score = html.escape, "" if v.dnd_score is None else f" ({v.dnd_score:.3f})"
         cd = f"<b>{e(v.cd_label)}</b> ({v.cd_score:.3f})" if v.cd_label else "—"
         dnd = f"<b>{e(' | '.join(v.dnd_labels))}</b>{dnd_score}" if v.dnd_labels else "—"
+        quality = (f"<br><span style='color:#555'>held-out label quality · {e(v.quality_line)}</span>"
+                   if v.quality else "")
         self.header.value = (f"<b>{e(v.layer)}:{v.unit}</b> of {v.n_units} &nbsp; "
-                             f"CLIP-Dissect: {cd} &nbsp; DnD: {dnd}")
+                             f"CLIP-Dissect: {cd} &nbsp; DnD: {dnd}{quality}")
         self.notes_html.value = "<ul style='color:#a60'>" + "".join(
             f"<li>{e(n)}</li>" for n in v.notes) + "</ul>" if v.notes else ""
         self.last_redraw_seconds = time.perf_counter() - t0
@@ -296,6 +308,13 @@ class NeuronExplorer:
                                f"06_dnd_candidates_{v.layer}.csv: their images are not shown")
         elif self.run.dnd(v.layer) is not None:
             v.notes.append(f"{v.layer}:{unit} has no DnD label (not in dnd.neurons)")
+        for method, prefix in (("CLIP-Dissect", "cd"), ("DnD", "dnd")):
+            q = [getattr(row, f"{prefix}_{m}", None) if row is not None else None
+                 for m in QUALITY_METRICS]
+            q = [None if x is None or pd.isna(x) else float(x) for x in q]
+            if any(x is not None for x in q):
+                v.quality.append((method, *q, str(getattr(row, f"{prefix}_quality_label", "")
+                                                  or "")))
         for r in d.cands[unit].head(self.n_candidates).itertuples() if unit in d.cands else []:
             paths = [p.strip() for p in str(r.images or "").split(";") if p.strip()]
             v.candidates.append((str(r.candidate), float(r.score), paths[:self.candidate_images]))

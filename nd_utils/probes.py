@@ -91,6 +91,10 @@ class ProbeSet:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     params: dict = field(default_factory=dict)
     arrays: dict[str, np.ndarray] = field(default_factory=dict)  # sha256 -> HxWx3 uint8, in-memory items
+    # A part of a split probe set (`probe_split`): its activations and image features are rows
+    # `parent_ids` of the parent's caches, so a split never recomputes them.
+    parent: "ProbeSet | None" = field(default=None, repr=False, compare=False)
+    parent_ids: "tuple[int, ...] | None" = None
 
     def __len__(self) -> int:
         return len(self.items)
@@ -139,10 +143,34 @@ class ProbeSet:
         """
         if n < 0:
             raise ValueError(f"subset size must be >= 0, got {n}")
+        if self.parent is not None:  # stays a view of the whole set's caches
+            return self.take(list(range(min(n, len(self)))), f"{self.name}[:{n}]", {"subset": n})
         items = self.items[:n]
         keep = {it.sha256 for it in items if not it.path}
         return ProbeSet(f"{self.name}[:{n}]", items, list(self.skipped), {**self.params, "subset": n},
                         {k: v for k, v in self.arrays.items() if k in keep})
+
+    def take(self, ids: "list[int]", name: str, params: "dict | None" = None) -> ProbeSet:
+        """The items `ids` (in that order) as a probe set whose caches are views of this one's.
+
+        >>> load_probe("offline-sample").take([2, 0], "two").labels
+        ['cup of coffee', 'astronaut']
+        """
+        ids = [int(i) for i in ids]
+        bad = [i for i in ids if not 0 <= i < len(self.items)]
+        if bad:
+            raise ValueError(f"ids {bad[:5]} are outside 0..{len(self.items) - 1}")
+        items = [self.items[i] for i in ids]
+        keep = {it.sha256 for it in items if not it.path}
+        root = self.parent if self.parent is not None else self
+        root_ids = tuple(self.parent_ids[i] for i in ids) if self.parent is not None else tuple(ids)
+        return ProbeSet(name, items, [], {**self.params, **(params or {})},
+                        {k: v for k, v in self.arrays.items() if k in keep}, root, root_ids)
+
+    @property
+    def root(self) -> ProbeSet:
+        """The probe set whose caches this one reads (itself unless it is a split part)."""
+        return self.parent if self.parent is not None else self
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
@@ -490,6 +518,13 @@ def load_probes(specs: list[dict]) -> ProbeSet:
     for spec in specs:
         if "name" not in spec:
             raise ConfigError(f"probe spec {spec!r} has no 'name'; choose one of {', '.join(list_probes())}.")
-        params = {k: v for k, v in spec.items() if k != "name"}
+        params = {k: v for k, v in spec.items() if k not in ("name", "split")}
         sets.append(load_probe(spec["name"], **params))
+    split = [s.get("split") for s in specs if s.get("split") is not None]
+    if split and len(specs) > 1:
+        raise ConfigError("a probe set with 'split' must be listed alone (a split of a union is "
+                          "not supported): keep one entry in the list")
+    if split:
+        from .probe_split import split_part
+        return split_part(sets[0], split[0])
     return sets[0] if len(sets) == 1 else union(*sets)

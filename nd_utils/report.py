@@ -24,7 +24,7 @@ from importlib import resources
 from pathlib import Path
 
 from .errors import NdUtilsError
-from .run_reader import RunView, open_run_folder
+from .run_reader import QUALITY_METRICS, RunView, open_run_folder
 from .store import atomic_write_text
 
 PAGE_SIZE = 60
@@ -132,7 +132,9 @@ def build_data(view: RunView, thumbs: Thumbnails, top_k: int = 5, n_candidates: 
     Neuron record keys (short, because 5,000 of them are embedded): l layer index, u unit,
     c/s/cc CLIP-Dissect label, score, [[concept, score]], t [[image index, activation]],
     d DnD labels, ds DnD score, k [[candidate, score, [image index]]], x DnD's D_top items
-    [[image index, activation, "kind · caption"]].
+    [[image index, activation, "kind · caption"]], qc / qd the CLIP-Dissect / DnD label's
+    quality from stage 08 [CoSy AUC, MAD, simulation r, the label scored] (only when one of
+    them is known; the label is the one stage 08 chose on its select split).
     """
     table = view.neuron_table()
     neurons = []
@@ -162,6 +164,10 @@ def build_data(view: RunView, thumbs: Thumbnails, top_k: int = 5, n_candidates: 
             if r is not None and isinstance(r.dnd_labels, list):
                 rec.update(d=[str(x) for x in r.dnd_labels], ds=_num(r.dnd_score),
                            k=cands.get(unit, []))
+            for key, prefix in (("qc", "cd"), ("qd", "dnd")):
+                q = [_num(getattr(r, f"{prefix}_{m}")) for m in QUALITY_METRICS] if r else []
+                if any(x is not None for x in q):  # only neurons stage 08 scored get a line
+                    rec[key] = q + [str(getattr(r, f"{prefix}_quality_label", "") or "")]
             neurons.append(rec)
     cfg = view.cfg
     meta = (f"{view.path} · status {view.status} · target {cfg.get('target.name')} · "
@@ -171,7 +177,11 @@ def build_data(view: RunView, thumbs: Thumbnails, top_k: int = 5, n_candidates: 
             "missing": view.missing(), "hasDnd": view.has_dnd(), "neurons": neurons}
 
 
-def _table_html(df, title: str) -> str:
+def _table_html(df, title: str, level: int = 2, row_classes: "list[str] | None" = None) -> str:
+    """`df` as an escaped HTML table under an `<h{level}>` title; "" when df is None.
+
+    `row_classes` gives each body row a CSS class ("" = none), e.g. to mark failed checks.
+    """
     import pandas as pd
 
     if df is None:
@@ -181,8 +191,52 @@ def _table_html(df, title: str) -> str:
         num = pd.to_numeric(df[col].replace("", float("nan")), errors="coerce")
         if num.notna().sum() and num.notna().sum() == (df[col].astype(str) != "").sum():
             df[col] = num
-    return f"<h2>{html.escape(title)}</h2>\n" + df.to_html(index=False, escape=True,
-                                                            na_rep="", float_format="{:.4g}".format)
+    table = df.to_html(index=False, escape=True, na_rep="", float_format="{:.4g}".format)
+    if row_classes is not None:
+        # Cells are escaped, so every literal "<tr>" after <tbody> opens one body row, in order.
+        head, body = table.split("<tbody>", 1)
+        classes = iter(row_classes)
+
+        def opening(_match) -> str:
+            c = next(classes, "")
+            return f'<tr class="{html.escape(c)}">' if c else "<tr>"
+
+        table = head + "<tbody>" + re.sub(r"<tr>", opening, body)
+    return f"<h{level}>{html.escape(title)}</h{level}>\n" + table
+
+
+def _passed(value) -> "bool | None":
+    """A sanity check's `ok` cell as a bool; None when it is empty or unreadable."""
+    text = str(value).strip().lower()
+    return True if text in ("true", "1", "1.0", "yes") else (
+        False if text in ("false", "0", "0.0", "no") else None)
+
+
+def quality_html(view: RunView) -> str:
+    """The "Label quality (08)" section of the evaluation page; "" when stage 08 left nothing."""
+    comparison, sanity = view.method_comparison(), view.sanity_checks()
+    summary = view.quality_summary()
+    if comparison is None and sanity is None and summary is None:
+        return ""
+    parts = ['<section class="quality-section">\n<h2>Label quality (08)</h2>',
+             "<p>Labels chosen by each method on the select split of the quality probe and "
+             "scored on its held-out test split (08_label_quality.csv has every label).</p>"]
+    if comparison is not None:
+        parts.append(_table_html(comparison, "CLIP-Dissect vs DnD on the same neurons "
+                                 "(diff = clip_dissect - dnd, 95% bootstrap CI) · "
+                                 "08_method_comparison.csv", level=3))
+    if sanity is not None:
+        passed = [_passed(x) for x in sanity["ok"]]
+        failed = passed.count(False)
+        parts.append(_table_html(sanity, "Sanity checks: true class > method > shuffled > "
+                                 "constant (08_sanity_checks.csv)", level=3,
+                                 row_classes=["fail" if p is False else "" for p in passed]))
+        parts.append(f'<p class="{"fail-note" if failed else "pass-note"}">{failed} of '
+                     f"{len(passed)} expected orderings failed</p>")
+    if summary is not None:
+        parts.append(_table_html(summary, "Mean quality per layer and label source, 95% CI "
+                                 "(08_quality_summary.csv)", level=3))
+    return "\n".join(parts) + "\n</section>"
 
 
 def evaluation_html(view: RunView, figures: list[str], css: str) -> str:
@@ -200,6 +254,7 @@ def evaluation_html(view: RunView, figures: list[str], css: str) -> str:
     parts.append(_table_html(stages if len(stages) else None, "Stages"))
     parts.append(_table_html(view.evaluation(), "Final-layer evaluation (07_evaluation.csv)"))
     parts.append(_table_html(view.published(), "Published numbers (07_published.csv)"))
+    parts.append(quality_html(view))
     if figures:
         parts.append("<h2>Figures</h2>\n<div class=\"figures\">" + "".join(
             f'<figure><a href="{e(f)}"><img src="{e(f)}" alt="{e(f)}" loading="lazy"></a>'

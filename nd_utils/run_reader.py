@@ -36,7 +36,16 @@ _TABLES = {  # kind -> (file name in results/, columns the readers rely on, note
     "dnd_candidates": ("06_dnd_candidates_{}.csv", ("unit", "rank", "candidate", "score",
                                                     "images"), "03-06"),
     "07_evaluation.csv": ("{}", (), "07"), "07_published.csv": ("{}", (), "07"),
+    "08_label_quality.csv": ("{}", ("layer", "unit", "source", "auc", "mad", "sim_r"), "08"),
+    "08_quality_summary.csv": ("{}", ("layer", "source", "metric", "mean"), "08"),
+    "08_method_comparison.csv": ("{}", ("layer", "metric", "clip_dissect", "dnd"), "08"),
+    "08_sanity_checks.csv": ("{}", ("layer", "metric", "method", "ok"), "08"),
 }
+QUALITY_TABLES = ("08_label_quality.csv", "08_quality_summary.csv", "08_method_comparison.csv",
+                  "08_sanity_checks.csv")
+# neuron_table() prefix -> `source` of 08_label_quality.csv; metrics copied per method
+QUALITY_SOURCES = {"cd": "clip_dissect", "dnd": "dnd"}
+QUALITY_METRICS = ("auc", "mad", "sim_r")
 _LAYER_RE = re.compile(r"^(?:02_clip_dissect|03_top_images|06_dnd_candidates|06_dnd)_(.+)\.csv$")
 
 
@@ -169,6 +178,26 @@ class RunView:
         """`07_published.csv` (the papers' numbers this run is compared with)."""
         return self._table("07_published.csv")
 
+    def label_quality(self) -> "pd.DataFrame | None":
+        """`08_label_quality.csv`: one row per (layer, unit, source) with the label's CoSy AUC,
+        MAD, AUPRC, p_value, simulation r (sim_r), n_concept_images, n_test ('' = NaN)."""
+        return self._table("08_label_quality.csv")
+
+    def quality_summary(self) -> "pd.DataFrame | None":
+        """`08_quality_summary.csv`: layer ('all' pools), source, metric, mean, ci_low, ci_high,
+        n."""
+        return self._table("08_quality_summary.csv")
+
+    def method_comparison(self) -> "pd.DataFrame | None":
+        """`08_method_comparison.csv`: CLIP-Dissect vs DnD per layer and metric over the same
+        neurons: clip_dissect, dnd, diff (= clip_dissect - dnd), diff_low/high, p values, n."""
+        return self._table("08_method_comparison.csv")
+
+    def sanity_checks(self) -> "pd.DataFrame | None":
+        """`08_sanity_checks.csv`: layer, metric, method, higher, lower, their values and ok
+        (whether the expected ordering true class > method > shuffled > constant held)."""
+        return self._table("08_sanity_checks.csv")
+
     def figures(self) -> list[Path]:
         """PNG figures of `results/`, in stage order."""
         return sorted(self.results.glob("*.png")) if self.results.is_dir() else []
@@ -296,10 +325,23 @@ class RunView:
                            f"config" + (f" ({why.split(':')[0]})" if why else ""))
         if self.evaluation() is None:
             out.append("no final-layer evaluation: run notebook 07")
+        # Stage 08 is optional: runs without it say nothing, but a partial one (or a finished
+        # label-quality notebook without its table) names what is lacking.
+        absent = [name for name in QUALITY_TABLES if self._table(name) is None]
+        ran = any("quality" in str(s.get("notebook", "")) and s.get("status") == "ok"
+                  for s in self.stages if str(s.get("notebook", "")).startswith("08"))
+        if absent and (len(absent) < len(QUALITY_TABLES) or ran):
+            out.append(f"label quality incomplete (no {', '.join(absent)}): rerun notebook 08")
         return out
 
     def neuron_table(self) -> pd.DataFrame:
-        """One row per (layer, unit): CLIP-Dissect label/score/concepts and DnD labels/score."""
+        """One row per (layer, unit): CLIP-Dissect label/score/concepts and DnD labels/score.
+
+        Then the label-quality metrics of stage 08 per method: cd_auc, cd_mad, cd_sim_r,
+        dnd_auc, dnd_mad, dnd_sim_r (floats; NaN when the run has no such row), and the labels
+        they score, cd_quality_label and dnd_quality_label (stage 08 chooses them on its select
+        split, so they can differ from cd_label / dnd_labels).
+        """
         if "neuron_table" in self._cache:
             return self._cache["neuron_table"].copy()
         parts = []
@@ -346,5 +388,38 @@ class RunView:
         for c in cols:
             if c not in table:
                 table[c] = None
-        self._cache["neuron_table"] = table[cols]
-        return table[cols].copy()
+        table = self._with_quality(table[cols])
+        self._cache["neuron_table"] = table
+        return table.copy()
+
+    def _with_quality(self, table: pd.DataFrame) -> pd.DataFrame:
+        """`table` with the per-method quality columns of `08_label_quality.csv` appended."""
+        cols = [f"{p}_{m}" for p in QUALITY_SOURCES for m in QUALITY_METRICS]
+        labels = [f"{p}_quality_label" for p in QUALITY_SOURCES]
+        quality = self.label_quality()
+        if quality is None or not len(quality) or not len(table):
+            return table.assign(**{c: float("nan") for c in cols}, **{c: "" for c in labels})
+        q = quality.assign(unit=pd.to_numeric(quality["unit"], errors="coerce"),
+                           source=quality["source"].astype(str),
+                           layer=quality["layer"].astype(str))
+        q = q[q["unit"].notna() & q["source"].isin(list(QUALITY_SOURCES.values()))]
+        wide = []
+        for prefix, source in QUALITY_SOURCES.items():
+            part = q[q["source"] == source].drop_duplicates(["layer", "unit"])
+            # empty cells (keep_default_na=False leaves them '') are NaN metrics
+            # the label stage 08 judged: chosen on its select split, so it can differ from
+            # this run's own label of the neuron
+            wide.append(pd.DataFrame({f"{prefix}_quality_label": part["label"].astype(str),
+                                      **{f"{prefix}_{m}": pd.to_numeric(part[m], errors="coerce")
+                                         for m in QUALITY_METRICS}}).set_index(
+                pd.MultiIndex.from_arrays([part["layer"], part["unit"].astype(int)])))
+        wide = pd.concat(wide, axis=1)
+        keys = pd.MultiIndex.from_arrays([table["layer"].astype(str),
+                                          pd.to_numeric(table["unit"]).astype(int)])
+        wide = wide.reindex(keys)
+        out = table.copy()
+        for c in cols:
+            out[c] = wide[c].to_numpy(dtype=float) if c in wide else float("nan")
+        for c in labels:
+            out[c] = wide[c].fillna("").to_numpy(dtype=object) if c in wide else ""
+        return out

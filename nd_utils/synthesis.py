@@ -32,7 +32,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .activations import load_probe_from_config
+from .activations import cfg_for_root, load_probe_from_config
 from .clip_dissect import image_feature_jobs_if_missing, load_image_features, load_vlm_from_config
 from .config import Config
 from .decode_once import run_decode_once
@@ -171,9 +171,10 @@ def load_synthesizer_from_config(cfg: Config, vlm=None):
         pcfg = cfg.with_overrides({"probe.sets": cfg["synthesis.pool"] if source ==
                                    "synthesis.pool" else cfg["probe.sets"], "probe.limit": None})
         vlm = vlm or load_vlm_from_config(cfg)
-        jobs = image_feature_jobs_if_missing(pcfg, pool, vlm)
-        if jobs:  # the pool's image features, computed once and shared with stage 07
-            run_decode_once(pool, jobs, ArtifactStore(cfg.data_dir),
+        # a split part of a pool reads the whole pool's features (computed once, shared with 07)
+        jobs = image_feature_jobs_if_missing(cfg_for_root(pcfg, pool), pool.root, vlm)
+        if jobs:
+            run_decode_once(pool.root, jobs, ArtifactStore(cfg.data_dir),
                             batch_size=int(cfg["vlm.batch_size"]),
                             chunk_size=int(cfg["activations.chunk_size"]), device=device)
         synth = RetrieveSynthesizer(cfg, pool, load_image_features(pcfg, pool), vlm)

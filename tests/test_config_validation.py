@@ -162,6 +162,14 @@ OTHER_BAD = [
     ("selection.beta=0", "selection.beta: got 0"),
     ("selection.zeta=0", "selection.zeta: got 0"),
     ("selection.labels=0", "selection.labels: got 0"),
+    ("quality.probe_sets=[]", "quality.probe_sets: got []"),
+    ("quality.split.select=2", "quality.split.select: got 2"),
+    ("quality.split.pool=-0.1", "quality.split.pool: got -0.1"),
+    ("quality.split.calibrate=abc", "quality.split.calibrate: got 'abc'"),
+    ("quality.split.test=1.5", "quality.split.test: got 1.5"),
+    ("quality.cosy_prompt='a photo'", "quality.cosy_prompt: got 'a photo'; expected text with {"),
+    ("quality.cosy_images=0", "quality.cosy_images: got 0"),
+    ("quality.bootstrap=0", "quality.bootstrap: got 0"),
 ]
 
 
@@ -180,7 +188,7 @@ def test_every_profile_key_is_covered_by_a_bad_value_test():
     keys = nd.load_config("offline").keys()
     leaves = {k for k in keys if not any(o.startswith(k + ".") for o in keys)
               and not k.startswith(("probe.sets.", "evaluation.probe_sets.", "synthesis.pool.",
-                                    "dnd.neurons."))}
+                                    "quality.probe_sets.", "dnd.neurons."))}
     assert leaves and leaves <= tested, sorted(leaves - tested)
 
 

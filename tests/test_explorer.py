@@ -1,4 +1,5 @@
 """The neuron explorer, driven from Python on synthetic run folders (no browser needed)."""
+import html
 import json
 
 import pandas as pd
@@ -10,7 +11,7 @@ from nd_utils.activations import load_probe_from_config
 from nd_utils.explorer import MAP_NOTE, NeuronExplorer, list_runs
 from nd_utils.store import ArtifactStore, save_tensors
 from nd_utils.top_images import STAGE, top_images_key
-from test_report import _csv, make_run  # the synthetic run folder of the report's tests
+from test_report import _csv, add_label_quality, make_run  # the report tests' run folders
 
 HEAD = ["zebra", "striped horse", "dog", "cat", "red car", "tree", "lamp", "boat"]
 
@@ -163,3 +164,26 @@ def test_missing_runs_and_old_folders_give_messages(tmp_path, monkeypatch):
     assert ex.message == "" and ex.run.layers == ["fc"] and ex.view.cd_label == "zebra stripes"
     assert any(n.startswith("layer 'head' left out") and "06_dnd_head.csv" in n
                for n in ex.view.notes)
+
+
+def test_label_quality_line(run):
+    ex = NeuronExplorer(run)  # no stage 08: no line, nothing else changes
+    assert ex.view.quality == [] and ex.view.quality_line == ""
+    assert "label quality" not in ex.header.value
+    add_label_quality(run, n_units=8)
+    ex = NeuronExplorer(run)
+    ex.jump("head", 2)
+    v = ex.view
+    assert [q[0] for q in v.quality] == ["CLIP-Dissect", "DnD"]
+    assert v.quality[0][1:4] == pytest.approx((0.88, 2.0, 0.452)) and v.quality[0][4] == "l2"
+    assert v.quality[1][1:4] == pytest.approx((0.78, 1.8, 0.402))
+    assert v.quality_line == ("CLIP-Dissect “l2”: AUC 0.880 · MAD 2.000 · sim r 0.452 | "
+                              "DnD “l2”: AUC 0.780 · MAD 1.800 · sim r 0.402")
+    assert "held-out label quality · " + html.escape(v.quality_line) in ex.header.value
+    ex.unit.value = 4  # no 08 rows
+    assert ex.view.quality == [] and "label quality" not in ex.header.value
+    ex.unit.value = 5  # DnD's metrics are empty cells: CLIP-Dissect only
+    assert [q[0] for q in ex.view.quality] == ["CLIP-Dissect"]
+    assert ex.view.quality_line == "CLIP-Dissect “l5”: AUC 0.850 · MAD 2.300 · sim r 0.455"
+    ex.layer.value = "fc"  # a layer stage 08 did not score
+    assert ex.view.quality == [] and ex.view.cd_label == "fast red car"

@@ -105,6 +105,40 @@ def make_run(root: Path, n_units: int = 6, labels=None, dnd=True, cache=True, n_
     return run
 
 
+def add_label_quality(run: Path, n_units: int = 6, layer: str = "head") -> None:
+    """Stage 08's tables as notebook 08 writes them; unit 4 has no rows, unit 5's DnD metrics
+    are empty cells, and one sanity ordering fails."""
+    res, rows = run / "results", []
+    for u in range(n_units):
+        if u == 4:
+            continue
+        for source, base in (("clip_dissect", 0.9), ("dnd", 0.8), ("shuffled clip_dissect", 0.5),
+                             ("constant 'depiction'", 0.4)):
+            empty = u == 5 and source == "dnd"
+            rows.append({"layer": layer, "unit": u, "source": source, "label": f"l{u}",
+                         "auc": "" if empty else base - u / 100,
+                         "mad": "" if empty else 2 * base + u / 10, "auprc": 0.5,
+                         "p_value": 0.01, "sim_r": "" if empty else base / 2 + u / 1000,
+                         "n_concept_images": 10, "n_test": 40})
+    _csv(res / "08_label_quality.csv", rows)
+    _csv(res / "08_quality_summary.csv", [
+        {"layer": lay, "source": src, "metric": m, "mean": 0.7, "ci_low": 0.6, "ci_high": 0.8,
+         "n": 5} for lay in (layer, "all") for src in ("clip_dissect", "dnd")
+        for m in ("auc", "mad", "auprc", "sim_r")])
+    _csv(res / "08_method_comparison.csv", [
+        {"layer": layer, "metric": m, "clip_dissect": 0.876, "dnd": 0.765, "diff": 0.111,
+         "diff_low": 0.05, "diff_high": 0.17, "p_wilcoxon": 0.0312, "p_permutation": 0.04,
+         "n": 5} for m in ("auc", "mad", "auprc", "sim_r")])
+    _csv(res / "08_sanity_checks.csv", [
+        {"layer": layer, "metric": "auc", "method": "clip_dissect", "higher": "clip_dissect",
+         "lower": "shuffled clip_dissect", "higher_value": 0.86, "lower_value": 0.5, "ok": True},
+        {"layer": layer, "metric": "auc", "method": "dnd", "higher": "dnd",
+         "lower": "<b>shuffled dnd</b>", "higher_value": 0.42, "lower_value": 0.5, "ok": False},
+        {"layer": layer, "metric": "sim_r", "method": "dnd", "higher": "dnd",
+         "lower": "constant 'depiction'", "higher_value": 0.4, "lower_value": 0.2, "ok": True}])
+    _png(res / "08_label_quality.png", (90, 90, 200), (200, 100))
+
+
 def _data(index_html: Path) -> dict:
     m = re.search(r'<script type="application/json" id="nd-data">(.*?)</script>',
                   index_html.read_text(), re.S)
@@ -262,6 +296,87 @@ def test_5000_neurons_stay_fast_and_small(tmp_path):
     assert seconds < 30, f"report of 5,000 neurons took {seconds:.1f} s"
 
 
+def test_label_quality_tables_and_neuron_columns(tmp_path):
+    run = make_run(tmp_path, cache=False)
+    add_label_quality(run)
+    view = open_run_folder(run)
+    assert len(view.label_quality()) == 20 and len(view.quality_summary()) == 16
+    assert list(view.method_comparison().metric) == ["auc", "mad", "auprc", "sim_r"]
+    assert list(view.sanity_checks().ok.astype(str)) == ["True", "False", "True"]
+    table = view.neuron_table().set_index("unit")
+    assert list(table.columns) == ["layer", "cd_label", "cd_score", "cd_concepts", "cd_scores",
+                                   "dnd_label", "dnd_labels", "dnd_score", "cd_auc", "cd_mad",
+                                   "cd_sim_r", "dnd_auc", "dnd_mad", "dnd_sim_r",
+                                   "cd_quality_label", "dnd_quality_label"]
+    assert table.loc[2, ["cd_auc", "cd_mad", "cd_sim_r"]].tolist() == pytest.approx(
+        [0.88, 2.0, 0.452])
+    assert table.loc[2, ["dnd_auc", "dnd_mad", "dnd_sim_r"]].tolist() == pytest.approx(
+        [0.78, 1.8, 0.402])
+    assert table.loc[4, ["cd_auc", "dnd_auc", "dnd_sim_r"]].isna().all()  # no rows for unit 4
+    assert table.loc[5, ["dnd_auc", "dnd_mad", "dnd_sim_r"]].isna().all()  # empty cells
+    assert table.loc[5, "cd_auc"] == pytest.approx(0.85)
+    assert not any("label quality" in m for m in view.missing())
+    (run / "results" / "08_sanity_checks.csv").unlink()  # a partial stage 08 is named
+    assert ("label quality incomplete (no 08_sanity_checks.csv): rerun notebook 08"
+            in open_run_folder(run).missing())
+    _csv(run / "results" / "08_method_comparison.csv", [{"layer": "head", "metric": "auc"}])
+    with pytest.raises(nd.NdUtilsError, match="08_method_comparison.csv lacks the column.*"
+                                              "clip_dissect, dnd.*notebook.*08"):
+        open_run_folder(run).method_comparison()
+
+
+def test_report_label_quality_section_and_card_line(tmp_path):
+    run = make_run(tmp_path)
+    add_label_quality(run)
+    index = write_report(run, progress=False)
+    neurons = {n["u"]: n for n in _data(index)["neurons"]}
+    assert neurons[2]["qc"][:3] == pytest.approx([0.88, 2.0, 0.452])
+    assert neurons[2]["qd"][:3] == pytest.approx([0.78, 1.8, 0.402])
+    assert neurons[2]["qc"][3] == "l2"   # the label stage 08 scored
+    assert "qc" not in neurons[4] and "qd" not in neurons[4]  # no 08 rows: no line
+    assert "qd" not in neurons[5]  # its DnD metrics are all empty cells
+    assert neurons[5]["qc"][:3] == pytest.approx([0.85, 2.3, 0.455])
+    ev = (index.parent / "evaluation.html").read_text()
+    section = ev[ev.index("<h2>Label quality (08)</h2>"):ev.index("</section>")]
+    # the comparison first, then the sanity checks, then the summary
+    assert (section.index("08_method_comparison.csv") < section.index("08_sanity_checks.csv")
+            < section.index("08_quality_summary.csv"))
+    assert "0.876" in section and "0.765" in section and "0.0312" in section
+    rows = re.findall(r"<tr[^>]*>.*?</tr>", section[section.index("08_sanity_checks.csv"):
+                                                    section.index("08_quality_summary.csv")],
+                      re.S)
+    failed = [r for r in rows if r.startswith('<tr class="fail">')]
+    assert len(rows) == 4 and len(failed) == 1  # header + 3 checks, one of them failed
+    assert "&lt;b&gt;shuffled dnd&lt;/b&gt;" in failed[0] and "<b>shuffled" not in ev
+    assert "1 of 3 expected orderings failed" in section and 'class="fail-note"' in section
+    assert "tr.fail td" in ev  # the page's own CSS marks them
+    assert (index.parent / "fig" / "08_label_quality.png").exists()
+    assert 'src="fig/08_label_quality.png"' in ev
+    assert "qc" in (index.parent / "index.html").read_text()  # card code reads the data
+
+
+def test_absent_label_quality_changes_nothing(tmp_path):
+    run = make_run(tmp_path)
+    view = open_run_folder(run)
+    assert view.label_quality() is None and view.quality_summary() is None
+    assert view.method_comparison() is None and view.sanity_checks() is None
+    assert view.missing() == []
+    table = view.neuron_table()
+    assert table[["cd_auc", "cd_mad", "cd_sim_r", "dnd_auc", "dnd_mad", "dnd_sim_r"]
+                 ].isna().all().all()
+    index = write_report(view, progress=False)
+    assert not any(k in n for n in _data(index)["neurons"] for k in ("qc", "qd"))
+    ev = (index.parent / "evaluation.html").read_text()
+    assert "Label quality" not in ev and 'class="fail' not in ev
+    assert "Final-layer evaluation" in ev
+    # a run whose label-quality notebook finished without its tables says so
+    record = json.loads((run / "run.json").read_text())
+    record["stages"].append({"notebook": "08_label_quality.ipynb", "status": "ok"})
+    (run / "run.json").write_text(json.dumps(record))
+    assert any(m.startswith("label quality incomplete (no 08_label_quality.csv")
+               for m in open_run_folder(run).missing())
+
+
 # --------------------------------------------------------------------------- in a real browser
 
 
@@ -309,7 +424,9 @@ def test_report_in_chromium(tmp_path):
     for u in (3, 50, 120):
         labels[u] = f"zebra stripes {u}"
     labels[7] = XSS
-    index = write_report(make_run(tmp_path, n_units=130, labels=labels), progress=False)
+    run = make_run(tmp_path, n_units=130, labels=labels)
+    add_label_quality(run, n_units=130)
+    index = write_report(run, progress=False)
     driver = _browser(tmp_path)
     try:
         driver.get(index.as_uri())
@@ -323,7 +440,18 @@ def test_report_in_chromium(tmp_path):
         wait.until(lambda d: len(cards()) == 3)
         assert [c.get_attribute("data-unit") for c in cards()] == ["3", "50", "120"]
         assert all("zebra stripes" in c.text for c in cards())
+        # stage 08's line: both labels' CoSy AUC, MAD and simulation r (unit 3)
+        line = cards()[0].find_element(By.CSS_SELECTOR, ".quality").text
+        assert line == ("held-out label quality CLIP-Dissect \u201cl3\u201d: AUC 0.870 · MAD 2.100 · "
+                        "sim r 0.453 | DnD \u201cl3\u201d: AUC 0.770 · MAD 1.900 · sim r 0.403"), line
         assert driver.find_element(By.ID, "count").text == "showing 1–3 of 3 neurons"
+        search.clear()
+        search.send_keys("concept4")  # unit 4 has no 08 rows: its card has no line
+        wait.until(lambda d: cards() and cards()[0].get_attribute("data-unit") == "4")
+        assert not cards()[0].find_elements(By.CSS_SELECTOR, ".quality")
+        search.clear()
+        search.send_keys("zebra")
+        wait.until(lambda d: len(cards()) == 3)
         # the script-laden label is shown as text and never ran
         search.clear()
         search.send_keys("ndpwned")

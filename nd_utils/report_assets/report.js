@@ -101,7 +101,23 @@
       dnd.appendChild(row);
     });
     c.appendChild(dnd);
+    var q = quality(n);
+    if (q) c.appendChild(q);
     return c;
+  }
+
+  // Stage 08's scores of both labels on one line: CoSy AUC, MAD and simulation r.
+  function quality(n) {
+    var parts = [["CLIP-Dissect", n.qc], ["DnD", n.qd]].filter(function (m) { return m[1]; });
+    if (!parts.length) return null;
+    var line = el("div", "quality");
+    line.appendChild(el("span", "tag", "held-out label quality "));  // the space keeps copied text apart
+    line.appendChild(document.createTextNode(parts.map(function (m) {
+      var q = m[1];
+      var label = q[3] ? " \u201c" + q[3] + "\u201d" : "";  // judged label (select split)
+      return m[0] + label + ": AUC " + fmt(q[0]) + " · MAD " + fmt(q[1]) + " · sim r " + fmt(q[2]);
+    }).join(" | ")));
+    return line;
   }
 
   function score(n, key) { var v = n[key]; return v === null || v === undefined ? NaN : v; }

@@ -1,0 +1,337 @@
+"""Stage 08: how good are the labels? CoSy, simulation and sanity checks, CLIP-Dissect vs DnD.
+
+The quality probe (`quality.probe_sets`, one set) is split once, seeded by `seed`, into `select`
+/ `pool` / `calibrate` / `test` parts (`probe_split`; the ids are saved in `08_split.csv`):
+
+1. labels are chosen on `select` only: CLIP-Dissect over the select images, DnD with its D_top
+   drawn from them (and, offline, its concept images retrieved from `pool`);
+2. for each evaluated neuron (`dnd.neurons` of `dnd.layers`) and each label source (the two
+   methods, and the sanity labels: the true class on a classifier's final layer, each method's
+   labels shuffled across neurons, a random concept of the concept set, the constant
+   "depiction"), on the held-out `test` images:
+   - CoSy (NeurIPS 2024): the neuron's activations on images of the label (`a_1`: the synthesis
+     backend with CoSy's prompt; offline `retrieve` from `pool`) against those on the test images
+     (`a_0`): AUC, MAD, AUPRC and a one-sided Mann-Whitney p-value (`label_metrics.cosy_scores`);
+   - simulation (Linear Explanations, ICML 2024): activations predicted from the label alone,
+     `sigmoid(a * (cos(image, label) + b))` in the vision-language model's space, with (a, b)
+     fitted on the `calibrate` images against their own class labels; Pearson r with the real
+     activations on `test`;
+3. means with bootstrap intervals over neurons, a paired CLIP-Dissect vs DnD comparison, and the
+   sanity ordering true > method > shuffled > constant (NeuronEval, ICML 2025) per metric.
+
+Example:
+    >>> result = evaluate_label_quality(load_config("offline"))       # doctest: +SKIP
+    >>> result.comparison[["layer", "metric", "clip_dissect", "dnd", "p_wilcoxon"]]  # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from . import label_metrics as lm
+from .activations import cache_activations, cfg_for_root, load_activations
+from .clip_dissect import (dissect_layer, image_feature_jobs_if_missing, load_concepts_from_config,
+                           load_image_features, load_vlm_from_config)
+from .config import Config
+from .dnd import dnd_selection
+from .errors import ConfigError, ProbeError
+from .probe_split import split_table
+from .probes import ProbeSet, load_probes
+from .runtime import resolve_device, seed_everything
+from .selection import concept_activations
+from .stages import STAGES
+from .store import ArtifactStore, atomic_write_text
+from .synthesis import concept_images, load_synthesizer_from_config
+from .targets import load_target
+
+STAGE = STAGES["08_label_quality"]
+METRICS = ("auc", "mad", "auprc", "sim_r")
+METHODS = ("clip_dissect", "dnd")
+CONSTANT = "constant 'depiction'"
+TRUE, RANDOM = "true class", "random concept"
+PARTS = ("select", "pool", "calibrate", "test")
+
+
+def quality_config(cfg: Config) -> Config:
+    """The config stage 08 labels with: probe = the `select` part of `quality.probe_sets`, the
+    retrieval pool = its `pool` part, layers = `dnd.layers`.
+
+    Falls back to `probe.sets` (with a warning) when the quality probe is unavailable, e.g.
+    `imagenet-sample-1k` outside CI.
+    """
+    specs = cfg["quality.probe_sets"]
+    if len(specs) != 1:
+        raise ConfigError(f"quality.probe_sets must name one probe set (it is split into "
+                          f"{', '.join(PARTS)}), got {len(specs)}")
+    try:
+        load_probes([specs[0]])
+    except ProbeError as exc:
+        if len(cfg["probe.sets"]) != 1:
+            raise
+        warnings.warn(f"quality probe unavailable ({exc}); splitting probe.sets instead",
+                      stacklevel=2)
+        specs = cfg["probe.sets"]
+    split = {"fractions": dict(cfg["quality.split"]), "seed": int(cfg["seed"])}
+    base = {k: v for k, v in specs[0].items() if k != "split"}
+    return cfg.with_overrides({
+        "probe.sets": [{**base, "split": {"part": "select", **split}}], "probe.limit": None,
+        "synthesis.pool": [{**base, "split": {"part": "pool", **split}}],
+        "target.layers": list(cfg["dnd.layers"])})
+
+
+def quality_parts(qcfg: Config) -> dict[str, ProbeSet]:
+    """{part: ProbeSet} of the quality probe, each a view of the whole set's caches."""
+    spec = qcfg["probe.sets"][0]
+    return {part: load_probes([{**spec, "split": {**spec["split"], "part": part}}])
+            for part in PARTS}
+
+
+def cache_quality_inputs(qcfg: Config, progress: bool = True) -> None:
+    """Activations of `dnd.layers` and image features of the whole quality probe, one pass
+    (the final layer's are shared with stage 07 when both use the same probe)."""
+    whole = quality_parts(qcfg)["test"].root
+    wcfg = cfg_for_root(qcfg, quality_parts(qcfg)["test"])
+    cache_activations(wcfg, probe=whole, extra_jobs=image_feature_jobs_if_missing(wcfg, whole),
+                      progress=progress)
+
+
+def method_labels(qcfg: Config, progress: bool = True) -> pd.DataFrame:
+    """`layer, unit, source, label`: CLIP-Dissect's and DnD's label of every DnD neuron, both
+    chosen on the select part (computed here when not cached)."""
+    rows = []
+    selection = dnd_selection(qcfg, progress=progress)
+    for layer, sel in selection.items():
+        cd = dissect_layer(qcfg, layer).set_index("unit")["description"]
+        for _, r in sel.labels.iterrows():
+            unit = int(r["Neuron ID"])
+            rows.append({"layer": layer, "unit": unit, "source": "clip_dissect",
+                         "label": str(cd[unit])})
+            rows.append({"layer": layer, "unit": unit, "source": "dnd",
+                         "label": str(r.get("Label 1", "") or "")})
+    return pd.DataFrame(rows, columns=["layer", "unit", "source", "label"])
+
+
+def sanity_labels(qcfg: Config, labels: pd.DataFrame, class_names: "list[str] | None",
+                  n_units: "dict[str, int]") -> pd.DataFrame:
+    """Add the sanity labels to the methods' rows (see the module docstring).
+
+    Shuffles are derangements over all evaluated neurons (seeded), so no neuron keeps its own
+    label; the true class is given on `evaluation.layer` when the target's class list matches
+    that layer's width.
+    """
+    rng = np.random.default_rng(int(qcfg["seed"]))
+    out = [labels]
+    for method in METHODS:
+        rows = labels[labels.source == method].reset_index(drop=True)
+        if len(rows) >= 2:
+            perm = _derangement(len(rows), rng)
+            out.append(rows.assign(source=f"shuffled {method}",
+                                   label=rows.label.to_numpy()[perm]))
+    units = labels[["layer", "unit"]].drop_duplicates().reset_index(drop=True)
+    words = list(load_concepts_from_config(qcfg))
+    out.append(units.assign(source=RANDOM, label=[words[int(i)] for i in
+                                                  rng.integers(0, len(words), len(units))]))
+    out.append(units.assign(source=CONSTANT, label="depiction"))
+    final = qcfg["evaluation.layer"]
+    if class_names and n_units.get(final) == len(class_names):
+        fc = units[units.layer == final]
+        out.append(fc.assign(source=TRUE, label=[class_names[u] for u in fc.unit]))
+    return pd.concat(out, ignore_index=True)
+
+
+def _derangement(n: int, rng: np.random.Generator) -> np.ndarray:
+    while True:  # about e tries on average
+        perm = rng.permutation(n)
+        if not (perm == np.arange(n)).any():
+            return perm
+
+
+def calibrate_simulator(calib: ProbeSet, feats: torch.Tensor, vlm) -> dict:
+    """Fit the simulator's `(a, b)` on labelled calibration images (`label_metrics`).
+
+    Concepts are the distinct labels of the whole probe set; image i is a positive of concept j
+    when its label is j, as Linear Explanations calibrates on ImageNet class labels.
+    """
+    labels = [lab for lab in calib.root.labels if lab]
+    concepts = sorted(set(labels))
+    have = [i for i, lab in enumerate(calib.labels) if lab]
+    if len(concepts) < 2 or len(have) < 2:
+        raise ConfigError(f"simulation: the calibration images of {calib.root.name!r} need class "
+                          f"labels (found {len(have)} labelled, {len(concepts)} classes)")
+    text = vlm.encode_texts(concepts).float().cpu()
+    cos = (feats[have].float() @ text.T).numpy()
+    pos = np.array([[calib.labels[i] == c for c in concepts] for i in have])
+    a, b = lm.fit_sigmoid_calibration(cos, pos)
+    return {"a": a, "b": b, "n_images": len(have), "n_concepts": len(concepts)}
+
+
+def score_labels(qcfg: Config, labels: pd.DataFrame, parts: dict[str, ProbeSet], vlm, target,
+                 calibration: dict, progress: bool = True) -> pd.DataFrame:
+    """Every metric for every (layer, unit, source) row of `labels` on the test part."""
+    ccfg = qcfg.with_overrides({"synthesis.prompt": qcfg["quality.cosy_prompt"],
+                                "synthesis.images_per_concept": int(qcfg["quality.cosy_images"])})
+    wanted = sorted({lab for lab in labels.label if lab})
+    synth = load_synthesizer_from_config(ccfg, vlm=vlm)
+    images, _ = concept_images(ccfg, wanted, synth, progress=progress)
+    usable = {c: ci for c, ci in images.items() if len(ci.usable)}
+    layers = sorted(set(labels.layer))
+    cacts = concept_activations(ccfg, layers, usable, target, vlm, progress=progress)
+    rows_of = {c: torch.as_tensor(g.index.to_numpy().copy())
+               for c, g in cacts.index.groupby("concept")}
+    test = parts["test"]
+    acts = {layer: load_activations(qcfg, layer, probe=test).activations for layer in layers}
+    feats = load_image_features(qcfg, test).float()
+    text = dict(zip(wanted, vlm.encode_texts(wanted).float().cpu())) if wanted else {}
+    out = []
+    for r in labels.itertuples(index=False):
+        a0 = acts[r.layer][:, r.unit].numpy()
+        rec = {"layer": r.layer, "unit": r.unit, "source": r.source, "label": r.label,
+               "auc": np.nan, "mad": np.nan, "auprc": np.nan, "p_value": np.nan,
+               "sim_r": np.nan, "n_concept_images": 0, "n_test": len(a0)}
+        if r.label and r.label in rows_of:
+            a1 = cacts.activations[r.layer][rows_of[r.label], r.unit].numpy()
+            s = lm.cosy_scores(a0, a1)
+            rec.update(auc=s["auc"], mad=s["mad"], auprc=s["auprc"], p_value=s["p_value"],
+                       n_concept_images=len(a1))
+        if r.label and calibration:
+            pred = lm.simulate_activations((feats @ text[r.label]).numpy(), calibration["a"],
+                                           calibration["b"])
+            rec["sim_r"] = lm.pearson(pred, a0)
+        out.append(rec)
+    return pd.DataFrame(out)
+
+
+def summarise_quality(table: pd.DataFrame, n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
+    """`layer, source, metric, mean, ci_low, ci_high, n`: bootstrap means over neurons; layer
+    "all" pools every layer."""
+    rows = []
+    for layer, t in [*table.groupby("layer", sort=False), ("all", table)]:
+        for source, g in t.groupby("source", sort=False):
+            for metric in METRICS:
+                vals = g[metric].to_numpy(dtype=float)
+                mean, low, high = lm.bootstrap_mean_ci(vals, n_boot=n_boot, seed=seed)
+                rows.append({"layer": layer, "source": source, "metric": metric, "mean": mean,
+                             "ci_low": low, "ci_high": high, "n": int(np.isfinite(vals).sum())})
+    return pd.DataFrame(rows)
+
+
+def compare_methods(table: pd.DataFrame, n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
+    """Paired CLIP-Dissect vs DnD per layer (and "all") and metric: diff = CD - DnD."""
+    rows = []
+    for layer, t in [*table.groupby("layer", sort=False), ("all", table)]:
+        wide = {m: t[t.source == m].set_index(["layer", "unit"]) for m in METHODS}
+        units = wide["clip_dissect"].index.intersection(wide["dnd"].index)
+        if not len(units):
+            continue
+        for metric in METRICS:
+            c = lm.paired_comparison(wide["clip_dissect"].loc[units, metric].to_numpy(float),
+                                     wide["dnd"].loc[units, metric].to_numpy(float),
+                                     n_boot=n_boot, seed=seed)
+            rows.append({"layer": layer, "metric": metric, "clip_dissect": c["mean_a"],
+                         "dnd": c["mean_b"], "diff": c["diff"], "diff_low": c["diff_low"],
+                         "diff_high": c["diff_high"], "p_wilcoxon": c["p_wilcoxon"],
+                         "p_permutation": c["p_permutation"], "n": c["n"]})
+    return pd.DataFrame(rows)
+
+
+def sanity_checks(summary: pd.DataFrame) -> pd.DataFrame:
+    """`layer, metric, method, higher, lower, higher_value, lower_value, ok`: the expected order
+    true class > method > shuffled > constant, and method > random concept (a missing source,
+    e.g. the true class off the final layer, is skipped)."""
+    rows = []
+    for (layer, metric), g in summary.groupby(["layer", "metric"], sort=False):
+        means = dict(zip(g.source, g["mean"]))
+        for method in METHODS:
+            if method not in means:
+                continue
+            order = [TRUE, method, f"shuffled {method}", CONSTANT]
+            checks = lm.sanity_ordering(means, order) + lm.sanity_ordering(means, [method, RANDOM])
+            rows += [{"layer": layer, "metric": metric, "method": method, **c} for c in checks]
+    return pd.DataFrame(rows, columns=["layer", "metric", "method", "higher", "lower",
+                                       "higher_value", "lower_value", "ok"])
+
+
+@dataclass
+class QualityResult:
+    table: pd.DataFrame        # one row per (layer, unit, source): label and metrics
+    summary: pd.DataFrame
+    comparison: pd.DataFrame
+    sanity: pd.DataFrame
+    split: pd.DataFrame        # id, part, sha256, label, path
+    calibration: dict
+    key: str
+    manifest: dict
+
+
+def evaluate_label_quality(cfg: Config, force: bool = False, progress: bool = True
+                           ) -> QualityResult:
+    """Stage 08 end to end (see the module docstring); every step is cached by content."""
+    seed_everything(int(cfg["seed"]))
+    qcfg = quality_config(cfg)
+    parts = quality_parts(qcfg)
+    cache_quality_inputs(qcfg, progress=progress)
+    labels = method_labels(qcfg, progress=progress)
+    device = resolve_device(cfg.get("device", "auto"))
+    target = load_target(cfg["target.name"]).to(device)
+    vlm = load_vlm_from_config(qcfg)
+    n_units = {layer: load_activations(qcfg, layer, probe=parts["test"]).n_neurons
+               for layer in set(labels.layer)}
+    labels = sanity_labels(qcfg, labels, target.class_names, n_units)
+    store = ArtifactStore(cfg.data_dir)
+    whole = parts["test"].root
+    params = cfg.select(STAGE.reads)
+    inputs = {"probe_fingerprint": whole.fingerprint, "vlm": vlm.backend_id,
+              "weights": target.weights_id,
+              "labels_sha256": _sha(labels.to_csv(index=False))}
+    key = ArtifactStore.key(STAGE.name, STAGE.version, params, inputs=inputs)
+    if force:
+        store.remove(STAGE.name, key)
+    if not store.exists(STAGE.name, key):
+        try:
+            calibration = calibrate_simulator(parts["calibrate"], load_image_features(
+                qcfg, parts["calibrate"]), vlm)
+        except ConfigError as exc:  # no class labels: CoSy still runs, simulation is NaN
+            warnings.warn(str(exc), stacklevel=2)
+            calibration = {}
+        table = score_labels(qcfg, labels, parts, vlm, target, calibration, progress)
+        split = split_table(whole, cfg["quality.split"], int(cfg["seed"]))
+        with store.writer(STAGE.name, key, version=STAGE.version, params=params, inputs=inputs,
+                          extra={"calibration": calibration,
+                                 "parts": {p: len(s) for p, s in parts.items()}},
+                          resume=False) as tmp:
+            atomic_write_text(tmp / "label_quality.csv", table.to_csv(index=False))
+            atomic_write_text(tmp / "split.csv", split.to_csv(index=False))
+            atomic_write_text(tmp / "calibration.json", json.dumps(calibration, indent=1))
+    art = store.open(STAGE.name, key)
+    table = pd.read_csv(art.file("label_quality.csv"), keep_default_na=False,
+                        na_values={m: [""] for m in (*METRICS, "p_value")})
+    n_boot = int(cfg["quality.bootstrap"])
+    summary = summarise_quality(table, n_boot, int(cfg["seed"]))
+    return QualityResult(table, summary, compare_methods(table, n_boot, int(cfg["seed"])),
+                         sanity_checks(summary),
+                         pd.read_csv(art.file("split.csv"), keep_default_na=False),
+                         json.loads(art.file("calibration.json").read_text()), key, art.manifest)
+
+
+def _sha(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def write_quality_tables(results: "str | Path", result: QualityResult) -> dict[str, Path]:
+    """`08_label_quality.csv`, `08_quality_summary.csv`, `08_method_comparison.csv`,
+    `08_sanity_checks.csv` and `08_split.csv` in the run's results folder."""
+    out = {}
+    for name, df in [("08_label_quality", result.table), ("08_quality_summary", result.summary),
+                     ("08_method_comparison", result.comparison),
+                     ("08_sanity_checks", result.sanity), ("08_split", result.split)]:
+        out[name] = Path(results) / f"{name}.csv"
+        atomic_write_text(out[name], df.to_csv(index=False))
+    return out
