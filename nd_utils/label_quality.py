@@ -92,12 +92,14 @@ def quality_parts(qcfg: Config) -> dict[str, ProbeSet]:
             for part in PARTS}
 
 
-def cache_quality_inputs(qcfg: Config, progress: bool = True) -> None:
+def cache_quality_inputs(qcfg: Config, parts: "dict[str, ProbeSet] | None" = None,
+                         progress: bool = True) -> None:
     """Activations of `dnd.layers` and image features of the whole quality probe, one pass
     (the final layer's are shared with stage 07 when both use the same probe)."""
-    whole = quality_parts(qcfg)["test"].root
-    wcfg = cfg_for_root(qcfg, quality_parts(qcfg)["test"])
-    cache_activations(wcfg, probe=whole, extra_jobs=image_feature_jobs_if_missing(wcfg, whole),
+    test = (parts or quality_parts(qcfg))["test"]
+    wcfg = cfg_for_root(qcfg, test)
+    cache_activations(wcfg, probe=test.root,
+                      extra_jobs=image_feature_jobs_if_missing(wcfg, test.root),
                       progress=progress)
 
 
@@ -275,7 +277,7 @@ def evaluate_label_quality(cfg: Config, force: bool = False, progress: bool = Tr
     seed_everything(int(cfg["seed"]))
     qcfg = quality_config(cfg)
     parts = quality_parts(qcfg)
-    cache_quality_inputs(qcfg, progress=progress)
+    cache_quality_inputs(qcfg, parts, progress=progress)
     labels = method_labels(qcfg, progress=progress)
     device = resolve_device(cfg.get("device", "auto"))
     target = load_target(cfg["target.name"]).to(device)

@@ -260,10 +260,10 @@ class TransformersLM:
         self.model.eval().to(device)
         self.device = device
         self._prefixes: dict = {}
-        # Token-by-token decoding of a small model is a chain of tiny operations: a second
-        # thread only waits on the first (measured on 2 cores: 1.3 s per DnD call with one
-        # thread, 3.8-15 s with two whenever another process uses a core). ND_LM_THREADS=0
-        # keeps torch's setting.
+        # Token-by-token decoding of a small model is a chain of tiny operations: with two
+        # threads it stalls as soon as another process uses a core (2 cores: 3.8-15 s per DnD
+        # call against 1.3 s on one thread); on an idle machine two are 1.4x faster
+        # (benchmarks/bench_llm.py). ND_LM_THREADS=0 keeps torch's setting.
         self.cpu_threads = int(os.environ.get("ND_LM_THREADS", "1"))
         self.max_new_tokens = int(max_new_tokens)
         if identity is None:  # a folder or hub id: a hash of its name
