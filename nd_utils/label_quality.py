@@ -25,6 +25,7 @@ Example:
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import warnings
 from dataclasses import dataclass
@@ -41,7 +42,7 @@ from .clip_dissect import (dissect_layer, image_feature_jobs_if_missing, load_co
 from .config import Config
 from .dnd import dnd_selection
 from .errors import ConfigError, ProbeError
-from .probe_split import split_table
+from .probe_split import split_part, split_table
 from .probes import ProbeSet, load_probes
 from .runtime import resolve_device, seed_everything
 from .selection import concept_activations
@@ -88,8 +89,8 @@ def quality_config(cfg: Config) -> Config:
 def quality_parts(qcfg: Config) -> dict[str, ProbeSet]:
     """{part: ProbeSet} of the quality probe, each a view of the whole set's caches."""
     spec = qcfg["probe.sets"][0]
-    return {part: load_probes([{**spec, "split": {**spec["split"], "part": part}}])
-            for part in PARTS}
+    whole = load_probes([{k: v for k, v in spec.items() if k != "split"}])  # read once
+    return {part: split_part(whole, {**spec["split"], "part": part}) for part in PARTS}
 
 
 def cache_quality_inputs(qcfg: Config, parts: "dict[str, ProbeSet] | None" = None,
@@ -322,8 +323,6 @@ def evaluate_label_quality(cfg: Config, force: bool = False, progress: bool = Tr
 
 
 def _sha(text: str) -> str:
-    import hashlib
-
     return hashlib.sha256(text.encode()).hexdigest()
 
 

@@ -48,6 +48,7 @@ from pathlib import Path, PurePosixPath
 from typing import Sequence
 
 from .errors import NdUtilsError
+from .store import sha256_file
 
 MPNET = "all-mpnet-base-v2"
 MINILM = "all-MiniLM-L6-v2"
@@ -141,14 +142,6 @@ class _ConcatReader(io.RawIOBase):
             f.close()
         super().close()
 
-
-def sha256_file(path: "str | Path") -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _member_target(name: str, root: str, dest: Path) -> "Path | None":

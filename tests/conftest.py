@@ -27,3 +27,16 @@ def tiny_sd_dir(tmp_path_factory) -> Path:
     from tiny_models import build_tiny_stable_diffusion
 
     return build_tiny_stable_diffusion(tmp_path_factory.mktemp("tiny_sd"))
+
+
+@pytest.fixture
+def isolated_concepts(monkeypatch, tmp_path):
+    """No test reads the user's concept cache or concept dir, and none touches the network."""
+    from nd_utils import concepts
+
+    monkeypatch.setenv("ND_CONCEPT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("ND_CONCEPT_DIR", raising=False)
+
+    def no_network(*a, **k):
+        raise AssertionError("test tried to use the network")
+    monkeypatch.setattr(concepts, "urlopen", no_network)

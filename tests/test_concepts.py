@@ -26,15 +26,7 @@ needs_ref = pytest.mark.skipif(not (REF / "20k.txt").is_file(),
                                reason=f"shared reference concept sets absent: {REF} (set ND_SHARED_DIR)")
 
 
-@pytest.fixture(autouse=True)
-def _isolated(monkeypatch, tmp_path):
-    """No test reads the user's cache or concept dir, and none touches the network."""
-    monkeypatch.setenv("ND_CONCEPT_CACHE", str(tmp_path / "cache"))
-    monkeypatch.delenv("ND_CONCEPT_DIR", raising=False)
-
-    def no_network(*a, **k):
-        raise AssertionError("test tried to use the network")
-    monkeypatch.setattr(concepts, "urlopen", no_network)
+pytestmark = pytest.mark.usefixtures("isolated_concepts")  # tests/conftest.py
 
 
 # ---------------------------------------------------------------- parsing

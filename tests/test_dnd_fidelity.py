@@ -63,19 +63,8 @@ def test_cleaning_removes_the_period_and_drops_empty_answers():
 
 
 # ------------------------------------------------------------------ point 3: re-asking
-class ScriptedLM:
-    """Answers from a list (simplify calls echo the caption once the list is used up)."""
-
-    structured = False
-
-    def __init__(self, answers, model_id="scripted"):
-        self.answers, self.prompts, self.model_id = list(answers), [], model_id
-
-    def complete(self, prompt, *, temperature, seed):
-        self.prompts.append(prompt)
-        if self.answers:
-            return self.answers.pop(0)
-        return "plain label"
+# answers from a list, then echoes simplify captions (shared with the DnD method tests)
+from test_dnd_methods import ScriptedLM  # noqa: E402
 
 
 CAPTIONS = ["a photo of a red car", "a photo of a red dress", "a photo of a red apple"]

@@ -32,15 +32,7 @@ needs_ref = pytest.mark.skipif(not REF_FILE.is_file(), reason=(
     f"clone; set ND_SHARED_DIR to a folder holding data/reference/concept_sets)"))
 
 
-@pytest.fixture(autouse=True)
-def _isolated(monkeypatch, tmp_path):
-    """No test reads the user's concept cache or dir, and none touches the network."""
-    monkeypatch.setenv("ND_CONCEPT_CACHE", str(tmp_path / "cache"))
-    monkeypatch.delenv("ND_CONCEPT_DIR", raising=False)
-
-    def no_network(*a, **k):
-        raise AssertionError("test tried to use the network")
-    monkeypatch.setattr(concepts, "urlopen", no_network)
+pytestmark = pytest.mark.usefixtures("isolated_concepts")  # tests/conftest.py
 
 
 def _short_names() -> list[str]:
