@@ -45,6 +45,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_dnd.py
 	$(PY) benchmarks/bench_store.py
 	$(PY) benchmarks/bench_llm.py
+	$(PY) benchmarks/bench_allocator.py
 
 # Every bad input and fault of tests/bad_inputs.py, one line each, then "N/N handled".
 bad-inputs: $(STAMP)

@@ -2,6 +2,10 @@
 
 The package backs the numbered notebooks in `notebooks/`; each stage is one call here.
 """
+from .runtime import keep_freed_memory
+
+keep_freed_memory()  # before any large tensor: see its docstring for the measured effect
+
 from .activation_plots import (most_selective_neurons, plot_activation_distributions,
                                plot_top_images)
 from .activations import (LayerActivations, TargetConsumer, activation_key, activation_summary,

@@ -36,6 +36,7 @@ from .vlm import VisionLanguageModel, load_vlm
 IMAGE_STAGE = STAGES["01_image_features"]
 TEXT_STAGE = STAGES["02_text_features"]
 LABEL_STAGE = STAGES["02_clip_dissect"]
+TEXT_BATCH = 256  # texts per encoder call; whole batches of a cached list are reused as they are
 STORED_TOP = 20  # concepts kept per neuron in the artifact; tables show clip_dissect.top_n
 
 
@@ -91,7 +92,11 @@ def cache_text_features(cfg: Config, concepts: ConceptSet,
         store.remove(TEXT_STAGE.name, key)
     if not store.exists(TEXT_STAGE.name, key):
         vlm = vlm or load_vlm_from_config(cfg)
-        feats = vlm.encode_texts(list(concepts), template=cfg["clip_dissect.template"])
+        texts = list(concepts)
+        reused = _reusable_text_batches(cfg, store, texts, vlm.backend_id)
+        rest = vlm.encode_texts(texts[len(reused):], template=cfg["clip_dissect.template"],
+                                batch_size=TEXT_BATCH)
+        feats = torch.cat([reused.to(rest), rest]) if len(reused) else rest
         with store.writer(TEXT_STAGE.name, key, version=TEXT_STAGE.version,
                           params=cfg.select(TEXT_STAGE.reads),
                           inputs={"concepts_sha256": concepts.sha256},
@@ -102,6 +107,39 @@ def cache_text_features(cfg: Config, concepts: ConceptSet,
             atomic_write_text(tmp / "concepts.txt", "\n".join(concepts) + "\n")
     art = store.open(TEXT_STAGE.name, key)
     return load_file(str(art.file("text_features.safetensors")))["text_features"]
+
+
+def _reusable_text_batches(cfg: Config, store: ArtifactStore, texts: list[str],
+                           backend_id: str) -> torch.Tensor:
+    """Rows of an already cached text-feature artifact (same backend and settings) whose concept
+    list starts with the same whole batches as `texts`, e.g. words-10k's first 9,984 words
+    inside words-20k's features; `[0, D]` when there is none.
+
+    Texts are encoded `TEXT_BATCH` at a time from the start of the list and a batch's rows
+    depend only on that batch's texts, so reusing whole aligned batches gives the same bits as
+    encoding them again.
+    """
+    settings = {k: v for k, v in cfg.select(TEXT_STAGE.reads).items()
+                if k != "clip_dissect.concept_set"}
+    best, n_best = None, 0
+    for art in store.find(TEXT_STAGE.name):
+        m = art.manifest
+        if (m.get("stage_version") != TEXT_STAGE.version
+                or m.get("backend_id") != backend_id
+                or {k: v for k, v in m.get("params", {}).items()
+                    if k != "clip_dissect.concept_set"} != settings):
+            continue
+        cached = art.file("concepts.txt").read_text(encoding="utf-8").split("\n")[:-1]
+        same = 0
+        while (same + TEXT_BATCH <= min(len(cached), len(texts))
+               and cached[same:same + TEXT_BATCH] == texts[same:same + TEXT_BATCH]):
+            same += TEXT_BATCH
+        if same > n_best:
+            best, n_best = art, same
+    if best is None:
+        return torch.zeros(0)
+    feats = load_file(str(best.verify().file("text_features.safetensors")))["text_features"]
+    return feats[:n_best]
 
 
 def concept_similarity(cfg: Config, probe: ProbeSet, concepts: ConceptSet,

@@ -92,6 +92,15 @@ def evaluation_config(cfg: Config) -> Config:
     return ecfg
 
 
+def _with_quality_layers(ecfg: Config) -> Config:
+    """`ecfg` caching the DnD layers too when stage 08 reads the same probe set, so one pass
+    over its images serves both stages (08 then finds its held-out activations cached)."""
+    layers = list(ecfg["target.layers"])
+    if ecfg["quality.probe_sets"] == ecfg["probe.sets"]:
+        layers += [layer for layer in ecfg["dnd.layers"] if layer not in layers]
+    return ecfg.with_overrides({"target.layers": layers})
+
+
 def load_sentence_encoder(name: str):
     """The evaluation's sentence model, offline (see `sentence_models.load_sentence_model`).
 
@@ -237,7 +246,8 @@ def cache_evaluation_inputs(ecfg: Config, concept_sets: "list[str] | None" = Non
     if activations:
         probe = load_probe_from_config(ecfg)
         jobs = image_feature_jobs_if_missing(ecfg, probe)
-        cache_activations(ecfg, target=target, probe=probe, extra_jobs=jobs, progress=progress)
+        cache_activations(_with_quality_layers(ecfg), target=target, probe=probe,
+                          extra_jobs=jobs, progress=progress)
     if texts:
         truths, gt_info = ground_truth(target.class_names or [])
         vlm = None
@@ -272,7 +282,8 @@ def evaluate_final_layer(ecfg: Config, similarities: "list[str] | None" = None,
                            f"evaluation needs a classifier whose neuron k is class k")
     vlm = load_vlm_from_config(ecfg)  # once, for image features, text features and cosines
     jobs = image_feature_jobs_if_missing(ecfg, probe, vlm)
-    cache_activations(ecfg, target=target, probe=probe, extra_jobs=jobs, progress=progress)
+    cache_activations(_with_quality_layers(ecfg), target=target, probe=probe, extra_jobs=jobs,
+                      progress=progress)
     acts = load_activations(ecfg, layer, probe=probe)
     if acts.n_neurons != len(target.class_names):
         raise NdUtilsError(f"layer {layer!r} has {acts.n_neurons} neurons but the target has "

@@ -13,7 +13,9 @@ import math
 import warnings
 
 import numpy as np
-from scipy import special, stats
+from scipy import special
+# scipy.stats is imported inside the functions that use it: it takes about a second to import,
+# which every notebook kernel would pay on `import nd_utils`
 
 _L2 = 1e-6  # penalty on the slope, sklearn's C=1e6: keeps separable data at a finite optimum
 
@@ -44,6 +46,7 @@ def roc_auc(control, concept) -> float:
     0.75
     """
     control, concept = _two_samples(control, concept)
+    from scipy import stats
     ranks = stats.rankdata(np.concatenate([control, concept]))
     n0, n1 = control.size, concept.size
     u = ranks[n0:].sum() - n1 * (n1 + 1) / 2
@@ -94,6 +97,7 @@ def mann_whitney_p(control, concept) -> float:
     0.05
     """
     control, concept = _two_samples(control, concept)
+    from scipy import stats
     return float(stats.mannwhitneyu(concept, control, alternative="greater").pvalue)
 
 
@@ -278,6 +282,7 @@ def paired_comparison(a, b, *, n_boot: int = 2000, seed: int = 0, level: float =
         keys = ("mean_a", "mean_b", "diff", "diff_low", "diff_high", "p_wilcoxon", "p_permutation")
         return {**dict.fromkeys(keys, math.nan), "n": 0}
     diff, low, high = bootstrap_mean_ci(d, n_boot=n_boot, seed=seed, level=level)
+    from scipy import stats
     p_w = float(stats.wilcoxon(d).pvalue) if np.count_nonzero(d) >= 2 else math.nan
     return {"mean_a": float(a.mean()), "mean_b": float(b.mean()), "diff": diff,
             "diff_low": low, "diff_high": high, "p_wilcoxon": p_w,

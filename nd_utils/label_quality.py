@@ -3,8 +3,12 @@
 The quality probe (`quality.probe_sets`, one set) is split once, seeded by `seed`, into `select`
 / `pool` / `calibrate` / `test` parts (`probe_split`; the ids are saved in `08_split.csv`):
 
-1. labels are chosen on `select` only: CLIP-Dissect over the select images, DnD with its D_top
-   drawn from them (and, offline, its concept images retrieved from `pool`);
+1. the labels judged are the run's own (stages 02 and 06) when none of the images they were
+   chosen on (the run's probe, and with `retrieve` its retrieval pool) is a `test` or
+   `calibrate` image, as in the offline profile (probe `offline-sample`, pool the `pool` part);
+   otherwise both methods choose them again on `select` only: CLIP-Dissect over the select
+   images, DnD with its D_top drawn from them (and, offline, its concept images retrieved from
+   `pool`). `labelling_config` decides, by image content (sha256);
 2. for each evaluated neuron (`dnd.neurons` of `dnd.layers`) and each label source (the two
    methods, and the sanity labels: the true class on a classifier's final layer, each method's
    labels shuffled across neurons, a random concept of the concept set, the constant
@@ -36,7 +40,8 @@ import pandas as pd
 import torch
 
 from . import label_metrics as lm
-from .activations import cache_activations, cfg_for_root, load_activations
+from .activations import (cache_activations, cfg_for_root, load_activations,
+                          load_probe_from_config)
 from .clip_dissect import (dissect_layer, image_feature_jobs_if_missing, load_concepts_from_config,
                            load_image_features, load_vlm_from_config)
 from .config import Config
@@ -48,7 +53,7 @@ from .runtime import resolve_device, seed_everything
 from .selection import concept_activations
 from .stages import STAGES
 from .store import ArtifactStore, atomic_write_text
-from .synthesis import concept_images, load_synthesizer_from_config
+from .synthesis import concept_images, load_pool, load_synthesizer_from_config
 from .targets import load_target
 
 STAGE = STAGES["08_label_quality"]
@@ -60,8 +65,9 @@ PARTS = ("select", "pool", "calibrate", "test")
 
 
 def quality_config(cfg: Config) -> Config:
-    """The config stage 08 labels with: probe = the `select` part of `quality.probe_sets`, the
-    retrieval pool = its `pool` part, layers = `dnd.layers`.
+    """Stage 08's config: probe = the `select` part of `quality.probe_sets`, the retrieval pool
+    = its `pool` part, layers = `dnd.layers` (the labels are chosen under it when the run's own
+    are not held out, see `labelling_config`).
 
     Falls back to `probe.sets` (with a warning) when the quality probe is unavailable, e.g.
     `imagenet-sample-1k` outside CI.
@@ -104,13 +110,36 @@ def cache_quality_inputs(qcfg: Config, parts: "dict[str, ProbeSet] | None" = Non
                       progress=progress)
 
 
-def method_labels(qcfg: Config, progress: bool = True) -> pd.DataFrame:
-    """`layer, unit, source, label`: CLIP-Dissect's and DnD's label of every DnD neuron, both
-    chosen on the select part (computed here when not cached)."""
+def labelling_config(cfg: Config, qcfg: Config, parts: dict[str, ProbeSet]
+                     ) -> tuple[Config, str]:
+    """The config whose labels stage 08 judges: `(cfg, "run")` when the run's labels are held
+    out, else `(qcfg, "select")` (labels chosen again on the select part).
+
+    Held out means that no image the run chose its labels on (its probe set and, with the
+    `retrieve` backend, its retrieval pool; compared by sha256) is a `test` or `calibrate` image,
+    so judging the run's own labels costs nothing and measures what the run produced.
+    """
+    judged = {it.sha256 for part in ("test", "calibrate") for it in parts[part].items}
+    try:
+        seen = [load_probe_from_config(cfg)]
+        if cfg["synthesis.name"] == "retrieve":
+            with warnings.catch_warnings():  # stage 05 already warned about a fallback pool
+                warnings.simplefilter("ignore")
+                seen.append(load_pool(cfg)[0])
+    except ProbeError:
+        return qcfg, "select"
+    if any(it.sha256 in judged for probe in seen for it in probe.items):
+        return qcfg, "select"
+    return cfg, "run"
+
+
+def method_labels(lcfg: Config, progress: bool = True) -> pd.DataFrame:
+    """`layer, unit, source, label`: CLIP-Dissect's and DnD's label of every DnD neuron under
+    `lcfg` (see `labelling_config`; computed here when not cached)."""
     rows = []
-    selection = dnd_selection(qcfg, progress=progress)
+    selection = dnd_selection(lcfg, progress=progress)
     for layer, sel in selection.items():
-        cd = dissect_layer(qcfg, layer).set_index("unit")["description"]
+        cd = dissect_layer(lcfg, layer).set_index("unit")["description"]
         for _, r in sel.labels.iterrows():
             unit = int(r["Neuron ID"])
             rows.append({"layer": layer, "unit": unit, "source": "clip_dissect",
@@ -184,7 +213,8 @@ def score_labels(qcfg: Config, labels: pd.DataFrame, parts: dict[str, ProbeSet],
     images, _ = concept_images(ccfg, wanted, synth, progress=progress)
     usable = {c: ci for c, ci in images.items() if len(ci.usable)}
     layers = sorted(set(labels.layer))
-    cacts = concept_activations(ccfg, layers, usable, target, vlm, progress=progress)
+    cacts = concept_activations(ccfg, layers, usable, target, vlm, progress=progress,
+                                features=False)
     rows_of = {c: torch.as_tensor(g.index.to_numpy().copy())
                for c, g in cacts.index.groupby("concept")}
     test = parts["test"]
@@ -268,6 +298,7 @@ class QualityResult:
     sanity: pd.DataFrame
     split: pd.DataFrame        # id, part, sha256, label, path
     calibration: dict
+    labels_from: str           # "run": the run's own labels; "select": chosen again on select
     key: str
     manifest: dict
 
@@ -279,7 +310,8 @@ def evaluate_label_quality(cfg: Config, force: bool = False, progress: bool = Tr
     qcfg = quality_config(cfg)
     parts = quality_parts(qcfg)
     cache_quality_inputs(qcfg, parts, progress=progress)
-    labels = method_labels(qcfg, progress=progress)
+    lcfg, labels_from = labelling_config(cfg, qcfg, parts)
+    labels = method_labels(lcfg, progress=progress)
     device = resolve_device(cfg.get("device", "auto"))
     target = load_target(cfg["target.name"]).to(device)
     vlm = load_vlm_from_config(qcfg)
@@ -305,7 +337,7 @@ def evaluate_label_quality(cfg: Config, force: bool = False, progress: bool = Tr
         table = score_labels(qcfg, labels, parts, vlm, target, calibration, progress)
         split = split_table(whole, cfg["quality.split"], int(cfg["seed"]))
         with store.writer(STAGE.name, key, version=STAGE.version, params=params, inputs=inputs,
-                          extra={"calibration": calibration,
+                          extra={"calibration": calibration, "labels_from": labels_from,
                                  "parts": {p: len(s) for p, s in parts.items()}},
                           resume=False) as tmp:
             atomic_write_text(tmp / "label_quality.csv", table.to_csv(index=False))
@@ -319,7 +351,8 @@ def evaluate_label_quality(cfg: Config, force: bool = False, progress: bool = Tr
     return QualityResult(table, summary, compare_methods(table, n_boot, int(cfg["seed"])),
                          sanity_checks(summary),
                          pd.read_csv(art.file("split.csv"), keep_default_na=False),
-                         json.loads(art.file("calibration.json").read_text()), key, art.manifest)
+                         json.loads(art.file("calibration.json").read_text()), labels_from,
+                         key, art.manifest)
 
 
 def _sha(text: str) -> str:

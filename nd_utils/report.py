@@ -134,7 +134,8 @@ def build_data(view: RunView, thumbs: Thumbnails, top_k: int = 5, n_candidates: 
     d DnD labels, ds DnD score, k [[candidate, score, [image index]]], x DnD's D_top items
     [[image index, activation, "kind · caption"]], qc / qd the CLIP-Dissect / DnD label's
     quality from stage 08 [CoSy AUC, MAD, simulation r, the label scored] (only when one of
-    them is known; the label is the one stage 08 chose on its select split).
+    them is known; the label stage 08 judged: the run's own when held out, else chosen on its
+    select split).
     """
     table = view.neuron_table()
     neurons = []
@@ -219,8 +220,10 @@ def quality_html(view: RunView) -> str:
     if comparison is None and sanity is None and summary is None:
         return ""
     parts = ['<section class="quality-section">\n<h2>Label quality (08)</h2>',
-             "<p>Labels chosen by each method on the select split of the quality probe and "
-             "scored on its held-out test split (08_label_quality.csv has every label).</p>"]
+             "<p>Each method's labels, chosen on images outside the quality probe's "
+             "held-out test split (this run's own labels when none of their images is a test "
+             "image, else chosen again on its select split), scored on that test split "
+             "(08_label_quality.csv has every label).</p>"]
     if comparison is not None:
         parts.append(_table_html(comparison, "CLIP-Dissect vs DnD on the same neurons "
                                  "(diff = clip_dissect - dnd, 95% bootstrap CI) · "

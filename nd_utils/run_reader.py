@@ -339,8 +339,9 @@ class RunView:
 
         Then the label-quality metrics of stage 08 per method: cd_auc, cd_mad, cd_sim_r,
         dnd_auc, dnd_mad, dnd_sim_r (floats; NaN when the run has no such row), and the labels
-        they score, cd_quality_label and dnd_quality_label (stage 08 chooses them on its select
-        split, so they can differ from cd_label / dnd_labels).
+        they score, cd_quality_label and dnd_quality_label (the run's own labels when they are held
+        out, else chosen again on stage 08's select split and then can differ from cd_label /
+        dnd_labels).
         """
         if "neuron_table" in self._cache:
             return self._cache["neuron_table"].copy()
@@ -407,8 +408,8 @@ class RunView:
         for prefix, source in QUALITY_SOURCES.items():
             part = q[q["source"] == source].drop_duplicates(["layer", "unit"])
             # empty cells (keep_default_na=False leaves them '') are NaN metrics
-            # the label stage 08 judged: chosen on its select split, so it can differ from
-            # this run's own label of the neuron
+            # the label stage 08 judged: re-chosen on its select split when the run's own
+            # was not held out, and then it can differ from the run's label of the neuron
             wide.append(pd.DataFrame({f"{prefix}_quality_label": part["label"].astype(str),
                                       **{f"{prefix}_{m}": pd.to_numeric(part[m], errors="coerce")
                                          for m in QUALITY_METRICS}}).set_index(

@@ -1,8 +1,11 @@
-"""Device choice and seeding, shared by every stage."""
+"""Device choice, seeding and the process's memory allocator, shared by every stage."""
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import random
+import sys
 
 import numpy as np
 import torch
@@ -29,3 +32,45 @@ def seed_everything(seed: int) -> None:
     os.environ.setdefault("PYTHONHASHSEED", str(seed))
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
+
+
+# mallopt(3) parameter numbers of glibc's malloc.h
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+_ALLOCATOR_TUNED: "bool | None" = None
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc keep freed memory for reuse instead of handing it back to the kernel.
+
+    By default glibc serves every block above 32 MB (a batch of conv activations, a similarity
+    matrix) with a fresh mmap and unmaps it on free, so the next batch faults in and zeroes the
+    same pages again. On a small VM that page-faulting cost more than the arithmetic: an
+    EfficientNet-Lite0 forward pass took 69 ms per image against 28 ms with freed memory kept
+    (`benchmarks/bench_allocator.py`). The price is that the resident size stays at its peak
+    until the process ends.
+
+    Called once when `nd_utils` is imported (so every notebook kernel and DataLoader worker
+    forked from it is tuned); `ND_MALLOC_TUNING=0` keeps glibc's defaults. Returns whether the
+    settings are in effect (False on other platforms or C libraries).
+
+    >>> isinstance(keep_freed_memory(), bool)
+    True
+    """
+    global _ALLOCATOR_TUNED
+    if _ALLOCATOR_TUNED is not None:
+        return _ALLOCATOR_TUNED
+    _ALLOCATOR_TUNED = False
+    if os.environ.get("ND_MALLOC_TUNING", "1") == "0" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # musl and others: no mallopt
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    big = 2**31 - 1
+    # a fixed mmap threshold also switches off glibc's dynamic one; trim / top pad keep the heap
+    _ALLOCATOR_TUNED = all(mallopt(param, value) == 1 for param, value in
+                           ((_M_MMAP_THRESHOLD, big), (_M_TRIM_THRESHOLD, big),
+                            (_M_TOP_PAD, 256 * 2**20)))
+    return _ALLOCATOR_TUNED

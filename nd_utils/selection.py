@@ -123,17 +123,21 @@ class ConceptActivations:
 
 @torch.no_grad()
 def concept_activations(cfg: Config, layers: list[str], images: dict, target, vlm,
-                        force: bool = False, progress: bool = True) -> ConceptActivations:
+                        force: bool = False, progress: bool = True, features: bool = True
+                        ) -> ConceptActivations:
     """Run the target (all `layers` hooked at once) and the VLM once over every usable image.
 
     `images` is {concept: ConceptImages}; a concept shared by neurons of several layers is
-    decoded and embedded once.
+    decoded and embedded once. `features=False` skips the VLM (`features` is then `[0, 0]`):
+    CoSy (stage 08) reads only the activations, and the VLM pass cost more than the target's.
     """
     store = ArtifactStore(cfg.data_dir)
     layers = list(layers)
     upstream = {"05_concept_images": sorted({ci.key for ci in images.values()})}
     params = {**cfg.select(ACT_STAGE.reads), "layers": layers}
     inputs = {"vlm": vlm.backend_id, "weights": target.weights_id}
+    if not features:  # another output, so another key; the VLM then decides nothing
+        params["features"], inputs = False, {"weights": target.weights_id}
     key = ArtifactStore.key(ACT_STAGE.name, ACT_STAGE.version, params, upstream=upstream,
                             inputs=inputs)
     if force:
@@ -151,8 +155,9 @@ def concept_activations(cfg: Config, layers: list[str], images: dict, target, vl
                 target.model(x)
             for layer in layers:
                 acts[layer].append(trace[layer].cpu())
-            v = torch.stack([vlm.preprocess(im) for im in pil]).to(vlm.device)
-            feats.append(vlm.encode_images(v).float().cpu())
+            if features:
+                v = torch.stack([vlm.preprocess(im) for im in pil]).to(vlm.device)
+                feats.append(vlm.encode_images(v).float().cpu())
         tensors = {f"activations.{layer}": (torch.cat(a) if a else torch.zeros(0, 0)).contiguous()
                    for layer, a in acts.items()}
         tensors["features"] = (torch.cat(feats) if feats else torch.zeros(0, 0)).contiguous()

@@ -64,7 +64,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
     Stage("06_selection", "06_selection.ipynb", version=1,
           reads=("selection.scoring", "selection.beta", "selection.zeta", "selection.labels"),
           upstream=("03_top_images", "04_concepts", "06_concept_activations")),
-    # label quality: the labels (chosen on the select part) are an input, hashed with the
+    # label quality: the labels judged (see labelling_config) are an input, hashed with the
     # settings that decide the CoSy images, the simulator and the held-out activations
     Stage("08_label_quality", "08_label_quality.ipynb", version=1,
           reads=("quality.probe_sets", "quality.split", "quality.cosy_prompt",

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import json
 from pathlib import Path
 from typing import Callable
 
@@ -203,6 +204,66 @@ def _dir_fingerprint(path: Path) -> str:
     return h.hexdigest()[:12]
 
 
+class MeanPooledSentenceEncoder:
+    """A sentence-transformers folder of the form Transformer -> mean Pooling -> Normalize
+    (all-MiniLM-L6-v2), run through transformers directly.
+
+    `encode(texts)` gives the same bits as `SentenceTransformer(path).encode(texts,
+    batch_size=len(texts), normalize_embeddings=True, convert_to_tensor=True)`: texts sorted by
+    length as sentence-transformers sorts them, one padded batch, masked mean, unit norm
+    (`tests/test_vlm.py` checks it). It exists because importing sentence-transformers (it
+    pulls in scikit-learn and timm) took 5.6 s in every notebook kernel that loads `conse`.
+
+    Example:
+        >>> enc = MeanPooledSentenceEncoder(_minilm_path())                   # doctest: +SKIP
+        >>> enc.encode(["dog", "a red car"]).shape                           # doctest: +SKIP
+        torch.Size([2, 384])
+    """
+
+    def __init__(self, path: "str | Path", device="cpu"):
+        from transformers import AutoModel, AutoTokenizer
+
+        path = Path(path)
+        modules = [m["type"].rsplit(".", 1)[-1]
+                   for m in json.loads((path / "modules.json").read_text())]
+        pooling = json.loads((path / "1_Pooling" / "config.json").read_text())
+        if modules != ["Transformer", "Pooling", "Normalize"] or not pooling.get(
+                "pooling_mode_mean_tokens") or sum(bool(v) for k, v in pooling.items()
+                                                  if k.startswith("pooling_mode")) != 1:
+            raise ValueError(f"{path} is not a Transformer -> mean Pooling -> Normalize model")
+        settings = json.loads((path / "sentence_bert_config.json").read_text())
+        self.max_seq_length = int(settings.get("max_seq_length") or 512)
+        self.lower_case = bool(settings.get("do_lower_case"))
+        self.tokenizer = AutoTokenizer.from_pretrained(str(path))
+        self.model = AutoModel.from_pretrained(str(path)).eval().to(resolve_device(device))
+
+    def to(self, device) -> "MeanPooledSentenceEncoder":
+        self.model.to(resolve_device(device))
+        return self
+
+    @torch.inference_mode()
+    def encode(self, texts: list[str]) -> torch.Tensor:
+        """Texts -> unit embeddings `[M, D]` on the model's device."""
+        import numpy as np
+
+        texts = [t.lower() for t in texts] if self.lower_case else list(texts)
+        order = np.argsort([-len(t) for t in texts])  # sentence-transformers' order and sort
+        batch = self.tokenizer([texts[i] for i in order], padding=True,
+                               truncation="longest_first", return_tensors="pt",
+                               max_length=self.max_seq_length)
+        device = next(self.model.parameters()).device
+        batch = {k: v.to(device) for k, v in batch.items()}
+        tokens = self.model(**batch)[0]
+        mask = batch["attention_mask"].unsqueeze(-1).expand(tokens.size()).to(tokens.dtype)
+        emb = torch.sum(tokens * mask, 1) / torch.clamp(mask.sum(1), min=1e-9)
+        # the Normalize module, then encode(normalize_embeddings=True): twice, as there
+        emb = torch.nn.functional.normalize(torch.nn.functional.normalize(emb, p=2, dim=1),
+                                            p=2, dim=1)
+        out = torch.empty_like(emb)
+        out[torch.as_tensor(order, device=device)] = emb
+        return out
+
+
 class ConseVLM(VisionLanguageModel):
     """ConSE: images embedded as the convex combination of their top-T class-name embeddings.
 
@@ -223,17 +284,14 @@ class ConseVLM(VisionLanguageModel):
     def __init__(self, device="cpu", top_t: int = 10):
         if not 1 <= int(top_t) <= 1000:
             raise ValueError(f"top_t must be in [1, 1000], got {top_t}")
-        from sentence_transformers import SentenceTransformer
-
         from .targets import load_target
 
         dev = resolve_device(device)
         self.top_t = int(top_t)
         self.classifier = load_target(self.CLASSIFIER, device=dev)
         path = _minilm_path()
-        # A local folder: sentence-transformers reads it directly, without any hub request.
-        self.sentence_model = SentenceTransformer(str(path), device=str(dev))
-        self.sentence_model.eval()
+        # a local folder, read without any hub request
+        self.sentence_model = MeanPooledSentenceEncoder(path, device=dev)
         self.preprocess = self.classifier.preprocess
         self.class_names = list(self.classifier.class_names)
         self._class_emb: torch.Tensor | None = None
@@ -257,9 +315,7 @@ class ConseVLM(VisionLanguageModel):
         return self
 
     def _encode_texts(self, texts: list[str]) -> torch.Tensor:
-        emb = self.sentence_model.encode(texts, batch_size=len(texts), convert_to_tensor=True,
-                                         normalize_embeddings=True, show_progress_bar=False)
-        return emb.to(self.device)
+        return self.sentence_model.encode(texts).to(self.device)
 
     @property
     def class_embeddings(self) -> torch.Tensor:

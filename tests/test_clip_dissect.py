@@ -186,3 +186,28 @@ def test_rank_reorder_never_labels_a_concept_with_negative_cosines(wired, tmp_pa
     fig = nd.plot_neuron_labels(acts, probe, table, [0])
     bar_ax = [ax for ax in fig.axes if ax.patches][0]
     assert len(bar_ax.patches) == 3 and bar_ax.get_xlim()[0] > -100   # floor left out
+
+
+def test_text_features_reuse_whole_cached_batches_bit_for_bit(tmp_path):
+    """A concept list that starts like a cached one (words-10k inside words-20k) reuses the
+    cached rows of the whole batches they share and encodes only the rest; the result equals
+    encoding the list directly, bit for bit, with the real offline text encoder."""
+    words = list(nd.load_concept_set("words-3k"))[:600]
+    short = words[:2 * clip_dissect.TEXT_BATCH + 8]
+    (tmp_path / "long.txt").write_text("\n".join(words) + "\n")
+    (tmp_path / "short.txt").write_text("\n".join(short) + "\n")
+    cfg = nd.load_config("offline", [f"data_dir={tmp_path / 'store'}", "device=cpu"])
+    vlm = nd.load_vlm_from_config(cfg)
+    clip_dissect.cache_text_features(cfg, nd.load_concept_set(str(tmp_path / "long.txt")), vlm)
+    encoded = []
+    real = vlm.encode_texts
+    vlm.encode_texts = lambda texts, **kw: encoded.append(len(texts)) or real(texts, **kw)
+    got = clip_dissect.cache_text_features(cfg, nd.load_concept_set(str(tmp_path / "short.txt")),
+                                           vlm)
+    assert encoded == [8]                                   # two whole batches were reused
+    assert torch.equal(got, real(short, batch_size=clip_dissect.TEXT_BATCH).float())
+    # another template is another encoding: nothing is reused
+    encoded.clear()
+    clip_dissect.cache_text_features(cfg.with_overrides({"clip_dissect.template": "a photo of {}"}),
+                                     nd.load_concept_set(str(tmp_path / "short.txt")), vlm)
+    assert encoded == [len(short)]

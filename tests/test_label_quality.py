@@ -125,7 +125,8 @@ def test_metrics_match_a_direct_computation(quality_cfg, result):
     assert set(images[row.label].table.source) <= pool_paths
     target = nd.load_target(qcfg["target.name"])
     cacts = selection.concept_activations(ccfg, [row.layer], images, target, vlm,
-                                          progress=False)
+                                          progress=False, features=False)
+    assert cacts.features.numel() == 0                    # CoSy needs no VLM features
     a1 = cacts.activations[row.layer][:, row.unit].numpy()
     y = np.r_[np.zeros(len(a0)), np.ones(len(a1))]
     s = np.r_[a0.numpy(), a1]
@@ -181,3 +182,29 @@ def test_bad_quality_config_is_named():
     with pytest.raises(ConfigError, match="one probe set"):
         nd.quality_config(nd.load_config("offline", [
             "quality.probe_sets=[{name: offline-sample}, {name: offline-sample}]"]))
+
+
+def test_run_labels_are_judged_only_when_held_out(quality_cfg, result):
+    """08 judges the run's own labels when no image they were chosen on (probe set, retrieval
+    pool) is a test or calibration image; otherwise it chooses them again on select."""
+    assert result.labels_from == "select"          # probe.sets is the quality set itself
+    qcfg = nd.quality_config(quality_cfg)
+    parts = nd.quality_parts(qcfg)
+    split = {"seed": int(quality_cfg["seed"])}
+
+    def decide(probe_part, pool_part, synthesis="retrieve"):
+        spec = lambda part: [{"name": "offline-sample",  # noqa: E731
+                              **({"split": {"part": part, **split}} if part else {})}]
+        cfg = quality_cfg.with_overrides({"probe.sets": spec(probe_part),
+                                          "synthesis.pool": spec(pool_part),
+                                          "synthesis.name": synthesis})
+        return label_quality.labelling_config(cfg, qcfg, parts)[1]
+
+    assert decide("select", "pool") == "run"
+    assert decide("select", None) == "select"      # the whole pool holds test images
+    assert decide("select", "calibrate") == "select"
+    assert decide(None, "pool") == "select"        # the whole probe holds test images
+    assert decide("select", None, synthesis="diffusers") == "run"  # no pool is read
+    missing = quality_cfg.with_overrides({"probe.sets": [{"name": "folder",
+                                                          "path": "/nonexistent/probe"}]})
+    assert label_quality.labelling_config(missing, qcfg, parts)[1] == "select"
