@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from .activations import activation_key, cfg_for_root, load_activations, load_probe_from_config
 from .concepts import ConceptSet, load_concept_set
 from .config import Config
-from .errors import ConfigError
+from .errors import ConfigError, DamagedArtifactError, MissingArtifactError
 from .decode_once import CacheJob
 from .probes import ProbeSet
 from .runtime import resolve_device
@@ -129,7 +129,10 @@ def _reusable_text_batches(cfg: Config, store: ArtifactStore, texts: list[str],
                 or {k: v for k, v in m.get("params", {}).items()
                     if k != "clip_dissect.concept_set"} != settings):
             continue
-        cached = art.file("concepts.txt").read_text(encoding="utf-8").split("\n")[:-1]
+        try:  # a damaged candidate is only a missed saving
+            cached = art.verify().file("concepts.txt").read_text(encoding="utf-8").split("\n")[:-1]
+        except (DamagedArtifactError, MissingArtifactError, OSError):
+            continue
         same = 0
         while (same + TEXT_BATCH <= min(len(cached), len(texts))
                and cached[same:same + TEXT_BATCH] == texts[same:same + TEXT_BATCH]):
@@ -138,7 +141,7 @@ def _reusable_text_batches(cfg: Config, store: ArtifactStore, texts: list[str],
             best, n_best = art, same
     if best is None:
         return torch.zeros(0)
-    feats = load_file(str(best.verify().file("text_features.safetensors")))["text_features"]
+    feats = load_file(str(best.file("text_features.safetensors")))["text_features"]
     return feats[:n_best]
 
 

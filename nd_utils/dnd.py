@@ -100,15 +100,19 @@ class LayerSelection:
     manifest: dict = field(default_factory=dict)
 
 
-def dnd_selection(cfg: Config, force: bool = False, progress: bool = True, synth=None
-                  ) -> dict[str, LayerSelection]:
-    """Stage 06: best-concept selection per layer (one target pass over all concept images)."""
+def dnd_selection(cfg: Config, force: bool = False, progress: bool = True, synth=None,
+                  target=None, vlm=None) -> dict[str, LayerSelection]:
+    """Stage 06: best-concept selection per layer (one target pass over all concept images).
+
+    `target` / `vlm`: already loaded models of `target.name` / `vlm.name` (loaded when None).
+    """
     tops = dnd_top_images(cfg, progress=progress)
     concepts = dnd_concepts(cfg, progress=progress, tops=tops)
     store = ArtifactStore(cfg.data_dir)
     t0 = time.time()
-    target = load_target(cfg["target.name"]).to(resolve_device(cfg.get("device", "auto")))
-    vlm = load_vlm_from_config(cfg)
+    target = target or load_target(cfg["target.name"]).to(
+        resolve_device(cfg.get("device", "auto")))
+    vlm = vlm or load_vlm_from_config(cfg)
     synth = synth or load_synthesizer_from_config(cfg, vlm=vlm)
     needed = [c for lc in concepts.values() for c in lc.candidates.candidate]
     images, _ = concept_images(cfg, needed, synth, progress=progress)

@@ -133,11 +133,11 @@ def labelling_config(cfg: Config, qcfg: Config, parts: dict[str, ProbeSet]
     return cfg, "run"
 
 
-def method_labels(lcfg: Config, progress: bool = True) -> pd.DataFrame:
+def method_labels(lcfg: Config, progress: bool = True, target=None, vlm=None) -> pd.DataFrame:
     """`layer, unit, source, label`: CLIP-Dissect's and DnD's label of every DnD neuron under
     `lcfg` (see `labelling_config`; computed here when not cached)."""
     rows = []
-    selection = dnd_selection(lcfg, progress=progress)
+    selection = dnd_selection(lcfg, progress=progress, target=target, vlm=vlm)
     for layer, sel in selection.items():
         cd = dissect_layer(lcfg, layer).set_index("unit")["description"]
         for _, r in sel.labels.iterrows():
@@ -311,10 +311,10 @@ def evaluate_label_quality(cfg: Config, force: bool = False, progress: bool = Tr
     parts = quality_parts(qcfg)
     cache_quality_inputs(qcfg, parts, progress=progress)
     lcfg, labels_from = labelling_config(cfg, qcfg, parts)
-    labels = method_labels(lcfg, progress=progress)
     device = resolve_device(cfg.get("device", "auto"))
     target = load_target(cfg["target.name"]).to(device)
     vlm = load_vlm_from_config(qcfg)
+    labels = method_labels(lcfg, progress=progress, target=target, vlm=vlm)
     n_units = {layer: load_activations(qcfg, layer, probe=parts["test"]).n_neurons
                for layer in set(labels.layer)}
     labels = sanity_labels(qcfg, labels, target.class_names, n_units)
