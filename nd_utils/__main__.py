@@ -1,6 +1,7 @@
 """Command line: `python -m nd_utils run CONFIG [--set key=value ...] [--stages 01,02] [--force]`.
 
-`python -m nd_utils report RUN [--out DIR]` writes a static HTML report of a run folder.
+`python -m nd_utils report RUN [--out DIR]` writes a static HTML report of a run folder
+(`run ... --report` writes it at the end of the run, in the same process).
 `python -m nd_utils figures RUN [--out DIR]` regenerates figures/ (PNG, PDF, JSON) from a run.
 """
 from __future__ import annotations
@@ -20,6 +21,11 @@ def main(argv: "list[str] | None" = None) -> int:
                      help="dotted override, e.g. --set target.layers=[layer4] (repeatable)")
     run.add_argument("--stages", default=None, help="comma-separated stage numbers, e.g. 01,02")
     run.add_argument("--force", action="store_true", help="recompute cached stage outputs")
+    run.add_argument("--report", action="store_true",
+                     help="write the HTML report of the run when it succeeds (RUN/report)")
+    run.add_argument("--cold-kernels", action="store_true",
+                     help="start each stage's kernel only when the stage starts (by default the "
+                          "next stage's kernel starts, and imports nd_utils, during this one)")
     sub.add_parser("profiles", help="list the config profiles")
     rep = sub.add_parser("report", help="write a static HTML report of a run folder")
     rep.add_argument("run", help="run folder path, or 'latest' (newest under data/runs)")
@@ -51,7 +57,11 @@ def main(argv: "list[str] | None" = None) -> int:
             print(path)  # last line: the report's index.html
             return 0
         result = run_pipeline(args.config, args.overrides, args.stages, args.force,
-                              log=lambda *a, **k: print(*a, file=sys.stderr, **k))
+                              log=lambda *a, **k: print(*a, file=sys.stderr, **k),
+                              warm_kernels=not args.cold_kernels)
+        if args.report:
+            from .report import write_report
+            print(f"report: {write_report(result.path)}", file=sys.stderr)
     except NdUtilsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

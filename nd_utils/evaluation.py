@@ -41,7 +41,8 @@ from .concepts import (PAPER_SETS, ConceptSet, _sha256_concepts, imagenet_label_
                        load_concept_set)
 from .config import Config
 from .errors import NdUtilsError, ProbeError
-from .sentence_models import MINILM, load_sentence_model
+from .sentence_encoders import load_sentence_encoder as sentence_encoder
+from .sentence_models import MINILM
 from .similarity import get_similarity, top_concepts
 from .targets import load_target
 
@@ -102,12 +103,12 @@ def _with_quality_layers(ecfg: Config) -> Config:
 
 
 def load_sentence_encoder(name: str):
-    """The evaluation's sentence model, offline (see `sentence_models.load_sentence_model`).
+    """The evaluation's sentence model, offline (see `sentence_encoders.load_sentence_encoder`).
 
-    Returns (model, name actually used): all-mpnet-base-v2 from its verified PyPI parts, or
-    all-MiniLM-L6-v2 with a warning when those are not installed.
+    Returns (texts -> embeddings `[M, D]`, name actually used): all-mpnet-base-v2 from its
+    verified PyPI parts, or all-MiniLM-L6-v2 with a warning when those are not installed.
     """
-    return load_sentence_model(name, device="cpu")
+    return sentence_encoder(name, device="cpu", batch_size=128)
 
 
 def _imagenet_short_names() -> list[str]:
@@ -293,8 +294,7 @@ def evaluate_final_layer(ecfg: Config, similarities: "list[str] | None" = None,
     image_features = load_image_features(ecfg, probe)
     sentence, sentence_name = load_sentence_encoder(ecfg["evaluation.sentence_model"])
     vlm_enc = _EmbeddingCache(lambda texts: vlm.encode_texts(list(texts)))
-    st_enc = _EmbeddingCache(lambda texts: torch.as_tensor(
-        sentence.encode(list(texts), batch_size=128, show_progress_bar=False)))
+    st_enc = _EmbeddingCache(sentence)
     common = {"sentence_model": sentence_name, "ground_truth": gt_info["ground_truth"]}
     rows, preds = [], {}
     for set_name in concept_sets or ecfg["evaluation.concept_sets"]:

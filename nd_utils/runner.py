@@ -20,6 +20,7 @@ from typing import Iterable
 
 from .config import REPO_ROOT, Config, load_config
 from .errors import NdUtilsError
+from .kernels import notebook_kernel_name, start_warm_kernel
 from .locks import process_lock
 from .store import atomic_write_text
 
@@ -185,9 +186,11 @@ def preflight(cfg, stages: "Iterable[str]") -> None:
 
 def run_pipeline(config="offline", overrides=None, stages=None, force: bool = False,
                  notebook_dir: "str | Path" = NOTEBOOK_DIR, kernel_name: "str | None" = None,
-                 log=print) -> Run:
+                 log=print, warm_kernels: bool = True) -> Run:
     """Execute the stage notebooks in order into a new run folder; stop at the first failure.
 
+    `warm_kernels`: start each stage's kernel (and its `import nd_utils`) while the previous
+    stage runs (`nd_utils.kernels`); the outputs are the same either way.
     Raises StageFailed naming the stage, its error and the executed notebook to open.
     """
     import papermill as pm
@@ -211,38 +214,67 @@ def run_pipeline(config="offline", overrides=None, stages=None, force: bool = Fa
 
     save_record()
     shown: set = set()
-    for nb in notebooks:
-        out = run.path / "notebooks" / nb.name
-        log(f"[{nb.name[:2]}] {nb.name} ...", flush=True)
-        t0 = time.time()
-        entry = {"notebook": nb.name, "executed": str(out), "status": "running"}
-        record["stages"].append(entry)
-        save_record()
-        try:
-            pm.execute_notebook(
-                str(nb), str(out), kernel_name=kernel_name, progress_bar=False, cwd=str(nb.parent),
-                parameters={"config": str(run.config_path), "overrides": [],
-                            "run_dir": str(run.path), "force": bool(force)})
-        except BaseException as exc:  # papermill wraps the cell's error; Ctrl-C lands here too
-            stopped = isinstance(exc, KeyboardInterrupt)
-            entry.update(status="interrupted" if stopped else "failed",
-                         seconds=round(time.time() - t0, 2),
-                         error=f"{getattr(exc, 'ename', type(exc).__name__)}: "
-                               f"{getattr(exc, 'evalue', exc)}")
-            record["status"] = entry["status"]
-            _report_notices(run, nb.name[:2], shown, record, log)
-            save_record()
-            if not isinstance(exc, Exception):
-                raise
-            raise StageFailed(f"stage {nb.name} failed: {entry['error']}\n"
-                              f"Executed notebook with the traceback: {out}") from None
-        entry.update(status="ok", seconds=round(time.time() - t0, 2))
-        _report_notices(run, nb.name[:2], shown, record, log)
-        save_record()
-        log(f"[{nb.name[:2]}] done in {entry['seconds']:.1f} s", flush=True)
+    warm = {}  # notebook -> WarmKernel started ahead of its stage
+    try:
+        for i, nb in enumerate(notebooks):
+            if warm_kernels and i + 1 < len(notebooks):
+                following = notebooks[i + 1]
+                warm[following] = start_warm_kernel(
+                    notebook_kernel_name(following, kernel_name), following.parent, log=log)
+            _run_stage(pm, nb, run, record, save_record, shown, kernel_name, force,
+                       warm.pop(nb, None), log)
+    finally:  # a failed or interrupted run leaves no kernel behind
+        for kernel in warm.values():
+            if kernel is not None:
+                kernel.close(now=True)
     record.update(status="ok", finished=time.time())
     save_record()
     return run
+
+
+def _run_stage(pm, nb: Path, run: Run, record: dict, save_record, shown: set,
+               kernel_name: "str | None", force: bool, warm, log) -> None:
+    """One notebook through papermill (in `warm`'s kernel when it is alive); raises StageFailed."""
+    out = run.path / "notebooks" / nb.name
+    log(f"[{nb.name[:2]}] {nb.name} ...", flush=True)
+    t0 = time.time()
+    entry = {"notebook": nb.name, "executed": str(out), "status": "running"}
+    record["stages"].append(entry)
+    save_record()
+    kernel = {"kernel_name": kernel_name}
+    if warm is not None and warm.ready():
+        kernel = warm.papermill_kwargs()
+    elif warm is not None:  # the import failed or hung: the notebook's own import shows why
+        log(f"[{nb.name[:2]}] note: its kernel started ahead did not import nd_utils; "
+            f"starting a fresh one", flush=True)
+        warm.close(now=True)
+        warm = None
+    try:
+        try:
+            pm.execute_notebook(
+                str(nb), str(out), progress_bar=False, cwd=str(nb.parent), **kernel,
+                parameters={"config": str(run.config_path), "overrides": [],
+                            "run_dir": str(run.path), "force": bool(force)})
+        finally:
+            if warm is not None:
+                warm.close()
+    except BaseException as exc:  # papermill wraps the cell's error; Ctrl-C lands here too
+        stopped = isinstance(exc, KeyboardInterrupt)
+        entry.update(status="interrupted" if stopped else "failed",
+                     seconds=round(time.time() - t0, 2),
+                     error=f"{getattr(exc, 'ename', type(exc).__name__)}: "
+                           f"{getattr(exc, 'evalue', exc)}")
+        record["status"] = entry["status"]
+        _report_notices(run, nb.name[:2], shown, record, log)
+        save_record()
+        if not isinstance(exc, Exception):
+            raise
+        raise StageFailed(f"stage {nb.name} failed: {entry['error']}\n"
+                          f"Executed notebook with the traceback: {out}") from None
+    entry.update(status="ok", seconds=round(time.time() - t0, 2))
+    _report_notices(run, nb.name[:2], shown, record, log)
+    save_record()
+    log(f"[{nb.name[:2]}] done in {entry['seconds']:.1f} s", flush=True)
 
 
 def _report_notices(run: Run, stage: str, shown: set, record: dict, log) -> None:

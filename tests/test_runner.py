@@ -73,6 +73,47 @@ def test_stage_selection(pipeline, tmp_path):
                         notebook_dir=pipeline, log=lambda *a, **k: None)
 
 
+def _kernel_children() -> set[int]:
+    import psutil
+    return {c.pid for c in psutil.Process().children(recursive=True)
+            if "ipykernel" in " ".join(c.cmdline())}
+
+
+@pytest.mark.parametrize("warm", [True, False])
+def test_next_kernel_starts_ahead_with_nd_utils_imported(pipeline, tmp_path, warm):
+    notebook(pipeline / "02_second.ipynb",
+             "import sys, pathlib\nwas = 'nd_utils' in sys.modules\n"
+             "(pathlib.Path(run_dir) / 'results' / 'warm.txt').write_text(str(was))")
+    before = _kernel_children()
+    run = nd.run_pipeline("offline", [f"data_dir={tmp_path / 'd'}"], notebook_dir=pipeline,
+                          log=lambda *a, **k: None, warm_kernels=warm)
+    # the warm-up import is silent: no output, and the notebook's counts start at 1 as usual
+    assert (run.results / "warm.txt").read_text() == str(warm)
+    executed = nbformat.read(run.path / "notebooks" / "02_second.ipynb", as_version=4)
+    assert [c.execution_count for c in executed.cells if c.cell_type == "code"] == [1, 2, 3]
+    assert not any(o.get("name") == "stderr" for c in executed.cells for o in c.outputs)
+    assert _kernel_children() <= before  # every kernel was shut down
+
+
+def test_failed_stage_shuts_down_the_kernel_started_ahead(pipeline, tmp_path):
+    notebook(pipeline / "01_first.ipynb", "raise ValueError('boom in stage one')")
+    before = _kernel_children()
+    with pytest.raises(nd.StageFailed, match="boom"):
+        nd.run_pipeline("offline", [f"data_dir={tmp_path / 'd'}"], notebook_dir=pipeline,
+                        log=lambda *a, **k: None)
+    assert _kernel_children() <= before
+
+
+def test_kernel_whose_warm_up_fails_is_replaced(pipeline, tmp_path, monkeypatch):
+    import nd_utils.kernels as kernels
+    monkeypatch.setattr(kernels, "WARM_UP_CODE", "raise RuntimeError('warm-up broke')")
+    lines = []
+    run = nd.run_pipeline("offline", [f"data_dir={tmp_path / 'd'}"], notebook_dir=pipeline,
+                          log=lambda *a, **k: lines.append(" ".join(map(str, a))))
+    assert (run.results / "second.txt").read_text() == "ok"
+    assert any("did not import nd_utils" in line for line in lines), lines
+
+
 def test_cli_rejects_unknown_key(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "nd_utils", "run", "offline",
                            "--set", "tagret.layers=[fc]"], capture_output=True, text=True,
@@ -89,10 +130,12 @@ def test_demo_pipeline_end_to_end():
     the same notebooks afterwards read these caches instead of recomputing them.
     """
     store = Path(os.environ["ND_DATA_DIR"])
-    proc = subprocess.run([sys.executable, "-m", "nd_utils", "run", "offline"],
+    proc = subprocess.run([sys.executable, "-m", "nd_utils", "run", "offline", "--report"],
                           capture_output=True, text=True, cwd=REPO_ROOT, timeout=3600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = Path(proc.stdout.strip().splitlines()[-1])
+    assert f"report: {results.parent / 'report' / 'index.html'}" in proc.stderr
+    assert (results.parent / "report" / "index.html").stat().st_size > 1000
     assert results.is_dir() and results.parent.parent == store / "runs"
     record = json.loads((results.parent / "run.json").read_text())
     assert record["status"] == "ok"

@@ -195,23 +195,3 @@ def test_open_clip_unknown_tag_and_model():
         load_vlm("open_clip:ViT-B-16:opnai")
     with pytest.raises(UnknownNameError, match="ViT-B-16"):
         load_vlm("open_clip:ViT-B-61:openai")
-
-
-def test_conse_text_encoder_matches_sentence_transformers_bit_for_bit():
-    """ConSE's MiniLM runs without importing sentence-transformers; its embeddings must be the
-    very same numbers, so caches made with either are interchangeable."""
-    from sentence_transformers import SentenceTransformer
-
-    from nd_utils.vlm import MeanPooledSentenceEncoder, _minilm_path
-
-    from nd_utils.concepts import load_concept_set
-
-    texts = (list(load_concept_set("words-3k"))[:300]
-             + ["a photo of a brown dog running on the beach", "Großstadt café", "", "tench, "
-                "Tinca tinca", "x" * 2000, "realistic photo of a close up of strawberries"])
-    ours = MeanPooledSentenceEncoder(_minilm_path())
-    reference = SentenceTransformer(str(_minilm_path()), device="cpu").eval()
-    for batch in (texts[:256], texts[256:], texts[-3:]):
-        want = reference.encode(batch, batch_size=len(batch), convert_to_tensor=True,
-                                normalize_embeddings=True, show_progress_bar=False)
-        assert torch.equal(ours.encode(batch), want)
