@@ -25,7 +25,7 @@ from .errors import NdUtilsError
 from .hooks import TraceLayers
 from .probes import ProbeSet, load_probes
 from .runtime import resolve_device
-from .stages import STAGES
+from .stages import STAGES, StageOutput, stage_output
 from .store import Artifact, ArtifactStore
 from .targets import Target, is_pinned, load_target
 
@@ -89,13 +89,18 @@ def target_identity(cfg: Config, target: "Target | None" = None) -> str:
     return target.weights_id
 
 
+def activation_output(cfg: Config, layer: str, probe: ProbeSet,
+                      target: "Target | None" = None) -> StageOutput:
+    """What decides one layer's activations: config fields read, weights, probe content."""
+    return stage_output(STAGE, {**cfg.select(STAGE.reads), "layer": layer},
+                        inputs={"probe_fingerprint": probe.fingerprint,
+                                "target": target_identity(cfg, target)})
+
+
 def activation_key(cfg: Config, layer: str, probe: ProbeSet,
                    target: "Target | None" = None) -> str:
-    """Artifact key of one layer's activations: config fields read, weights, probe content."""
-    params = {**cfg.select(STAGE.reads), "layer": layer}
-    return ArtifactStore.key(STAGE.name, STAGE.version, params,
-                             inputs={"probe_fingerprint": probe.fingerprint,
-                                     "target": target_identity(cfg, target)})
+    """Artifact key of one layer's activations (`activation_output(...).key`)."""
+    return activation_output(cfg, layer, probe, target).key
 
 
 def activation_jobs(cfg: Config, target: Target, probe: ProbeSet,
@@ -103,18 +108,11 @@ def activation_jobs(cfg: Config, target: Target, probe: ProbeSet,
     """One CacheJob per layer for `run_decode_once` (other consumers may join the same pass)."""
     layers = list(layers or cfg["target.layers"])
     consumer = TargetConsumer(target, layers, cfg["target.pooling"])
-    jobs = []
-    for layer in layers:
-        params = {**cfg.select(STAGE.reads), "layer": layer}
-        jobs.append(CacheJob(
-            consumer=consumer, output=layer, stage=STAGE.name,
-            key=activation_key(cfg, layer, probe, target), version=STAGE.version, params=params,
-            inputs={"probe_fingerprint": probe.fingerprint,
-                    "target": target_identity(cfg, target), "weights_id": target.weights_id},
-            top_k=int(cfg["activations.top_k"]),
-            extra={"layer": layer, "target": target.name, "weights_id": target.weights_id,
-                   "device": str(next(target.model.parameters()).device)}))
-    return jobs
+    return [CacheJob.for_output(
+        activation_output(cfg, layer, probe, target), consumer, layer,
+        top_k=int(cfg["activations.top_k"]),
+        extra={"layer": layer, "target": target.name, "weights_id": target.weights_id,
+               "device": str(next(target.model.parameters()).device)}) for layer in layers]
 
 
 def cache_activations(cfg: Config, target: "Target | None" = None, probe: "ProbeSet | None" = None,

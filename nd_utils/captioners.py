@@ -30,7 +30,7 @@ from .config import Config
 from .errors import OfflineError, unknown_name
 from .jsonl_cache import JsonlCache
 from .runtime import resolve_device
-from .stages import STAGES
+from .stages import STAGES, StageOutput, cached_stage, stage_output
 from .store import ArtifactStore, atomic_write_text
 from .targets import _state_dict_hash, load_target
 from .top_images import TopImages, image_sha256
@@ -158,10 +158,13 @@ def caption_cache(data_dir: "str | Path") -> JsonlCache:
     return JsonlCache(Path(data_dir) / "cache" / "captions.jsonl")
 
 
+def caption_output(cfg: Config, top: TopImages) -> StageOutput:
+    return stage_output(STAGE, {**cfg.select(STAGE.reads), "layer": top.layer},
+                        upstream={"03_top_images": top.key})
+
+
 def caption_key(cfg: Config, top: TopImages) -> str:
-    return ArtifactStore.key(STAGE.name, STAGE.version, {**cfg.select(STAGE.reads),
-                                                         "layer": top.layer},
-                             upstream={"03_top_images": top.key})
+    return caption_output(cfg, top).key
 
 
 def cache_captions(cfg: Config, top: TopImages, captioner: "Captioner | None" = None,
@@ -171,11 +174,8 @@ def cache_captions(cfg: Config, top: TopImages, captioner: "Captioner | None" = 
     Columns: layer, unit, rank, kind, image_id, file, caption. Each distinct image is captioned
     once (the caption cache is shared across neurons, layers and runs).
     """
-    store = ArtifactStore(cfg.data_dir)
-    key = caption_key(cfg, top)
-    if force:
-        store.remove(STAGE.name, key)
-    if not store.exists(STAGE.name, key):
+    def build(tmp: Path) -> dict:
+        nonlocal captioner
         captioner = captioner or load_captioner_from_config(cfg)
         rows = top.items[top.items.in_top].sort_values(["unit", "rank"])
         images = [top.image(f) for f in rows.file]
@@ -184,13 +184,11 @@ def cache_captions(cfg: Config, top: TopImages, captioner: "Captioner | None" = 
                                   batch_size=int(cfg["captioner.batch_size"]))
         table = rows[["layer", "unit", "rank", "kind", "image_id", "file"]].copy()
         table["caption"] = captions
-        with store.writer(STAGE.name, key, version=STAGE.version,
-                          params={**cfg.select(STAGE.reads), "layer": top.layer},
-                          upstream={"03_top_images": top.key},
-                          extra={"captioner": captioner.backend_id, "cache": cache.stats()},
-                          resume=False) as tmp:
-            atomic_write_text(tmp / "captions.csv", table.to_csv(index=False))
-    return pd.read_csv(store.open(STAGE.name, key).file("captions.csv"), keep_default_na=False)
+        atomic_write_text(tmp / "captions.csv", table.to_csv(index=False))
+        return {"captioner": captioner.backend_id, "cache": cache.stats()}
+
+    art = cached_stage(ArtifactStore(cfg.data_dir), caption_output(cfg, top), build, force=force)
+    return pd.read_csv(art.file("captions.csv"), keep_default_na=False)
 
 
 def load_captioner_from_config(cfg: Config) -> Captioner:

@@ -29,7 +29,7 @@ from .decode_once import CacheJob
 from .probes import ProbeSet
 from .runtime import resolve_device
 from .similarity import get_similarity, top_concepts
-from .stages import STAGES
+from .stages import STAGES, StageOutput, cached_stage, stage_output
 from .store import ArtifactStore, atomic_write_text, save_tensors
 from .vlm import VisionLanguageModel, load_vlm
 
@@ -45,18 +45,20 @@ def load_vlm_from_config(cfg: Config) -> VisionLanguageModel:
     return load_vlm(cfg["vlm.name"], device=resolve_device(cfg.get("device", "auto")))
 
 
+def image_feature_output(cfg: Config, probe: ProbeSet) -> StageOutput:
+    return stage_output(IMAGE_STAGE, cfg.select(IMAGE_STAGE.reads),
+                        inputs={"probe_fingerprint": probe.fingerprint})
+
+
 def image_feature_key(cfg: Config, probe: ProbeSet) -> str:
-    return ArtifactStore.key(IMAGE_STAGE.name, IMAGE_STAGE.version, cfg.select(IMAGE_STAGE.reads),
-                             inputs={"probe_fingerprint": probe.fingerprint})
+    return image_feature_output(cfg, probe).key
 
 
 def image_feature_job(cfg: Config, vlm: VisionLanguageModel, probe: ProbeSet) -> CacheJob:
     """A decode-once job caching the probe set's L2-normalised image features `[N, D]`."""
-    return CacheJob(consumer=vlm.image_consumer(), output="image_features", stage=IMAGE_STAGE.name,
-                    key=image_feature_key(cfg, probe), version=IMAGE_STAGE.version,
-                    params=cfg.select(IMAGE_STAGE.reads),
-                    inputs={"probe_fingerprint": probe.fingerprint, "backend_id": vlm.backend_id},
-                    extra={"vlm": vlm.name, "backend_id": vlm.backend_id})
+    return CacheJob.for_output(image_feature_output(cfg, probe), vlm.image_consumer(),
+                               "image_features",
+                               extra={"vlm": vlm.name, "backend_id": vlm.backend_id})
 
 
 def load_image_features(cfg: Config, probe: ProbeSet) -> torch.Tensor:
@@ -76,10 +78,13 @@ def load_concepts_from_config(cfg: Config, name: "str | None" = None) -> Concept
     return load_concept_set(name or cfg["clip_dissect.concept_set"], **clean)
 
 
-def text_feature_key(cfg: Config, concepts: ConceptSet) -> str:
+def text_feature_output(cfg: Config, concepts: ConceptSet) -> StageOutput:
     params = {**cfg.select(TEXT_STAGE.reads), "clip_dissect.concept_set": concepts.name}
-    return ArtifactStore.key(TEXT_STAGE.name, TEXT_STAGE.version, params,
-                             inputs={"concepts_sha256": concepts.sha256})
+    return stage_output(TEXT_STAGE, params, inputs={"concepts_sha256": concepts.sha256})
+
+
+def text_feature_key(cfg: Config, concepts: ConceptSet) -> str:
+    return text_feature_output(cfg, concepts).key
 
 
 def cache_text_features(cfg: Config, concepts: ConceptSet,
@@ -87,25 +92,21 @@ def cache_text_features(cfg: Config, concepts: ConceptSet,
                         ) -> torch.Tensor:
     """Text features `[M, D]` of the concepts, computed once per (backend, concepts, template)."""
     store = ArtifactStore(cfg.data_dir)
-    key = text_feature_key(cfg, concepts)
-    if force:
-        store.remove(TEXT_STAGE.name, key)
-    if not store.exists(TEXT_STAGE.name, key):
+
+    def build(tmp: Path) -> dict:
+        nonlocal vlm
         vlm = vlm or load_vlm_from_config(cfg)
         texts = list(concepts)
         reused = _reusable_text_batches(cfg, store, texts, vlm.backend_id)
         rest = vlm.encode_texts(texts[len(reused):], template=cfg["clip_dissect.template"],
                                 batch_size=TEXT_BATCH)
         feats = torch.cat([reused.to(rest), rest]) if len(reused) else rest
-        with store.writer(TEXT_STAGE.name, key, version=TEXT_STAGE.version,
-                          params=cfg.select(TEXT_STAGE.reads),
-                          inputs={"concepts_sha256": concepts.sha256},
-                          extra={"backend_id": vlm.backend_id, "n_concepts": len(concepts),
-                                 "concept_set": concepts.name, "concept_report": concepts.report},
-                          resume=False) as tmp:
-            save_tensors({"text_features": feats.float().cpu()}, tmp / "text_features.safetensors")
-            atomic_write_text(tmp / "concepts.txt", "\n".join(concepts) + "\n")
-    art = store.open(TEXT_STAGE.name, key)
+        save_tensors({"text_features": feats.float().cpu()}, tmp / "text_features.safetensors")
+        atomic_write_text(tmp / "concepts.txt", "\n".join(concepts) + "\n")
+        return {"backend_id": vlm.backend_id, "n_concepts": len(concepts),
+                "concept_set": concepts.name, "concept_report": concepts.report}
+
+    art = cached_stage(store, text_feature_output(cfg, concepts), build, force=force)
     return load_file(str(art.file("text_features.safetensors")))["text_features"]
 
 
@@ -152,18 +153,17 @@ def concept_similarity(cfg: Config, probe: ProbeSet, concepts: ConceptSet,
     return load_image_features(cfg, probe) @ cache_text_features(cfg, concepts, vlm, force).T
 
 
-def _label_upstream(cfg: Config, layer: str, probe: ProbeSet, concepts: ConceptSet,
-                    target=None) -> dict:
-    return {"01_activation_caching": activation_key(cfg, layer, probe, target),
-            "01_image_features": image_feature_key(cfg, probe),
-            "02_text_features": text_feature_key(cfg, concepts)}
+def label_output(cfg: Config, layer: str, probe: ProbeSet, concepts: ConceptSet,
+                 target=None) -> StageOutput:
+    return stage_output(LABEL_STAGE, {**cfg.select(LABEL_STAGE.reads), "layer": layer}, upstream={
+        "01_activation_caching": activation_key(cfg, layer, probe, target),
+        "01_image_features": image_feature_key(cfg, probe),
+        "02_text_features": text_feature_key(cfg, concepts)})
 
 
 def label_key(cfg: Config, layer: str, probe: ProbeSet, concepts: ConceptSet,
               target=None) -> str:
-    return ArtifactStore.key(LABEL_STAGE.name, LABEL_STAGE.version,
-                             {**cfg.select(LABEL_STAGE.reads), "layer": layer},
-                             upstream=_label_upstream(cfg, layer, probe, concepts, target))
+    return label_output(cfg, layer, probe, concepts, target).key
 
 
 def dissect_layer(cfg: Config, layer: str, probe: "ProbeSet | None" = None,
@@ -178,26 +178,18 @@ def dissect_layer(cfg: Config, layer: str, probe: "ProbeSet | None" = None,
     """
     probe = probe or load_probe_from_config(cfg)
     concepts = concepts or load_concepts_from_config(cfg)
-    store = ArtifactStore(cfg.data_dir)
-    upstream = _label_upstream(cfg, layer, probe, concepts, target)
-    key = ArtifactStore.key(LABEL_STAGE.name, LABEL_STAGE.version,
-                            {**cfg.select(LABEL_STAGE.reads), "layer": layer}, upstream=upstream)
-    if force:
-        store.remove(LABEL_STAGE.name, key)
-    if not store.exists(LABEL_STAGE.name, key):
+
+    def build(tmp: Path) -> dict:
         acts = load_activations(cfg, layer, probe=probe, target=target)
         P = concept_similarity(cfg, probe, concepts, vlm, force=force)
         fn = get_similarity(cfg["clip_dissect.similarity"])
         sim = fn(P, acts.activations, **similarity_hyperparameters(cfg, fn), layer=layer)
-        table = label_table(sim, concepts, layer)
-        with store.writer(LABEL_STAGE.name, key, version=LABEL_STAGE.version,
-                          params={**cfg.select(LABEL_STAGE.reads), "layer": layer},
-                          upstream=upstream,
-                          extra={"layer": layer, "n_neurons": int(sim.shape[0]),
-                                 "n_concepts": int(sim.shape[1]), "concept_set": concepts.name},
-                          resume=False) as tmp:
-            atomic_write_text(tmp / "labels.csv", table.to_csv(index=False))
-    art = store.open(LABEL_STAGE.name, key)
+        atomic_write_text(tmp / "labels.csv", label_table(sim, concepts, layer).to_csv(index=False))
+        return {"layer": layer, "n_neurons": int(sim.shape[0]), "n_concepts": int(sim.shape[1]),
+                "concept_set": concepts.name}
+
+    art = cached_stage(ArtifactStore(cfg.data_dir), label_output(cfg, layer, probe, concepts,
+                                                                  target), build, force=force)
     table = pd.read_csv(art.file("labels.csv"), keep_default_na=False)  # "nan", "null" are words
     for col in table.columns:  # scores stay numeric even where one is NaN (written as "")
         if col == "similarity" or col.startswith("score_"):

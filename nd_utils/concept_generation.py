@@ -40,7 +40,7 @@ from .errors import NdUtilsError
 from .language_models import (CachedLanguageModel, content_words, load_language_model,
                               load_template)
 from .runtime import resolve_device
-from .stages import STAGES
+from .stages import STAGES, StageOutput, cached_stage, stage_output
 from .store import ArtifactStore, atomic_write_text, canonical_json
 
 STAGE = STAGES["04_concepts"]
@@ -221,21 +221,21 @@ class LayerConcepts:
         return list(self.candidates[self.candidates.unit == unit].candidate)
 
 
+def concepts_output(cfg: Config, layer: str, captions_key: str) -> StageOutput:
+    return stage_output(STAGE, {**cfg.select(STAGE.reads), "layer": layer},
+                        upstream={"03_captions": captions_key})
+
+
 def concepts_key(cfg: Config, layer: str, captions_key: str) -> str:
-    return ArtifactStore.key(STAGE.name, STAGE.version, {**cfg.select(STAGE.reads),
-                                                         "layer": layer},
-                             upstream={"03_captions": captions_key})
+    return concepts_output(cfg, layer, captions_key).key
 
 
 def generate_concepts(cfg: Config, layer: str, captions: pd.DataFrame, captions_key: str,
                       lm: "CachedLanguageModel | None" = None, force: bool = False,
                       progress: bool = True) -> LayerConcepts:
     """Stage 04 for one layer: candidates of every neuron in `captions` (from stage 03)."""
-    store = ArtifactStore(cfg.data_dir)
-    key = concepts_key(cfg, layer, captions_key)
-    if force:
-        store.remove(STAGE.name, key)
-    if not store.exists(STAGE.name, key):
+    def build(tmp: Path) -> dict:
+        nonlocal lm
         lm = lm or language_model_from_config(cfg)
         rows, answers, simplified = [], [], {}
         units = sorted(captions.unit.unique())
@@ -249,17 +249,16 @@ def generate_concepts(cfg: Config, layer: str, captions: pd.DataFrame, captions_
                      for c in res.candidates]
             answers += [{"layer": layer, **a} for a in res.answers]
             simplified[int(unit)] = res.simplified
-        with store.writer(STAGE.name, key, version=STAGE.version,
-                          params={**cfg.select(STAGE.reads), "layer": layer},
-                          upstream={"03_captions": captions_key},
-                          extra={"model": lm.model_id, "mode": lm.mode, "llm": lm.stats(),
-                                 "n_neurons": len(units)}, resume=False) as tmp:
-            cand = pd.DataFrame(rows, columns=["layer", "unit", "candidate", "votes"])
-            atomic_write_text(tmp / "candidates.csv", cand.to_csv(index=False))
-            atomic_write_text(tmp / "answers.jsonl", "".join(
-                json.dumps(a, ensure_ascii=False) + "\n" for a in answers))
-            atomic_write_text(tmp / "simplified.json", canonical_json(simplified))
-    art = store.open(STAGE.name, key)
+        cand = pd.DataFrame(rows, columns=["layer", "unit", "candidate", "votes"])
+        atomic_write_text(tmp / "candidates.csv", cand.to_csv(index=False))
+        atomic_write_text(tmp / "answers.jsonl", "".join(
+            json.dumps(a, ensure_ascii=False) + "\n" for a in answers))
+        atomic_write_text(tmp / "simplified.json", canonical_json(simplified))
+        return {"model": lm.model_id, "mode": lm.mode, "llm": lm.stats(),
+                "n_neurons": len(units)}
+
+    art = cached_stage(ArtifactStore(cfg.data_dir), concepts_output(cfg, layer, captions_key),
+                       build, force=force)
     cand = pd.read_csv(art.file("candidates.csv"), keep_default_na=False)
     ans = pd.read_json(art.file("answers.jsonl"), lines=True, dtype={"raw": str, "concept": str})
-    return LayerConcepts(layer, cand, ans, key, art.manifest)
+    return LayerConcepts(layer, cand, ans, art.key, art.manifest)

@@ -13,7 +13,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
 import torch
 from safetensors.torch import load_file
@@ -22,6 +22,9 @@ from tqdm.auto import tqdm
 
 from .locks import wait_until_free
 from .store import Artifact, ArtifactStore, atomic_write_text, save_tensors
+
+if TYPE_CHECKING:
+    from .stages import StageOutput
 
 
 class SimulatedInterruption(RuntimeError):
@@ -51,6 +54,15 @@ class CacheJob:
     inputs: dict = field(default_factory=dict)
     top_k: int = 0                       # store each column's top image ids when > 0
     extra: dict = field(default_factory=dict)
+    upstream: dict = field(default_factory=dict)
+
+    @classmethod
+    def for_output(cls, out: "StageOutput", consumer: Consumer, output: str, top_k: int = 0,
+                   extra: "dict | None" = None) -> "CacheJob":
+        """The job that produces `out` (stage, key and manifest fields all taken from it)."""
+        return cls(consumer=consumer, output=output, stage=out.stage.name, key=out.key,
+                   version=out.stage.version, params=out.params, inputs=out.inputs,
+                   upstream=out.upstream, top_k=top_k, extra=dict(extra or {}))
 
 
 class _DecodeOnce(Dataset):
@@ -200,7 +212,7 @@ def _publish(store, job: CacheJob, staging: Path, n_chunks: int, probe, timings,
         tensors["top_values"] = top.values.T.contiguous()                  # [K, k]
     nonfinite = int((~torch.isfinite(values)).sum())
     with store.writer(job.stage, job.key, version=job.version, params=job.params,
-                      inputs=job.inputs, resume=True,
+                      inputs=job.inputs, upstream=job.upstream, resume=True,
                       extra={**job.extra, "output": job.output, "consumer": job.consumer.name,
                              "shape": list(values.shape), "nonfinite_values": nonfinite,
                              "top_k": int(tensors["top_ids"].shape[1]) if job.top_k else 0,

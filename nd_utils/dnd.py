@@ -30,6 +30,7 @@ from .config import Config
 from .runtime import resolve_device, seed_everything
 from .selection import STAGE as SELECT_STAGE
 from .selection import concept_activations, select_labels
+from .stages import cached_stage, stage_output
 from .store import ArtifactStore, atomic_write_text
 from .synthesis import ConceptImages, concept_images, load_synthesizer_from_config
 from .targets import load_target
@@ -122,25 +123,20 @@ def dnd_selection(cfg: Config, force: bool = False, progress: bool = True, synth
     out = {}
     for layer, top in tops.items():
         lc = concepts[layer]
-        upstream = {"03_top_images": top.key, "04_concepts": lc.key,
-                    "06_concept_activations": cacts.key}
-        params = {**cfg.select(SELECT_STAGE.reads), "layer": layer}
-        key = ArtifactStore.key(SELECT_STAGE.name, SELECT_STAGE.version, params,
-                                upstream=upstream)
-        if force:
-            store.remove(SELECT_STAGE.name, key)
-        if not store.exists(SELECT_STAGE.name, key):
+
+        def build(tmp: Path) -> None:
             labels, cand = select_labels(cfg, layer, top, lc, cacts, _dtop_features(top, vlm))
-            with store.writer(SELECT_STAGE.name, key, version=SELECT_STAGE.version,
-                              params=params, upstream=upstream,
-                              extra={"layer": layer, "n_neurons": len(top.neurons)},
-                              resume=False) as tmp:
-                atomic_write_text(tmp / "labels.csv", labels.to_csv(index=False))
-                atomic_write_text(tmp / "candidates.csv", cand.to_csv(index=False))
-        art = store.open(SELECT_STAGE.name, key)
+            atomic_write_text(tmp / "labels.csv", labels.to_csv(index=False))
+            atomic_write_text(tmp / "candidates.csv", cand.to_csv(index=False))
+
+        spec = stage_output(SELECT_STAGE, {**cfg.select(SELECT_STAGE.reads), "layer": layer},
+                            upstream={"03_top_images": top.key, "04_concepts": lc.key,
+                                      "06_concept_activations": cacts.key})
+        art = cached_stage(store, spec, build, force=force,
+                           extra={"layer": layer, "n_neurons": len(top.neurons)})
         out[layer] = LayerSelection(
             layer, pd.read_csv(art.file("labels.csv"), keep_default_na=False),
-            pd.read_csv(art.file("candidates.csv"), keep_default_na=False), key,
+            pd.read_csv(art.file("candidates.csv"), keep_default_na=False), art.key,
             time.time() - t0, art.manifest)
     return out
 

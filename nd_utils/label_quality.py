@@ -51,7 +51,7 @@ from .probe_split import split_part, split_table
 from .probes import ProbeSet, load_probes
 from .runtime import resolve_device, seed_everything
 from .selection import concept_activations
-from .stages import STAGES
+from .stages import STAGES, cached_stage, stage_output
 from .store import ArtifactStore, atomic_write_text
 from .synthesis import concept_images, load_pool, load_synthesizer_from_config
 from .targets import load_target
@@ -318,32 +318,27 @@ def evaluate_label_quality(cfg: Config, force: bool = False, progress: bool = Tr
     n_units = {layer: load_activations(qcfg, layer, probe=parts["test"]).n_neurons
                for layer in set(labels.layer)}
     labels = sanity_labels(qcfg, labels, target.class_names, n_units)
-    store = ArtifactStore(cfg.data_dir)
     whole = parts["test"].root
-    params = cfg.select(STAGE.reads)
-    inputs = {"probe_fingerprint": whole.fingerprint, "vlm": vlm.backend_id,
-              "weights": target.weights_id,
-              "labels_sha256": _sha(labels.to_csv(index=False))}
-    key = ArtifactStore.key(STAGE.name, STAGE.version, params, inputs=inputs)
-    if force:
-        store.remove(STAGE.name, key)
-    if not store.exists(STAGE.name, key):
+    spec = stage_output(STAGE, cfg.select(STAGE.reads), inputs={
+        "probe_fingerprint": whole.fingerprint, "vlm": vlm.backend_id,
+        "weights": target.weights_id, "labels_sha256": _sha(labels.to_csv(index=False))})
+
+    def build(tmp: Path) -> dict:
         try:
             calibration = calibrate_simulator(parts["calibrate"], load_image_features(
                 qcfg, parts["calibrate"]), vlm)
         except ConfigError as exc:  # no class labels: CoSy still runs, simulation is NaN
-            warnings.warn(str(exc), stacklevel=2)
+            warnings.warn(str(exc), stacklevel=4)  # the caller of evaluate_label_quality
             calibration = {}
         table = score_labels(qcfg, labels, parts, vlm, target, calibration, progress)
         split = split_table(whole, cfg["quality.split"], int(cfg["seed"]))
-        with store.writer(STAGE.name, key, version=STAGE.version, params=params, inputs=inputs,
-                          extra={"calibration": calibration, "labels_from": labels_from,
-                                 "parts": {p: len(s) for p, s in parts.items()}},
-                          resume=False) as tmp:
-            atomic_write_text(tmp / "label_quality.csv", table.to_csv(index=False))
-            atomic_write_text(tmp / "split.csv", split.to_csv(index=False))
-            atomic_write_text(tmp / "calibration.json", json.dumps(calibration, indent=1))
-    art = store.open(STAGE.name, key)
+        atomic_write_text(tmp / "label_quality.csv", table.to_csv(index=False))
+        atomic_write_text(tmp / "split.csv", split.to_csv(index=False))
+        atomic_write_text(tmp / "calibration.json", json.dumps(calibration, indent=1))
+        return {"calibration": calibration}
+
+    art = cached_stage(ArtifactStore(cfg.data_dir), spec, build, force=force, extra={
+        "labels_from": labels_from, "parts": {p: len(s) for p, s in parts.items()}})
     table = pd.read_csv(art.file("label_quality.csv"), keep_default_na=False,
                         na_values={m: [""] for m in (*METRICS, "p_value")})
     n_boot = int(cfg["quality.bootstrap"])
@@ -352,7 +347,7 @@ def evaluate_label_quality(cfg: Config, force: bool = False, progress: bool = Tr
                          sanity_checks(summary),
                          pd.read_csv(art.file("split.csv"), keep_default_na=False),
                          json.loads(art.file("calibration.json").read_text()), labels_from,
-                         key, art.manifest)
+                         art.key, art.manifest)
 
 
 def _sha(text: str) -> str:

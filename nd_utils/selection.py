@@ -20,6 +20,7 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -31,7 +32,7 @@ from tqdm.auto import tqdm
 from .config import Config
 from .errors import NdUtilsError
 from .hooks import TraceLayers
-from .stages import STAGES
+from .stages import STAGES, cached_stage, stage_output
 from .store import ArtifactStore, atomic_write_text, save_tensors
 
 ACT_STAGE = STAGES["06_concept_activations"]
@@ -131,18 +132,15 @@ def concept_activations(cfg: Config, layers: list[str], images: dict, target, vl
     decoded and embedded once. `features=False` skips the VLM (`features` is then `[0, 0]`):
     CoSy (stage 08) reads only the activations, and the VLM pass cost more than the target's.
     """
-    store = ArtifactStore(cfg.data_dir)
     layers = list(layers)
-    upstream = {"05_concept_images": sorted({ci.key for ci in images.values()})}
     params = {**cfg.select(ACT_STAGE.reads), "layers": layers}
     inputs = {"vlm": vlm.backend_id, "weights": target.weights_id}
     if not features:  # another output, so another key; the VLM then decides nothing
         params["features"], inputs = False, {"weights": target.weights_id}
-    key = ArtifactStore.key(ACT_STAGE.name, ACT_STAGE.version, params, upstream=upstream,
-                            inputs=inputs)
-    if force:
-        store.remove(ACT_STAGE.name, key)
-    if not store.exists(ACT_STAGE.name, key):
+    out = stage_output(ACT_STAGE, params, inputs=inputs, upstream={
+        "05_concept_images": sorted({ci.key for ci in images.values()})})
+
+    def build(tmp: Path) -> dict:
         rows = [{"concept": c, "file": str(p)} for c, ci in images.items() for p in ci.files()]
         acts: dict[str, list] = {layer: [] for layer in layers}
         feats = []
@@ -161,17 +159,16 @@ def concept_activations(cfg: Config, layers: list[str], images: dict, target, vl
         tensors = {f"activations.{layer}": (torch.cat(a) if a else torch.zeros(0, 0)).contiguous()
                    for layer, a in acts.items()}
         tensors["features"] = (torch.cat(feats) if feats else torch.zeros(0, 0)).contiguous()
-        with store.writer(ACT_STAGE.name, key, version=ACT_STAGE.version, params=params,
-                          upstream=upstream, inputs=inputs, extra={"n_images": len(rows)},
-                          resume=False) as tmp:
-            save_tensors(tensors, tmp / "concept_activations.safetensors")
-            atomic_write_text(tmp / "index.csv", pd.DataFrame(
-                rows, columns=["concept", "file"]).to_csv(index=False))
-    art = store.open(ACT_STAGE.name, key)
+        save_tensors(tensors, tmp / "concept_activations.safetensors")
+        atomic_write_text(tmp / "index.csv", pd.DataFrame(
+            rows, columns=["concept", "file"]).to_csv(index=False))
+        return {"n_images": len(rows)}
+
+    art = cached_stage(ArtifactStore(cfg.data_dir), out, build, force=force)
     t = load_file(str(art.file("concept_activations.safetensors")))
     index = pd.read_csv(art.file("index.csv"), keep_default_na=False)
     return ConceptActivations({layer: t[f"activations.{layer}"] for layer in layers},
-                              t["features"], index, key)
+                              t["features"], index, art.key)
 
 
 def select_labels(cfg: Config, layer: str, top, concepts, cacts: ConceptActivations,

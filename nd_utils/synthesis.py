@@ -39,7 +39,7 @@ from .decode_once import run_decode_once
 from .errors import NdUtilsError, OfflineError, ProbeError, unknown_name
 from .probes import ProbeSet, load_probes
 from .runtime import resolve_device
-from .stages import STAGES
+from .stages import STAGES, StageOutput, cached_stage, stage_output
 from .store import ArtifactStore, atomic_write_bytes, atomic_write_text
 from .top_images import png_bytes
 
@@ -205,9 +205,13 @@ def prompt_for(cfg: Config, concept: str) -> str:
     return cfg["synthesis.prompt"].format(concept=concept)
 
 
+def concept_image_output(cfg: Config, concept: str, backend_id: str) -> StageOutput:
+    return stage_output(STAGE, cfg.select(STAGE.reads),
+                        inputs={"prompt": prompt_for(cfg, concept), "backend": backend_id})
+
+
 def concept_image_key(cfg: Config, concept: str, backend_id: str) -> str:
-    return ArtifactStore.key(STAGE.name, STAGE.version, cfg.select(STAGE.reads),
-                             inputs={"prompt": prompt_for(cfg, concept), "backend": backend_id})
+    return concept_image_output(cfg, concept, backend_id).key
 
 
 def concept_images(cfg: Config, concepts: list[str], synth, progress: bool = True,
@@ -221,24 +225,21 @@ def concept_images(cfg: Config, concepts: list[str], synth, progress: bool = Tru
     found, made = {}, 0
     unique = list(dict.fromkeys(concepts))
     for concept in tqdm(unique, desc="concept images", disable=not progress):
-        key = concept_image_key(cfg, concept, synth.backend_id)
-        if force:
-            store.remove(STAGE.name, key)
-        if not store.exists(STAGE.name, key):
+        prompt = prompt_for(cfg, concept)
+
+        def build(tmp: Path) -> None:
+            nonlocal made
             made += 1
-            prompt = prompt_for(cfg, concept)
-            with store.writer(STAGE.name, key, version=STAGE.version,
-                              params=cfg.select(STAGE.reads),
-                              inputs={"prompt": prompt, "backend": synth.backend_id},
-                              extra={"concept": concept}, resume=False) as tmp:
-                rows = []
-                for i, (im, status, info) in enumerate(synth.generate(prompt, list(
-                        range(seed, seed + n)))):
-                    atomic_write_bytes(tmp / f"{i:02d}.png", png_bytes(im.convert("RGB")))
-                    rows.append({"file": f"{i:02d}.png", "status": status, **info})
-                atomic_write_text(tmp / "images.csv", pd.DataFrame(rows).to_csv(index=False))
-        art = store.open(STAGE.name, key)
-        found[concept] = ConceptImages(concept, key, art.path,
+            rows = []
+            for i, (im, status, info) in enumerate(synth.generate(prompt, list(
+                    range(seed, seed + n)))):
+                atomic_write_bytes(tmp / f"{i:02d}.png", png_bytes(im.convert("RGB")))
+                rows.append({"file": f"{i:02d}.png", "status": status, **info})
+            atomic_write_text(tmp / "images.csv", pd.DataFrame(rows).to_csv(index=False))
+
+        art = cached_stage(store, concept_image_output(cfg, concept, synth.backend_id), build,
+                           force=force, extra={"concept": concept})
+        found[concept] = ConceptImages(concept, art.key, art.path,
                                        pd.read_csv(art.file("images.csv"), keep_default_na=False))
     stats = {"concepts": len(unique), "synthesised": made, "reused": len(unique) - made,
              "requested": len(concepts)}

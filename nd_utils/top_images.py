@@ -29,7 +29,7 @@ from .config import Config
 from .errors import NdUtilsError
 from .probes import ProbeSet
 from .runtime import resolve_device
-from .stages import STAGES
+from .stages import STAGES, StageOutput, cached_stage, stage_output
 from .store import ArtifactStore, atomic_write_bytes, atomic_write_text, save_tensors
 from .targets import Target, load_target
 
@@ -102,12 +102,16 @@ class TopImages:
             return im.convert("RGB")
 
 
+def top_images_output(cfg: Config, layer: str, neurons: list[int], probe: ProbeSet,
+                      target: "Target | None" = None) -> StageOutput:
+    return stage_output(STAGE, {**cfg.select(STAGE.reads), "layer": layer, "neurons": neurons},
+                        upstream={"01_activation_caching":
+                                  activation_key(cfg, layer, probe, target)})
+
+
 def top_images_key(cfg: Config, layer: str, neurons: list[int], probe: ProbeSet,
                    target: "Target | None" = None) -> str:
-    return ArtifactStore.key(STAGE.name, STAGE.version,
-                             {**cfg.select(STAGE.reads), "layer": layer, "neurons": neurons},
-                             upstream={"01_activation_caching":
-                                       activation_key(cfg, layer, probe, target)})
+    return top_images_output(cfg, layer, neurons, probe, target).key
 
 
 def build_top_images(cfg: Config, layer: str, neurons: "list[int] | None" = None,
@@ -122,24 +126,18 @@ def build_top_images(cfg: Config, layer: str, neurons: "list[int] | None" = None
     if acts.top_ids.shape[1] < k:
         raise NdUtilsError(f"stage 01 stored {acts.top_ids.shape[1]} top images per neuron but "
                            f"dnd.top_k is {k}: raise activations.top_k and rerun notebook 01")
-    store = ArtifactStore(cfg.data_dir)
-    key = top_images_key(cfg, layer, neurons, probe, target)
-    if force:
-        store.remove(STAGE.name, key)
-    if not store.exists(STAGE.name, key):
-        target = (target or load_target(cfg["target.name"])).to(
+
+    def build(tmp: Path) -> None:
+        model = (target or load_target(cfg["target.name"])).to(
             resolve_device(cfg.get("device", "auto")))
-        with store.writer(STAGE.name, key, version=STAGE.version,
-                          params={**cfg.select(STAGE.reads), "layer": layer, "neurons": neurons},
-                          upstream={"01_activation_caching": activation_key(cfg, layer, probe,
-                                                                            target)},
-                          extra={"layer": layer, "n_neurons": len(neurons)},
-                          resume=False) as tmp:
-            table = _compute(cfg, layer, neurons, probe, acts, target, tmp, progress)
-            atomic_write_text(tmp / "items.csv", table.to_csv(index=False))
-    art = store.open(STAGE.name, key)
+        table = _compute(cfg, layer, neurons, probe, acts, model, tmp, progress)
+        atomic_write_text(tmp / "items.csv", table.to_csv(index=False))
+
+    art = cached_stage(ArtifactStore(cfg.data_dir),
+                       top_images_output(cfg, layer, neurons, probe, target), build, force=force,
+                       extra={"layer": layer, "n_neurons": len(neurons)})
     items = pd.read_csv(art.file("items.csv"), keep_default_na=False)
-    return TopImages(layer, neurons, items, art.path, key)
+    return TopImages(layer, neurons, items, art.path, art.key)
 
 
 def _check_units(neurons, layer: str, n: int) -> list[int]:
