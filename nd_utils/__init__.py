@@ -27,7 +27,7 @@ from .dnd_plots import plot_crop_boxes, plot_dnd_neuron, plot_top_items
 from .errors import (ConfigError, DamagedArtifactError, MissingArtifactError, NdUtilsError,
                      OfflineError, ProbeError, UnknownNameError)
 from .evaluation import evaluate_final_layer, evaluation_config, published_table
-from .hooks import TraceLayers, count_hooks, pool
+from .hooks import ImageTrace, TraceLayers, count_hooks, pool, trace_batch, trace_images
 from .jsonl_cache import JsonlCache
 from .label_plots import plot_evaluation, plot_neuron_labels
 from .label_quality import (QualityResult, evaluate_label_quality, quality_config, quality_parts,
@@ -58,7 +58,7 @@ __all__ = [
     "DamagedArtifactError",
     "LayerActivations", "MissingArtifactError", "NdUtilsError", "OfflineError", "ProbeError",
     "ProbeSet", "Run", "SIMILARITY_FUNCTIONS", "STAGES", "StageFailed", "Target",
-    "TargetConsumer", "TraceLayers", "UnknownNameError", "VisionLanguageModel",
+    "ImageTrace", "TargetConsumer", "TraceLayers", "UnknownNameError", "VisionLanguageModel",
     "activation_key", "activation_summary", "cache_activations", "cache_text_features",
     "concept_similarity", "count_hooks", "dissect_layer", "evaluate_final_layer",
     "evaluation_config", "from_module", "get_similarity", "get_stage", "image_feature_job",
@@ -68,7 +68,7 @@ __all__ = [
     "load_image_features", "load_probe", "load_probe_from_config", "load_probes", "load_target",
     "load_vlm", "load_vlm_from_config", "most_selective_neurons", "open_run",
     "parse_concept_text", "parse_overrides", "plot_activation_distributions", "plot_evaluation",
-    "plot_neuron_labels", "plot_top_images", "pool", "published_table", "resolve_device",
+    "plot_neuron_labels", "plot_top_images", "pool", "published_table", "trace_batch", "trace_images", "resolve_device",
     "run_decode_once", "run_pipeline", "seed_everything", "write_label_tables",
     # Describe-and-Dissect
     "CachedLanguageModel", "Captioner", "JsonlCache", "ReplayMissError", "SCORINGS", "TopImages",

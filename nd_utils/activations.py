@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from .config import Config
 from .decode_once import CacheJob, run_decode_once
 from .errors import NdUtilsError
-from .hooks import TraceLayers
+from .hooks import trace_batch
 from .probes import ProbeSet, load_probes
 from .runtime import resolve_device
 from .stages import STAGES, StageOutput, stage_output
@@ -44,12 +44,10 @@ class TargetConsumer:
         self._checked = False
 
     def __call__(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
-        with TraceLayers(self.target.model, self.outputs, pooling=self.pooling) as trace:
-            self.target.model(batch)
-        if not self._checked:
-            trace.check_calls()
-            self._checked = True
-        return {layer: trace[layer] for layer in self.outputs}
+        out = trace_batch(self.target.model, self.outputs, batch, pooling=self.pooling,
+                          check_calls=not self._checked)
+        self._checked = True
+        return out.pooled
 
 
 def load_probe_from_config(cfg: Config) -> ProbeSet:

@@ -41,7 +41,7 @@ import torchvision.transforms as T
 from PIL import Image
 
 from .errors import NdUtilsError
-from .hooks import TraceLayers
+from .hooks import trace_images
 
 Box = tuple[int, int, int, int]  # x0, y0, x1, y1 (x1, y1 exclusive), pixels
 
@@ -208,37 +208,23 @@ def resize_square(image: Image.Image, size: int) -> Image.Image:
     return image.convert("RGB").resize((size, size), Image.BICUBIC)
 
 
-@torch.no_grad()
 def forward_maps(target, layer: str, images: list[Image.Image], pooling: str,
                  batch_size: int = 32) -> tuple[torch.Tensor, "torch.Tensor | None"]:
     """Pooled activations `[B, K]` and spatial maps `[B, K, h, w]` (None for vectors)."""
-    transform = square_transform(target.preprocess)
-    pooled, maps = [], []
-    device = target.device
-    for start in range(0, len(images), batch_size):
-        batch = torch.stack([transform(im) for im in images[start:start + batch_size]]).to(device)
-        with TraceLayers(target.model, [layer], pooling=pooling, keep_maps=[layer]) as trace:
-            target.model(batch)
-        pooled.append(trace[layer].cpu())
-        m = spatial_maps(trace.maps[layer], layer)
-        maps.append(None if m is None else m.cpu())
-    if not pooled:
+    if not images:
         return torch.zeros(0), None
-    return torch.cat(pooled), (None if maps[0] is None else torch.cat(maps))
+    out = trace_images(target, [layer], images, pooling, keep_maps=[layer],
+                       batch_size=batch_size, transform=square_transform(target.preprocess))
+    return out.pooled[layer], spatial_maps(out.maps[layer], layer)
 
 
-@torch.no_grad()
 def pooled_activations(target, layer: str, images: list[Image.Image], pooling: str,
                        batch_size: int = 32) -> torch.Tensor:
     """Pooled activations `[B, K]` of `layer` on PIL images, with the square transform."""
-    transform = square_transform(target.preprocess)
-    out = []
-    for start in range(0, len(images), batch_size):
-        batch = torch.stack([transform(im) for im in images[start:start + batch_size]])
-        with TraceLayers(target.model, [layer], pooling=pooling) as trace:
-            target.model(batch.to(target.device))
-        out.append(trace[layer].cpu())
-    return torch.cat(out) if out else torch.zeros(0)
+    if not images:
+        return torch.zeros(0)
+    return trace_images(target, [layer], images, pooling, batch_size=batch_size,
+                        transform=square_transform(target.preprocess)).pooled[layer]
 
 
 __all__ = ["box_iou", "normalise_map", "heatmap_uint8", "otsu_threshold_uint8",

@@ -4,6 +4,10 @@
 produced (so full feature maps are never kept unless asked for) and removes every hook on exit,
 also when the forward pass raises.
 
+`trace_images` is the one loop that sends images through a target under such a trace: every
+stage that needs activations of images (decode-once caching, attention crops, concept images)
+goes through it or, for one ready batch, through `trace_batch`.
+
 Example:
     >>> import torch
     >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU())
@@ -11,11 +15,15 @@ Example:
     ...     _ = net(torch.randn(2, 3, 16, 16))
     >>> trace["1"].shape
     torch.Size([2, 8])
+    >>> trace_batch(net, ["1"], torch.randn(3, 3, 16, 16)).pooled["1"].shape
+    torch.Size([3, 8])
 """
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -156,3 +164,81 @@ class TraceLayers:
 def count_hooks(model: nn.Module) -> int:
     """Number of forward hooks registered anywhere in `model` (tests use it)."""
     return sum(len(m._forward_hooks) for m in model.modules())
+
+
+@dataclass
+class ImageTrace:
+    """Outputs of `trace_images` / `trace_batch`, in image order.
+
+    `pooled[layer]`: `[N, K]` float32 on the CPU; `maps[layer]`: the raw output (e.g.
+    `[N, C, H, W]`) of each layer in `keep_maps`, on the CPU.
+    """
+
+    pooled: dict = field(default_factory=dict)
+    maps: dict = field(default_factory=dict)
+
+
+@torch.no_grad()
+def trace_batch(model: nn.Module, layers: Sequence[str], x: torch.Tensor,
+                pooling: "str | Mapping[str, str]" = "avg", keep_maps: Iterable[str] = (),
+                check_calls: bool = False) -> ImageTrace:
+    """One forward pass of the ready batch `x` `[B, 3, H, W]` with every layer traced.
+
+    Tensors stay on the model's device (the caller moves them); `check_calls` warns about a
+    layer that ran more than once.
+    """
+    with TraceLayers(model, layers, pooling=pooling, keep_maps=keep_maps) as trace:
+        model(x)
+    if check_calls:
+        trace.check_calls()
+    # a block returning (hidden states, ...) keeps the tensor, as `pool` does
+    maps = {k: v[0] if isinstance(v, (tuple, list)) else v for k, v in trace.maps.items()}
+    return ImageTrace({layer: trace[layer] for layer in layers}, maps)
+
+
+def _as_image(item):
+    from PIL import Image
+
+    if isinstance(item, (str, Path)):
+        with Image.open(item) as im:
+            return im.convert("RGB")
+    return item
+
+
+@torch.no_grad()
+def trace_images(target, layers: Sequence[str], images: Sequence, pooling="avg",
+                 keep_maps: Iterable[str] = (), batch_size: int = 32,
+                 transform: "Callable | None" = None,
+                 each_batch: "Callable[[list], None] | None" = None,
+                 progress: "Callable[[Iterable], Iterable] | None" = None) -> ImageTrace:
+    """Pooled activations `[N, K]` of `layers` of a `Target` on images (PIL or file paths).
+
+    `transform` (default `target.preprocess`) turns an image into a `[3, H, W]` tensor; the
+    images of each batch are stacked, moved to the target's device and run once with all
+    `layers` traced. `each_batch(pil_images)` sees every batch's decoded images (e.g. to embed
+    them with another model without decoding them twice); `progress` wraps the batch starts
+    (e.g. a tqdm). An empty `images` gives `[0, 0]` tensors.
+
+    Example:
+        >>> t = trace_images(target, ["fc"], ["a.jpg", "b.jpg"])        # doctest: +SKIP
+        >>> t.pooled["fc"].shape
+        torch.Size([2, 1000])
+    """
+    layers, keep = list(layers), list(keep_maps)
+    transform = transform or target.preprocess
+    pooled: dict = {layer: [] for layer in layers}
+    maps: dict = {layer: [] for layer in keep}
+    starts = range(0, len(images), int(batch_size))
+    for start in (progress(starts) if progress else starts):
+        pil = [_as_image(im) for im in images[start:start + int(batch_size)]]
+        x = torch.stack([transform(im) for im in pil]).to(target.device)
+        out = trace_batch(target.model, layers, x, pooling=pooling, keep_maps=keep)
+        for layer in layers:
+            pooled[layer].append(out.pooled[layer].cpu())
+        for layer in keep:
+            maps[layer].append(out.maps[layer].cpu())
+        if each_batch is not None:
+            each_batch(pil)
+    empty = torch.zeros(0, 0)
+    return ImageTrace({layer: torch.cat(v) if v else empty for layer, v in pooled.items()},
+                      {layer: torch.cat(v) if v else empty for layer, v in maps.items()})

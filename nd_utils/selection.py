@@ -25,13 +25,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from .config import Config
 from .errors import NdUtilsError
-from .hooks import TraceLayers
+from .hooks import trace_images
 from .stages import STAGES, cached_stage, stage_output
 from .store import ArtifactStore, atomic_write_text, save_tensors
 
@@ -142,22 +141,18 @@ def concept_activations(cfg: Config, layers: list[str], images: dict, target, vl
 
     def build(tmp: Path) -> dict:
         rows = [{"concept": c, "file": str(p)} for c, ci in images.items() for p in ci.files()]
-        acts: dict[str, list] = {layer: [] for layer in layers}
         feats = []
-        bs = int(cfg["activations.batch_size"])
-        for start in tqdm(range(0, len(rows), bs), desc="concept images",
-                          disable=not progress):
-            pil = [Image.open(r["file"]).convert("RGB") for r in rows[start:start + bs]]
-            x = torch.stack([target.preprocess(im) for im in pil]).to(target.device)
-            with TraceLayers(target.model, layers, pooling=cfg["target.pooling"]) as trace:
-                target.model(x)
-            for layer in layers:
-                acts[layer].append(trace[layer].cpu())
-            if features:
-                v = torch.stack([vlm.preprocess(im) for im in pil]).to(vlm.device)
-                feats.append(vlm.encode_images(v).float().cpu())
-        tensors = {f"activations.{layer}": (torch.cat(a) if a else torch.zeros(0, 0)).contiguous()
-                   for layer, a in acts.items()}
+
+        def embed(pil: list) -> None:
+            v = torch.stack([vlm.preprocess(im) for im in pil]).to(vlm.device)
+            feats.append(vlm.encode_images(v).float().cpu())
+
+        traced = trace_images(target, layers, [r["file"] for r in rows], cfg["target.pooling"],
+                              batch_size=int(cfg["activations.batch_size"]),
+                              each_batch=embed if features else None,
+                              progress=lambda starts: tqdm(starts, desc="concept images",
+                                                           disable=not progress))
+        tensors = {f"activations.{layer}": traced.pooled[layer].contiguous() for layer in layers}
         tensors["features"] = (torch.cat(feats) if feats else torch.zeros(0, 0)).contiguous()
         save_tensors(tensors, tmp / "concept_activations.safetensors")
         atomic_write_text(tmp / "index.csv", pd.DataFrame(

@@ -1,4 +1,5 @@
 """Forward-hook tracing: pooling per output rank, no hook left behind."""
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -87,3 +88,53 @@ def test_module_called_twice_warns():
         net(torch.randn(2, 3))
         with pytest.warns(UserWarning, match="ran 2 times"):
             tr.check_calls()
+
+
+def _tiny_target():
+    from torchvision import transforms as T
+
+    from nd_utils.targets import from_module
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                              torch.nn.LazyLinear(5))
+    net(torch.zeros(1, 3, 16, 16))  # materialise the lazy layer
+    return from_module(net.eval(), T.Compose([T.Resize((16, 16)), T.ToTensor()]), name="tiny")
+
+
+def test_trace_images_equals_one_traced_forward_per_batch(tmp_path):
+    from PIL import Image
+
+    from nd_utils.hooks import trace_images
+
+    target = _tiny_target()
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8))
+              for _ in range(7)]
+    paths = []
+    for i, im in enumerate(images[:3]):
+        im.save(tmp_path / f"{i}.png")
+        paths.append(tmp_path / f"{i}.png")
+    seen = []
+    out = trace_images(target, ["1", "3"], paths + images[3:], pooling="max", keep_maps=["1"],
+                       batch_size=3, each_batch=lambda pil: seen.append(len(pil)))
+    x = torch.stack([target.preprocess(im) for im in images])
+    with TraceLayers(target.model, ["1", "3"], pooling="max", keep_maps=["1"]) as trace:
+        target.model(x)
+    assert torch.allclose(out.pooled["1"], trace["1"]) and out.pooled["3"].shape == (7, 5)
+    assert torch.allclose(out.pooled["3"], trace["3"], atol=1e-6)
+    assert out.maps["1"].shape == (7, 4, 14, 14), out.maps["1"].shape
+    assert torch.allclose(out.maps["1"], trace.maps["1"], atol=1e-6)
+    assert seen == [3, 3, 1]  # each batch's decoded images, files read once
+    assert count_hooks(target.model) == 0
+    empty = trace_images(target, ["3"], [])
+    assert empty.pooled["3"].shape == (0, 0)
+
+
+def test_trace_images_removes_hooks_when_a_batch_fails():
+    from nd_utils.hooks import trace_images
+
+    target = _tiny_target()
+    with pytest.raises(FileNotFoundError):
+        trace_images(target, ["1"], ["/nonexistent/image.png"])
+    assert count_hooks(target.model) == 0

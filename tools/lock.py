@@ -16,8 +16,10 @@ extra UV_ARGS go to both `uv pip compile` calls, e.g. --upgrade or --upgrade-pac
 """
 import argparse
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,14 +51,26 @@ def pip_sources(python: str = sys.executable) -> list[str]:
 
 def compile_lock(inputs: list[str], stdin: str, output: Path, extra: list[str],
                  note: str = "") -> None:
-    cmd = [sys.executable, "-m", "uv", "pip", "compile", *inputs, "-", "--generate-hashes",
-           "--python", sys.executable, "--custom-compile-command", "make lock",
-           "--quiet", "-o", str(output), *pip_sources(), *extra]
-    print("+", " ".join(cmd), file=sys.stderr)
-    subprocess.run(cmd, input=stdin, text=True, check=True, cwd=ROOT)
-    if note:  # after uv's two header lines
-        lines = output.read_text().splitlines(keepends=True)
-        output.write_text("".join(lines[:2] + [f"# {note}\n"] + lines[2:]))
+    with tempfile.TemporaryDirectory() as tmp:
+        # uv keeps the versions of the file it writes to; a lock file whose text does not change
+        # is not rewritten, so that make does not reinstall for nothing.
+        draft = Path(tmp) / output.name
+        if output.exists():
+            shutil.copyfile(output, draft)
+        cmd = [sys.executable, "-m", "uv", "pip", "compile", *inputs, "-", "--generate-hashes",
+               "--python", sys.executable, "--custom-compile-command", "make lock",
+               "--quiet", "-o", str(draft), *pip_sources(), *extra]
+        print("+", " ".join(cmd), file=sys.stderr)
+        subprocess.run(cmd, input=stdin, text=True, check=True, cwd=ROOT)
+        lines = draft.read_text().splitlines(keepends=True)
+        if note:  # after uv's two header lines
+            lines[2:2] = [f"# {note}\n"]
+        text = "".join(lines)
+        if not output.exists() or output.read_text() != text:
+            output.write_text(text)
+            print(f"wrote {output.name}", file=sys.stderr)
+        else:
+            print(f"{output.name} unchanged", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -71,9 +85,9 @@ def main(argv: list[str] | None = None) -> None:
     compile_lock(["pyproject.toml", *extras], "\n".join(args.pins.split()) + "\n",
                  ROOT / args.lock, uv_args)
     if args.no_deps.split():
+        note = f"Install with: pip install --no-deps --require-hashes -r {args.nodeps_lock}"
         compile_lock(["--no-deps"], "\n".join(args.no_deps.split()) + "\n",
-                     ROOT / args.nodeps_lock, uv_args,
-                     note=f"Install with: pip install --no-deps --require-hashes -r {args.nodeps_lock}")
+                     ROOT / args.nodeps_lock, uv_args, note=note)
 
 
 if __name__ == "__main__":
