@@ -8,6 +8,9 @@ The warm-up runs with `silent=True, store_history=False`: it shows in no noteboo
 execution counts as a fresh kernel would. Nothing else is run ahead: parameters, seeds and every
 stage call still execute in the notebook itself, so outputs are those of a cold kernel.
 
+These kernels talk over IPC (Unix sockets in a private temporary folder) rather than TCP on
+localhost: no port is opened, and ipykernel's warning about unencrypted TCP does not apply.
+
 Example:
     >>> with warm_kernel("python3", cwd="notebooks") as warm:            # doctest: +SKIP
     ...     papermill.execute_notebook(src, out, **warm.papermill_kwargs())
@@ -15,6 +18,9 @@ Example:
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -45,8 +51,16 @@ class WarmKernel:
         from jupyter_core.utils import run_sync
 
         self.kernel_name = kernel_name
-        self.km = AsyncKernelManager(kernel_name=kernel_name)
-        run_sync(self.km.start_kernel)(cwd=str(cwd), extra_arguments=list(KERNEL_ARGUMENTS))
+        # short path: a Unix socket path must stay under ~100 characters
+        self._sockets = Path(tempfile.mkdtemp(prefix="ndk-", dir="/tmp" if os.path.isdir(
+            "/tmp") else None))
+        self.km = AsyncKernelManager(kernel_name=kernel_name, transport="ipc",
+                                     ip=str(self._sockets / "k"))
+        try:
+            run_sync(self.km.start_kernel)(cwd=str(cwd), extra_arguments=list(KERNEL_ARGUMENTS))
+        except BaseException:
+            shutil.rmtree(self._sockets, ignore_errors=True)
+            raise
         # A client of our own: the request waits in zmq's queue until the kernel is up, and the
         # kernel then serves the notebook's requests after it, in order.
         self._client = BlockingKernelClient()
@@ -82,9 +96,10 @@ class WarmKernel:
 
         try:
             self._client.stop_channels()
-        finally:
             if run_sync(self.km.is_alive)():
                 run_sync(self.km.shutdown_kernel)(now=now)
+        finally:
+            shutil.rmtree(self._sockets, ignore_errors=True)
 
 
 @contextmanager

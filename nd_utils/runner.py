@@ -215,12 +215,16 @@ def run_pipeline(config="offline", overrides=None, stages=None, force: bool = Fa
     save_record()
     shown: set = set()
     warm = {}  # notebook -> WarmKernel started ahead of its stage
+
+    def start(nb: Path) -> None:
+        warm[nb] = start_warm_kernel(notebook_kernel_name(nb, kernel_name), nb.parent, log=log)
+
     try:
         for i, nb in enumerate(notebooks):
+            if warm_kernels and i == 0:
+                start(nb)  # ours too, so that every kernel of the run talks over IPC
             if warm_kernels and i + 1 < len(notebooks):
-                following = notebooks[i + 1]
-                warm[following] = start_warm_kernel(
-                    notebook_kernel_name(following, kernel_name), following.parent, log=log)
+                start(notebooks[i + 1])
             _run_stage(pm, nb, run, record, save_record, shown, kernel_name, force,
                        warm.pop(nb, None), log)
     finally:  # a failed or interrupted run leaves no kernel behind
@@ -249,10 +253,12 @@ def _run_stage(pm, nb: Path, run: Run, record: dict, save_record, shown: set,
             f"starting a fresh one", flush=True)
         warm.close(now=True)
         warm = None
+    cells = CellProgress(nb.name[:2], log)
     try:
         try:
             pm.execute_notebook(
                 str(nb), str(out), progress_bar=False, cwd=str(nb.parent), **kernel,
+                on_cell_start=cells.started, on_cell_executed=cells.executed,
                 parameters={"config": str(run.config_path), "overrides": [],
                             "run_dir": str(run.path), "force": bool(force)})
         finally:
@@ -275,6 +281,45 @@ def _run_stage(pm, nb: Path, run: Run, record: dict, save_record, shown: set,
     _report_notices(run, nb.name[:2], shown, record, log)
     save_record()
     log(f"[{nb.name[:2]}] done in {entry['seconds']:.1f} s", flush=True)
+
+
+class CellProgress:
+    """Streams a stage's progress: one line per code cell that took `min_seconds` or more
+    ("[04] 4/5  83.8 s  concepts = nd.dnd_concepts(cfg, force=force)"); on a terminal the cell
+    that is running shows on a line that the next one overwrites."""
+
+    def __init__(self, stage: str, log, min_seconds: float = 1.0, stream=None):
+        import sys
+
+        self.stage, self.log, self.min_seconds = stage, log, min_seconds
+        self.stream = stream or sys.stderr
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self._t0, self._n = 0.0, 0
+
+    @staticmethod
+    def _first_line(cell) -> str:
+        lines = [ln for ln in str(cell.source).splitlines() if ln.strip() and
+                 not ln.lstrip().startswith(("#", "%"))]
+        text = lines[0].strip() if lines else str(cell.source).strip().splitlines()[0]
+        return text if len(text) <= 70 else text[:69] + "…"
+
+    def started(self, cell, cell_index: int, **_) -> None:
+        if cell.cell_type != "code" or not str(cell.source).strip():
+            return
+        self._t0, self._n = time.time(), self._n + 1
+        if self.tty:
+            self.stream.write(f"\r\033[K[{self.stage}] cell {self._n} running: "
+                              f"{self._first_line(cell)}")
+            self.stream.flush()
+
+    def executed(self, cell, cell_index: int, **_) -> None:
+        seconds = time.time() - self._t0
+        if self.tty:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+        if seconds >= self.min_seconds:
+            self.log(f"[{self.stage}] cell {self._n} {seconds:6.1f} s  {self._first_line(cell)}",
+                     flush=True)
 
 
 def _report_notices(run: Run, stage: str, shown: set, record: dict, log) -> None:

@@ -79,8 +79,31 @@ def _kernel_children() -> set[int]:
             if "ipykernel" in " ".join(c.cmdline())}
 
 
+def test_cell_progress_lines():
+    import io
+
+    from nd_utils.runner import CellProgress
+
+    lines, tty = [], io.StringIO()
+    tty.isatty = lambda: True
+    progress = CellProgress("04", lambda *a, **k: lines.append(" ".join(a)), min_seconds=0.05,
+                            stream=tty)
+    quick = nbformat.v4.new_code_cell("# load\nx = 1")
+    slow = nbformat.v4.new_code_cell("%%time\nconcepts = nd.dnd_concepts(cfg, force=force)")
+    progress.started(nbformat.v4.new_markdown_cell("# title"), 0)  # not counted
+    for i, cell in enumerate([quick, slow], start=1):
+        progress.started(cell, i)
+        if cell is slow:
+            import time
+            time.sleep(0.1)
+        progress.executed(cell, i)
+    assert len(lines) == 1 and lines[0].startswith("[04] cell 2 ")
+    assert lines[0].endswith("s  concepts = nd.dnd_concepts(cfg, force=force)")
+    assert "[04] cell 1 running: x = 1" in tty.getvalue()  # the live line on a terminal
+
+
 @pytest.mark.parametrize("warm", [True, False])
-def test_next_kernel_starts_ahead_with_nd_utils_imported(pipeline, tmp_path, warm):
+def test_next_kernel_starts_ahead_with_nd_utils_imported(pipeline, tmp_path, warm, capfd):
     notebook(pipeline / "02_second.ipynb",
              "import sys, pathlib\nwas = 'nd_utils' in sys.modules\n"
              "(pathlib.Path(run_dir) / 'results' / 'warm.txt').write_text(str(was))")
@@ -93,6 +116,8 @@ def test_next_kernel_starts_ahead_with_nd_utils_imported(pipeline, tmp_path, war
     assert [c.execution_count for c in executed.cells if c.cell_type == "code"] == [1, 2, 3]
     assert not any(o.get("name") == "stderr" for c in executed.cells for o in c.outputs)
     assert _kernel_children() <= before  # every kernel was shut down
+    if warm:  # our kernels use IPC: no TCP port, no warning about it
+        assert "without encryption" not in capfd.readouterr().err
 
 
 def test_failed_stage_shuts_down_the_kernel_started_ahead(pipeline, tmp_path):
