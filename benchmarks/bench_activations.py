@@ -25,6 +25,8 @@ def run_scenario(name: str, probe_name: str, limit: "int | None", batch: int) ->
     import torch
 
     import nd_utils as nd
+    from nd_utils.activations import TargetConsumer
+    from nd_utils.errors import ProbeError
     from nd_utils.decode_once import CacheJob, run_decode_once
     from nd_utils.store import ArtifactStore
 
@@ -32,12 +34,12 @@ def run_scenario(name: str, probe_name: str, limit: "int | None", batch: int) ->
     if limit:
         probe = probe.subset(limit)
     store = ArtifactStore(tempfile.mkdtemp(prefix="nd-bench-"))
-    lite0 = nd.TargetConsumer(nd.load_target("efficientnet-lite0"), ["blocks.10", "head", "fc"])
+    lite0 = TargetConsumer(nd.load_target("efficientnet-lite0"), ["blocks.10", "head", "fc"])
     jobs0 = [CacheJob(lite0, layer, "bench", f"lite0-{layer}", 1, {}, top_k=50)
              for layer in lite0.outputs]
     second = []
     if name != "one":
-        lite2 = nd.TargetConsumer(nd.load_target("efficientnet-lite2"), ["fc"])
+        lite2 = TargetConsumer(nd.load_target("efficientnet-lite2"), ["fc"])
         second = [CacheJob(lite2, "fc", "bench", "lite2-fc", 1, {})]
     kw = dict(batch_size=batch, chunk_size=256, progress=False)
     t0 = time.perf_counter()
@@ -63,9 +65,11 @@ def main() -> None:
         print(json.dumps(run_scenario(args.scenario, args.probe, args.limit, args.batch)))
         return
     import nd_utils as nd
+    from nd_utils.activations import TargetConsumer
+    from nd_utils.errors import ProbeError
     try:
         nd.load_probe(args.probe)
-    except nd.ProbeError as exc:
+    except ProbeError as exc:
         sys.exit(f"benchmark needs the probe set {args.probe!r}: {exc}")
     rows = []
     for name in SCENARIOS:

@@ -50,6 +50,7 @@ def main() -> None:
     args = ap.parse_args()
 
     import nd_utils as nd
+    from nd_utils.store import ArtifactStore
     from nd_utils.captioners import caption_cache
     from nd_utils.concept_generation import language_model_from_config
 
@@ -92,7 +93,7 @@ def main() -> None:
     llm = lm.stats()
     captions = caption_cache(cfg.data_dir)
     cap_manifests = [a.manifest.get("cache", {}) for a in
-                     nd.ArtifactStore(cfg.data_dir).find("03_captions")]
+                     ArtifactStore(cfg.data_dir).find("03_captions")]
     cap_hits = sum(m.get("hits", 0) for m in cap_manifests)
     cap_total = cap_hits + sum(m.get("misses", 0) for m in cap_manifests)
     result = {

@@ -1,89 +1,109 @@
 """nd_utils: describe what single neurons of vision networks detect (CLIP-Dissect, DnD).
 
-The package backs the numbered notebooks in `notebooks/`; each stage is one call here.
+The package backs the numbered notebooks in `notebooks/`; each stage is one call here. The
+top-level names (`__all__`, about 45: the verbs the notebooks call, their plots and the two
+base errors) are the public surface; everything else lives in its submodule and is imported
+from there (`from nd_utils.clip_dissect import label_key`).
+
+Imports are lazy (PEP 562): `import nd_utils` loads no heavy library, and a name loads its
+submodule on first use, so `import nd_utils.similarity` or `nd_utils.load_config` does not pull
+in pandas, matplotlib or torchvision. Names that were top-level before still resolve, with a
+DeprecationWarning naming their submodule.
+
+Example:
+    >>> import nd_utils as nd
+    >>> cfg = nd.load_config("offline")
+    >>> cfg["target.name"]
+    'efficientnet-lite0'
 """
+from __future__ import annotations
+
+import importlib
+import warnings
+
 from .runtime import keep_freed_memory
 
 keep_freed_memory()  # before any large tensor: see its docstring for the measured effect
 
-from .activation_plots import (most_selective_neurons, plot_activation_distributions,
-                               plot_top_images)
-from .activations import (LayerActivations, TargetConsumer, activation_key, activation_summary,
-                          cache_activations, load_activations, load_probe_from_config)
-from .captioners import (Captioner, cache_captions, list_captioners, load_captioner,
-                         load_captioner_from_config)
-from .clip_dissect import (cache_text_features, concept_similarity, dissect_layer,
-                           image_feature_job, image_feature_jobs_if_missing, label_table,
-                           load_concepts_from_config, load_image_features, load_vlm_from_config,
-                           write_label_tables)
-from .concept_generation import (clean_candidates, clean_concept, generate_concepts,
-                                 language_model_from_config, parse_answer, propose_concepts)
-from .concepts import ConceptSet, list_concept_sets, load_concept_set, parse_concept_text
-from .config import Config, list_profiles, load_config, parse_overrides
-from .decode_once import CacheJob, run_decode_once
-from .dnd import (dnd_captions, dnd_concepts, dnd_layers, dnd_selection, dnd_synthesis,
-                  dnd_top_images, write_dnd_tables, write_top_image_tables)
-from .dnd_plots import plot_crop_boxes, plot_dnd_neuron, plot_top_items
-from .errors import (ConfigError, DamagedArtifactError, MissingArtifactError, NdUtilsError,
-                     OfflineError, ProbeError, UnknownNameError)
-from .evaluation import evaluate_final_layer, evaluation_config, published_table
-from .hooks import ImageTrace, TraceLayers, count_hooks, pool, trace_batch, trace_images
-from .jsonl_cache import JsonlCache
-from .label_plots import plot_evaluation, plot_neuron_labels
-from .label_quality import (QualityResult, evaluate_label_quality, quality_config, quality_parts,
-                            write_quality_tables)
-from .quality_plots import plot_label_quality
-from .language_models import (CachedLanguageModel, ReplayMissError, list_language_models,
-                              load_language_model, load_template)
-from .explorer import ExplorerView, NeuronExplorer, list_runs
-from .figures import FiguresResult, write_figures
-from .report import write_report
-from .run_reader import RunView, open_run_folder
-from .probes import ProbeSet, list_probes, load_probe, load_probes
-from .runner import Run, StageFailed, list_notebooks, open_run, run_pipeline
-from .runtime import resolve_device, seed_everything
-from .selection import SCORINGS, rank_by, score_candidates
-from .similarity import SIMILARITY_FUNCTIONS, get_similarity, list_similarities
-from .stages import STAGES, get_stage
-from .store import Artifact, ArtifactStore
-from .synthesis import (concept_images, list_synthesizers, load_synthesizer_from_config)
-from .targets import Target, from_module, list_targets, load_target
-from .top_images import TopImages, build_top_images, choose_neurons
-from .vlm import VisionLanguageModel, list_vlms, load_vlm
-
 __version__ = "0.1.0"
 
-__all__ = [
-    "Artifact", "ArtifactStore", "CacheJob", "ConceptSet", "Config", "ConfigError",
-    "DamagedArtifactError",
-    "LayerActivations", "MissingArtifactError", "NdUtilsError", "OfflineError", "ProbeError",
-    "ProbeSet", "Run", "SIMILARITY_FUNCTIONS", "STAGES", "StageFailed", "Target",
-    "ImageTrace", "TargetConsumer", "TraceLayers", "UnknownNameError", "VisionLanguageModel",
-    "activation_key", "activation_summary", "cache_activations", "cache_text_features",
-    "concept_similarity", "count_hooks", "dissect_layer", "evaluate_final_layer",
-    "evaluation_config", "from_module", "get_similarity", "get_stage", "image_feature_job",
-    "image_feature_jobs_if_missing", "label_table", "list_concept_sets", "list_notebooks",
-    "list_probes", "list_profiles", "list_similarities", "list_targets", "list_vlms",
-    "load_activations", "load_concept_set", "load_concepts_from_config", "load_config",
-    "load_image_features", "load_probe", "load_probe_from_config", "load_probes", "load_target",
-    "load_vlm", "load_vlm_from_config", "most_selective_neurons", "open_run",
-    "parse_concept_text", "parse_overrides", "plot_activation_distributions", "plot_evaluation",
-    "plot_neuron_labels", "plot_top_images", "pool", "published_table", "trace_batch", "trace_images", "resolve_device",
-    "run_decode_once", "run_pipeline", "seed_everything", "write_label_tables",
-    # Describe-and-Dissect
-    "CachedLanguageModel", "Captioner", "JsonlCache", "ReplayMissError", "SCORINGS", "TopImages",
-    "build_top_images", "cache_captions", "choose_neurons", "clean_candidates", "clean_concept",
-    "concept_images", "dnd_captions", "dnd_concepts", "dnd_layers", "dnd_selection",
-    "dnd_synthesis", "dnd_top_images", "generate_concepts", "language_model_from_config",
-    "list_captioners", "list_language_models", "list_synthesizers", "load_captioner",
-    "load_captioner_from_config", "load_language_model", "load_synthesizer_from_config",
-    "load_template", "parse_answer", "plot_crop_boxes", "plot_dnd_neuron", "plot_top_items",
-    "propose_concepts", "rank_by", "score_candidates", "write_dnd_tables",
-    "write_top_image_tables",
-    # label quality (08)
-    "QualityResult", "evaluate_label_quality", "plot_label_quality", "quality_config",
-    "quality_parts", "write_quality_tables",
-    # exploring runs
-    "ExplorerView", "FiguresResult", "NeuronExplorer", "RunView", "list_runs", "open_run_folder",
-    "write_figures", "write_report",
-]
+# public name -> submodule that defines it
+_PUBLIC = {
+    "load_config": "config", "list_profiles": "config", "open_run": "runner",
+    "run_pipeline": "runner", "load_probe": "probes", "list_probes": "probes",
+    "load_probe_from_config": "activations", "load_target": "targets", "list_targets": "targets",
+    "from_module": "targets", "load_vlm": "vlm", "list_vlms": "vlm",
+    "load_concept_set": "concepts", "list_concept_sets": "concepts", "trace_images": "hooks",
+    "cache_activations": "activations", "load_activations": "activations",
+    "activation_summary": "activations", "dissect_layer": "clip_dissect",
+    "write_label_tables": "clip_dissect", "dnd_top_images": "dnd", "dnd_captions": "dnd",
+    "dnd_concepts": "dnd", "dnd_synthesis": "dnd", "dnd_selection": "dnd",
+    "write_top_image_tables": "dnd", "write_dnd_tables": "dnd",
+    "evaluate_final_layer": "evaluation", "published_table": "evaluation",
+    "evaluate_label_quality": "label_quality", "write_quality_tables": "label_quality",
+    "most_selective_neurons": "activation_plots",
+    "plot_activation_distributions": "activation_plots", "plot_top_images": "activation_plots",
+    "plot_neuron_labels": "label_plots", "plot_evaluation": "label_plots",
+    "plot_top_items": "dnd_plots", "plot_crop_boxes": "dnd_plots", "plot_dnd_neuron": "dnd_plots",
+    "plot_label_quality": "quality_plots", "write_report": "report", "write_figures": "figures",
+    "NeuronExplorer": "explorer", "seed_everything": "runtime", "resolve_device": "runtime",
+    "NdUtilsError": "errors", "ConfigError": "errors",
+}
+# formerly top-level names -> submodule (they still resolve, with a DeprecationWarning)
+_MOVED = {
+    "Artifact": "store", "ArtifactStore": "store", "CacheJob": "decode_once",
+    "CachedLanguageModel": "language_models", "Captioner": "captioners", "ConceptSet": "concepts",
+    "Config": "config", "DamagedArtifactError": "errors", "ExplorerView": "explorer",
+    "FiguresResult": "figures", "ImageTrace": "hooks", "JsonlCache": "jsonl_cache",
+    "LayerActivations": "activations", "MissingArtifactError": "errors", "OfflineError": "errors",
+    "ProbeError": "errors", "ProbeSet": "probes", "QualityResult": "label_quality",
+    "ReplayMissError": "language_models", "Run": "runner", "RunView": "run_reader",
+    "SCORINGS": "selection", "SIMILARITY_FUNCTIONS": "similarity", "STAGES": "stages",
+    "StageFailed": "runner", "Target": "targets", "TargetConsumer": "activations",
+    "TopImages": "top_images", "TraceLayers": "hooks", "UnknownNameError": "errors",
+    "VisionLanguageModel": "vlm", "activation_key": "activations",
+    "build_top_images": "top_images", "cache_captions": "captioners",
+    "cache_text_features": "clip_dissect", "choose_neurons": "top_images",
+    "clean_candidates": "concept_generation", "clean_concept": "concept_generation",
+    "concept_images": "synthesis", "concept_similarity": "clip_dissect", "count_hooks": "hooks",
+    "dnd_layers": "dnd", "evaluation_config": "evaluation",
+    "generate_concepts": "concept_generation", "get_similarity": "similarity",
+    "get_stage": "stages", "image_feature_job": "clip_dissect",
+    "image_feature_jobs_if_missing": "clip_dissect", "label_table": "clip_dissect",
+    "language_model_from_config": "concept_generation", "list_captioners": "captioners",
+    "list_language_models": "language_models", "list_notebooks": "runner", "list_runs": "explorer",
+    "list_similarities": "similarity", "list_synthesizers": "synthesis",
+    "load_captioner": "captioners", "load_captioner_from_config": "captioners",
+    "load_concepts_from_config": "clip_dissect", "load_image_features": "clip_dissect",
+    "load_language_model": "language_models", "load_probes": "probes",
+    "load_synthesizer_from_config": "synthesis", "load_template": "language_models",
+    "load_vlm_from_config": "clip_dissect", "open_run_folder": "run_reader",
+    "parse_answer": "concept_generation", "parse_concept_text": "concepts",
+    "parse_overrides": "config", "pool": "hooks", "propose_concepts": "concept_generation",
+    "quality_config": "label_quality", "quality_parts": "label_quality", "rank_by": "selection",
+    "run_decode_once": "decode_once", "score_candidates": "selection", "trace_batch": "hooks",
+}
+
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str):
+    module = _PUBLIC.get(name) or _MOVED.get(name)
+    if module is None:
+        try:  # a submodule, e.g. nd.evaluation before anything imported it
+            return importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__name__}.{name}":
+                raise
+        raise AttributeError(f"module 'nd_utils' has no attribute {name!r}") from None
+    if name in _MOVED:
+        warnings.warn(f"nd_utils.{name} moved out of the top level: import it from "
+                      f"nd_utils.{module}", DeprecationWarning, stacklevel=2)
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    if name in _PUBLIC:
+        globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -2,7 +2,7 @@
 
 A fresh kernel spends 7-8 s of one core importing `nd_utils` (torch, torchvision through
 torch._dynamo, matplotlib, pandas) before its first real cell; nine stages pay it nine times. The
-runner starts stage N+1's kernel when stage N starts and sends it `import nd_utils`, so that import
+runner starts stage N+1's kernel when stage N starts and has it import nd_utils's modules, so that
 overlaps stage N's work (stage 04's language model leaves a core idle for a minute and a half).
 The warm-up runs with `silent=True, store_history=False`: it shows in no notebook and leaves the
 execution counts as a fresh kernel would. Nothing else is run ahead: parameters, seeds and every
@@ -25,7 +25,19 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-WARM_UP_CODE = "import nd_utils"
+# `import nd_utils` is lazy, so the warm-up imports the submodules behind the public names
+WARM_UP_CODE = ("import nd_utils.kernels as _ndk\n_ndk.import_public_modules()\ndel _ndk")
+
+
+def import_public_modules() -> None:
+    """Import the submodule of every public `nd_utils` name (torch, pandas, matplotlib, ...)."""
+    import importlib
+
+    import nd_utils
+
+    for module in sorted(set(nd_utils._PUBLIC.values())):
+        importlib.import_module(f"nd_utils.{module}")
+
 # what nbclient passes to an ipykernel it starts itself: no history database on disk
 KERNEL_ARGUMENTS = ["--HistoryManager.hist_file=:memory:"]
 

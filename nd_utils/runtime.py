@@ -6,17 +6,23 @@ import ctypes.util
 import os
 import random
 import sys
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
+if TYPE_CHECKING:
+    import torch
+
+# numpy and torch are imported inside the functions: `import nd_utils` runs this module first,
+# and must stay light (see nd_utils/__init__.py).
 
 
-def resolve_device(device: "str | torch.device | None" = "auto") -> torch.device:
+def resolve_device(device: "str | torch.device | None" = "auto") -> "torch.device":
     """`"auto"`/None -> CUDA when present, else CPU; any other value is passed to torch.device.
 
     >>> resolve_device("cpu")
     device(type='cpu')
     """
+    import torch
+
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
@@ -28,6 +34,9 @@ def resolve_device(device: "str | torch.device | None" = "auto") -> torch.device
 
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (CPU and CUDA) so reruns give the same numbers."""
+    import numpy as np
+    import torch
+
     random.seed(seed)
     os.environ.setdefault("PYTHONHASHSEED", str(seed))
     np.random.seed(seed % (2**32))

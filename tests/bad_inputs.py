@@ -24,6 +24,8 @@ from typing import Callable
 
 import numpy as np
 
+from nd_utils.errors import DamagedArtifactError
+
 REPO = Path(__file__).resolve().parents[1]
 CASES: "list[tuple[str, str, Callable[[Path], str]]]" = []   # (name, input, case)
 
@@ -127,57 +129,52 @@ def _(tmp):
     import torch
     from safetensors.torch import load_file, save_file
 
-    import nd_utils as nd
 
     cfg, target, folder = cached_layer(tmp)
     f = folder / "activations.safetensors"
     t = load_file(str(f))
     t["activations"] = torch.flip(t["activations"], [0]).contiguous()   # same size, other values
     save_file(t, str(f))
-    return expect_error(nd.DamagedArtifactError, lambda: load_act(cfg, target),
+    return expect_error(DamagedArtifactError, lambda: load_act(cfg, target),
                         str(folder), "activations.safetensors", "--stages 01 --force")
 
 
 @case("truncated-tensor", "activations.safetensors truncated")
 def _(tmp):
-    import nd_utils as nd
 
     cfg, target, folder = cached_layer(tmp)
     f = folder / "activations.safetensors"
     f.write_bytes(f.read_bytes()[:100])
-    return expect_error(nd.DamagedArtifactError, lambda: load_act(cfg, target),
+    return expect_error(DamagedArtifactError, lambda: load_act(cfg, target),
                         str(folder), "truncated", "--force")
 
 
 @case("bad-manifest", "manifest.json that is not JSON")
 def _(tmp):
-    import nd_utils as nd
 
     cfg, target, folder = cached_layer(tmp)
     (folder / "manifest.json").write_text('{"stage": "01_activation_caching", "files": {')
-    return expect_error(nd.DamagedArtifactError, lambda: load_act(cfg, target),
+    return expect_error(DamagedArtifactError, lambda: load_act(cfg, target),
                         str(folder), "manifest.json", "--force")
 
 
 @case("edited-checksum", "a file's sha256 edited in manifest.json")
 def _(tmp):
-    import nd_utils as nd
 
     cfg, target, folder = cached_layer(tmp)
     m = json.loads((folder / "manifest.json").read_text())
     m["files"]["activations.safetensors"]["sha256"] = "0" * 64
     (folder / "manifest.json").write_text(json.dumps(m, indent=2))
-    return expect_error(nd.DamagedArtifactError, lambda: load_act(cfg, target),
+    return expect_error(DamagedArtifactError, lambda: load_act(cfg, target),
                         str(folder), "edited", "--force")
 
 
 @case("missing-file", "a published artifact without its tensor file")
 def _(tmp):
-    import nd_utils as nd
 
     cfg, target, folder = cached_layer(tmp)
     (folder / "activations.safetensors").unlink()
-    return expect_error(nd.DamagedArtifactError, lambda: load_act(cfg, target),
+    return expect_error(DamagedArtifactError, lambda: load_act(cfg, target),
                         str(folder), "missing", "--force")
 
 

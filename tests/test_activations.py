@@ -7,6 +7,9 @@ from torch import nn
 from torchvision import transforms as T
 
 import nd_utils as nd
+from nd_utils.activations import activation_key
+from nd_utils.errors import MissingArtifactError, UnknownNameError
+from nd_utils.hooks import count_hooks
 from nd_utils.decode_once import CacheJob, SimulatedInterruption, run_decode_once
 from nd_utils.store import ArtifactStore
 
@@ -68,30 +71,30 @@ def test_cache_shapes_top_ids_and_skipped(setup):
     assert torch.equal(a.top_ids, torch.topk(ref, 5, dim=0).indices.T)
     assert "broken.jpg" in str(a.manifest["skipped_images"])
     assert a.manifest["weights_id"] == target.weights_id
-    assert nd.count_hooks(target.model) == 0
+    assert count_hooks(target.model) == 0
 
 
 def test_keys_follow_the_fields_a_stage_reads(setup):
     cfg, target, _ = setup
     with pytest.warns(UserWarning):
         probe = nd.load_probe_from_config(cfg)
-    key = nd.activation_key(cfg, "act", probe, target)
-    assert nd.activation_key(cfg.with_overrides({"activations.batch_size": 7}), "act", probe, target) == key
-    assert nd.activation_key(cfg.with_overrides({"seed": 5}), "act", probe, target) == key
-    assert nd.activation_key(cfg.with_overrides({"target.pooling": "max"}), "act", probe, target) != key
-    assert nd.activation_key(cfg.with_overrides({"activations.top_k": 3}), "act", probe, target) != key
-    assert nd.activation_key(cfg, "fc", probe, target) != key
-    assert nd.activation_key(cfg, "act", probe.subset(9), target) != key
+    key = activation_key(cfg, "act", probe, target)
+    assert activation_key(cfg.with_overrides({"activations.batch_size": 7}), "act", probe, target) == key
+    assert activation_key(cfg.with_overrides({"seed": 5}), "act", probe, target) == key
+    assert activation_key(cfg.with_overrides({"target.pooling": "max"}), "act", probe, target) != key
+    assert activation_key(cfg.with_overrides({"activations.top_k": 3}), "act", probe, target) != key
+    assert activation_key(cfg, "fc", probe, target) != key
+    assert activation_key(cfg, "act", probe.subset(9), target) != key
     # a user module is keyed by its weights: retraining it invalidates the cache
     retrained = Tiny()
     retrained.load_state_dict(target.model.state_dict())
     with torch.no_grad():
         retrained.fc.bias += 1
-    assert nd.activation_key(cfg, "act", probe, nd.from_module(retrained, PRE, name="tiny")) != key
+    assert activation_key(cfg, "act", probe, nd.from_module(retrained, PRE, name="tiny")) != key
     with pytest.raises(nd.NdUtilsError, match="target="):
-        nd.activation_key(cfg, "act", probe)  # not a registry name: the Target is required
+        activation_key(cfg, "act", probe)  # not a registry name: the Target is required
     pinned = cfg.with_overrides({"target.name": "efficientnet-lite0"})
-    assert nd.activation_key(pinned, "act", probe) == nd.activation_key(pinned, "act", probe)
+    assert activation_key(pinned, "act", probe) == activation_key(pinned, "act", probe)
 
 
 def test_resume_after_interruption(setup, monkeypatch):
@@ -101,9 +104,9 @@ def test_resume_after_interruption(setup, monkeypatch):
     store = ArtifactStore(cfg.data_dir)
     with pytest.raises(SimulatedInterruption):
         nd.cache_activations(cfg, target=target, probe=probe, progress=False, stop_after_chunks=2)
-    key = nd.activation_key(cfg, "act", probe, target)
+    key = activation_key(cfg, "act", probe, target)
     assert not store.exists("01_activation_caching", key)
-    with pytest.raises(nd.MissingArtifactError, match="01_activation_caching.ipynb"):
+    with pytest.raises(MissingArtifactError, match="01_activation_caching.ipynb"):
         nd.load_activations(cfg, "act", probe=probe, target=target)
     chunks = sorted(p.name for p in (store.staging_path("01_activation_caching", key) / "chunks").iterdir())
     assert chunks == ["00000.safetensors", "00001.safetensors"]
@@ -152,7 +155,7 @@ def test_decode_once_feeds_two_consumers(setup, monkeypatch):
 
 def test_unknown_layer_and_pooling(setup):
     cfg, target, _ = setup
-    with pytest.raises(nd.UnknownNameError, match="act"):
+    with pytest.raises(UnknownNameError, match="act"):
         nd.cache_activations(cfg.with_overrides({"target.layers": ["akt"]}), target=target,
                              progress=False)
     with pytest.raises(nd.NdUtilsError, match="use one of"):
@@ -166,11 +169,11 @@ def test_stage_version_bump_recomputes(setup, monkeypatch):
     cfg, target, _ = setup
     with pytest.warns(UserWarning):
         probe = nd.load_probe_from_config(cfg)
-    old = nd.activation_key(cfg, "fc", probe, target)
+    old = activation_key(cfg, "fc", probe, target)
     nd.cache_activations(cfg, target=target, probe=probe, progress=False)
     from nd_utils import activations, stages
     newer = stages.Stage(**{**activations.STAGE.__dict__, "version": activations.STAGE.version + 1})
     monkeypatch.setattr(activations, "STAGE", newer)
-    assert nd.activation_key(cfg, "fc", probe, target) != old
-    with pytest.raises(nd.MissingArtifactError):
+    assert activation_key(cfg, "fc", probe, target) != old
+    with pytest.raises(MissingArtifactError):
         nd.load_activations(cfg, "fc", probe=probe, target=target)

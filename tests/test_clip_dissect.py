@@ -4,12 +4,18 @@ import torch
 from torchvision import transforms as T
 
 import nd_utils as nd
+from nd_utils.activations import activation_key
+from nd_utils.clip_dissect import (image_feature_jobs_if_missing, load_concepts_from_config,
+                                   load_image_features, load_vlm_from_config)
+from nd_utils.errors import MissingArtifactError, UnknownNameError
+from nd_utils.similarity import SIMILARITY_FUNCTIONS
+from nd_utils.vlm import VisionLanguageModel
 from nd_utils import clip_dissect
 from nd_utils.store import ArtifactStore
 from test_activations import PRE, Tiny, make_folder
 
 
-class ColourVLM(nd.VisionLanguageModel):
+class ColourVLM(VisionLanguageModel):
     """A transparent stand-in VLM: an image is its mean RGB, a concept names a colour."""
 
     COLOURS = {"red": [1.0, 0, 0], "green": [0, 1.0, 0], "blue": [0, 0, 1.0]}
@@ -51,19 +57,19 @@ def wired(tmp_path, monkeypatch):
     target = nd.from_module(Tiny(), PRE, name="tiny")
     probe = nd.load_probe_from_config(cfg)
     nd.cache_activations(cfg, target=target, probe=probe,
-                         extra_jobs=nd.image_feature_jobs_if_missing(cfg, probe), progress=False)
+                         extra_jobs=image_feature_jobs_if_missing(cfg, probe), progress=False)
     return cfg, probe, vlm, target
 
 
 def test_labels_match_a_direct_computation(wired):
     cfg, probe, vlm, target = wired
-    concepts = nd.load_concepts_from_config(cfg)
+    concepts = load_concepts_from_config(cfg)
     assert list(concepts) == ["red", "green", "blue"]  # the blank line shifts nothing
     table = nd.dissect_layer(cfg, "act", probe=probe, target=target, concepts=concepts)
     acts = nd.load_activations(cfg, "act", probe=probe, target=target)
-    feats = nd.load_image_features(cfg, probe)
+    feats = load_image_features(cfg, probe)
     P = feats @ vlm.encode_texts(list(concepts)).T
-    sim = nd.SIMILARITY_FUNCTIONS["soft_wpmi"](P, acts.activations, top_k=3)
+    sim = SIMILARITY_FUNCTIONS["soft_wpmi"](P, acts.activations, top_k=3)
     assert list(table.description) == [concepts[int(i)] for i in sim.argmax(1)]
     assert torch.allclose(torch.tensor(table.similarity.values, dtype=torch.float32),
                           sim.max(1).values, atol=1e-5)
@@ -81,10 +87,10 @@ def test_text_features_and_labels_are_cached(wired):
                          "act", probe=probe, target=target)
     other = cfg.with_overrides({"clip_dissect.similarity": "cos_similarity_cubed",
                                 "clip_dissect.hyperparameters": {}})
-    concepts = nd.load_concepts_from_config(cfg)
+    concepts = load_concepts_from_config(cfg)
     assert clip_dissect.label_key(other, "act", probe, concepts, target) != \
         clip_dissect.label_key(cfg, "act", probe, concepts, target)
-    assert nd.activation_key(other, "act", probe, target) == nd.activation_key(cfg, "act", probe, target)
+    assert activation_key(other, "act", probe, target) == activation_key(cfg, "act", probe, target)
     nd.dissect_layer(other, "act", probe=probe, target=target)
     assert vlm.text_calls == calls  # text features do not depend on the similarity function
 
@@ -92,25 +98,25 @@ def test_text_features_and_labels_are_cached(wired):
 def test_missing_image_features_name_notebook_01(wired, tmp_path):
     cfg, probe, _, target = wired
     fresh = cfg.with_overrides({"data_dir": str(tmp_path / "empty")})
-    with pytest.raises(nd.MissingArtifactError, match="01_activation_caching"):
+    with pytest.raises(MissingArtifactError, match="01_activation_caching"):
         nd.dissect_layer(fresh, "act", probe=probe, target=target)
 
 
 def test_unknown_similarity_and_count_mismatch(wired):
     cfg, probe, _, target = wired
-    with pytest.raises(nd.UnknownNameError, match="soft_wpmi"):
+    with pytest.raises(UnknownNameError, match="soft_wpmi"):
         nd.dissect_layer(cfg.with_overrides({"clip_dissect.similarity": "soft_wmpi"}), "act",
                          probe=probe, target=target)
     P = torch.rand(12, 3)
     with pytest.raises(nd.NdUtilsError, match="12"):
-        nd.SIMILARITY_FUNCTIONS["soft_wpmi"](P, torch.rand(11, 4))
+        SIMILARITY_FUNCTIONS["soft_wpmi"](P, torch.rand(11, 4))
 
 
 def test_nonfinite_activations_name_layer_and_neuron():
     A = torch.rand(20, 5)
     A[3, 2] = float("nan")
     with pytest.raises(nd.NdUtilsError) as err:
-        nd.SIMILARITY_FUNCTIONS["wpmi"](torch.rand(20, 4), A, top_k=5, layer="layer4")
+        SIMILARITY_FUNCTIONS["wpmi"](torch.rand(20, 4), A, top_k=5, layer="layer4")
     assert "layer4" in str(err.value) and "2" in str(err.value)
 
 
@@ -197,7 +203,7 @@ def test_text_features_reuse_whole_cached_batches_bit_for_bit(tmp_path):
     (tmp_path / "long.txt").write_text("\n".join(words) + "\n")
     (tmp_path / "short.txt").write_text("\n".join(short) + "\n")
     cfg = nd.load_config("offline", [f"data_dir={tmp_path / 'store'}", "device=cpu"])
-    vlm = nd.load_vlm_from_config(cfg)
+    vlm = load_vlm_from_config(cfg)
     clip_dissect.cache_text_features(cfg, nd.load_concept_set(str(tmp_path / "long.txt")), vlm)
     encoded = []
     real = vlm.encode_texts

@@ -5,6 +5,12 @@ import pytest
 from PIL import Image
 
 import nd_utils as nd
+from nd_utils.captioners import list_captioners
+from nd_utils.errors import UnknownNameError
+from nd_utils.language_models import list_language_models
+from nd_utils.store import ArtifactStore
+from nd_utils.synthesis import load_synthesizer_from_config
+from nd_utils.top_images import build_top_images, choose_neurons
 from nd_utils import synthesis
 from nd_utils.captioners import BlipCaptioner, caption_images
 from nd_utils.errors import MissingArtifactError, NdUtilsError
@@ -48,7 +54,7 @@ def test_whole_chain_writes_reference_schema(small_cfg, tmp_path):
     # one target pass covers every usable image of every distinct candidate of both layers
     keys = {s.manifest["upstream"]["06_concept_activations"] for s in sel.values()}
     assert len(keys) == 1
-    acts = nd.ArtifactStore(cfg.data_dir).open("06_concept_activations", keys.pop())
+    acts = ArtifactStore(cfg.data_dir).open("06_concept_activations", keys.pop())
     index = pd.read_csv(acts.file("index.csv"), keep_default_na=False)
     ranked = pd.concat([s.candidates[s.candidates["rank"] > 0] for s in sel.values()])
     assert set(index.concept) == set(ranked.candidate)
@@ -111,18 +117,18 @@ def test_blank_and_nsfw_images_are_excluded(small_cfg):
 
 def test_neurons_per_layer(small_cfg):
     cfg = small_cfg.with_overrides({"dnd.neurons": {"head": 2, "fc": [7, 1, 7]}})
-    assert nd.choose_neurons(cfg, "head", 1280) == [0, 1]
-    assert nd.choose_neurons(cfg, "fc", 1000) == [1, 7]
+    assert choose_neurons(cfg, "head", 1280) == [0, 1]
+    assert choose_neurons(cfg, "fc", 1000) == [1, 7]
     with pytest.raises(NdUtilsError, match="not 'blocks.10'"):
-        nd.choose_neurons(cfg, "blocks.10", 112)
+        choose_neurons(cfg, "blocks.10", 112)
 
 
 def test_bad_neurons_and_missing_stage_01(small_cfg):
     with pytest.raises(NdUtilsError, match=r"outside layer 'fc'.*0\.\.999"):
-        nd.build_top_images(small_cfg, "fc", neurons=[1000], progress=False)
+        build_top_images(small_cfg, "fc", neurons=[1000], progress=False)
     other = small_cfg.with_overrides({"probe.limit": 23})
     with pytest.raises(MissingArtifactError, match="01_activation_caching"):
-        nd.build_top_images(other, "fc", progress=False)
+        build_top_images(other, "fc", progress=False)
 
 
 def test_missing_openai_key_fails_before_any_work(monkeypatch, tmp_path):
@@ -181,9 +187,9 @@ def test_diffusers_nsfw_flag_is_recorded(tiny_sd_dir, small_cfg, monkeypatch):
 
 def test_synthesis_backends_are_registered():
     assert synthesis.list_synthesizers() == ["diffusers", "retrieve"]
-    with pytest.raises(nd.UnknownNameError, match="retrieve"):
+    with pytest.raises(UnknownNameError, match="retrieve"):
         # with_overrides skips load_config's validation, so the backend's own error shows
-        nd.load_synthesizer_from_config(nd.load_config("offline").with_overrides(
+        load_synthesizer_from_config(nd.load_config("offline").with_overrides(
             {"synthesis.name": "retreive"}))
-    assert nd.list_captioners() == ["blip", "classifier"]
-    assert nd.list_language_models() == ["keywords", "openai", "transformers"]
+    assert list_captioners() == ["blip", "classifier"]
+    assert list_language_models() == ["keywords", "openai", "transformers"]

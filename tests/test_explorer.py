@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import nd_utils as nd
+from nd_utils.top_images import choose_neurons
 from nd_utils.activations import load_probe_from_config
 from nd_utils.explorer import MAP_NOTE, NeuronExplorer, list_runs
 from nd_utils.store import ArtifactStore, save_tensors
@@ -29,7 +30,7 @@ def add_maps(run) -> list[int]:
     cfg = nd.load_config(run / "config.yaml")
     probe = load_probe_from_config(cfg)
     acts = nd.load_activations(cfg, "head", probe=probe)
-    neurons = nd.choose_neurons(cfg, "head", acts.n_neurons)
+    neurons = choose_neurons(cfg, "head", acts.n_neurons)
     rows, maps = [], []
     for u in neurons:
         for i in acts.top_ids[u].tolist():

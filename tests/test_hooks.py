@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 import nd_utils as nd
+from nd_utils.errors import UnknownNameError
 from nd_utils.hooks import TraceLayers, count_hooks, pool
 
 
@@ -76,7 +77,7 @@ def test_unknown_layer_lists_closest():
     net = nn.Sequential()
     net.add_module("layer4", nn.Identity())
     net.add_module("layer3", nn.Identity())
-    with pytest.raises(nd.UnknownNameError) as err:
+    with pytest.raises(UnknownNameError) as err:
         TraceLayers(net, ["layr4"])
     assert "layer4" in str(err.value)
 

@@ -6,6 +6,8 @@ import pytest
 import torch
 
 import nd_utils as nd
+from nd_utils.clip_dissect import load_image_features, load_vlm_from_config
+from nd_utils.label_quality import quality_config, quality_parts
 from nd_utils import label_quality
 from nd_utils.errors import ConfigError
 from nd_utils.probe_split import split_ids, split_part, split_table
@@ -62,8 +64,8 @@ def result(quality_cfg):
 
 
 def test_part_activations_are_rows_of_the_whole_cache(quality_cfg, result):
-    qcfg = nd.quality_config(quality_cfg)
-    parts = nd.quality_parts(qcfg)
+    qcfg = quality_config(quality_cfg)
+    parts = quality_parts(qcfg)
     whole = parts["test"].root
     full = nd.load_activations(label_quality.cfg_for_root(qcfg, parts["test"]), "head",
                                probe=whole)
@@ -110,13 +112,13 @@ def test_metrics_match_a_direct_computation(quality_cfg, result):
 
     from nd_utils import selection, synthesis
 
-    qcfg = nd.quality_config(quality_cfg)
-    parts = nd.quality_parts(qcfg)
+    qcfg = quality_config(quality_cfg)
+    parts = quality_parts(qcfg)
     row = result.table[(result.table.source == "clip_dissect")].iloc[0]
     a0 = nd.load_activations(qcfg, row.layer, probe=parts["test"]).activations[:, row.unit]
     ccfg = qcfg.with_overrides({"synthesis.prompt": qcfg["quality.cosy_prompt"],
                                 "synthesis.images_per_concept": qcfg["quality.cosy_images"]})
-    vlm = nd.load_vlm_from_config(qcfg)
+    vlm = load_vlm_from_config(qcfg)
     synth = synthesis.load_synthesizer_from_config(ccfg, vlm=vlm)
     images, stats = synthesis.concept_images(ccfg, [row.label], synth, progress=False)
     assert stats["synthesised"] == 0                       # cached by the stage
@@ -133,7 +135,7 @@ def test_metrics_match_a_direct_computation(quality_cfg, result):
     assert row.auc == pytest.approx(roc_auc_score(y, s), abs=1e-9)
     assert row.auprc == pytest.approx(average_precision_score(y, s), abs=1e-9)
     assert row.mad == pytest.approx((a1.mean() - a0.numpy().mean()) / a0.numpy().std(), rel=1e-5)
-    feats = nd.load_image_features(qcfg, parts["test"]).float()
+    feats = load_image_features(qcfg, parts["test"]).float()
     cos = (feats @ vlm.encode_texts([row.label]).float().T)[:, 0].numpy()
     c = result.calibration
     pred = 1 / (1 + np.exp(-c["a"] * (cos + c["b"])))
@@ -180,7 +182,7 @@ def test_bad_quality_config_is_named():
     with pytest.raises(ConfigError, match="quality.split"):
         nd.load_config("offline", ["quality.split={select: 0.5, test: 0.6}"])
     with pytest.raises(ConfigError, match="one probe set"):
-        nd.quality_config(nd.load_config("offline", [
+        quality_config(nd.load_config("offline", [
             "quality.probe_sets=[{name: offline-sample}, {name: offline-sample}]"]))
 
 
@@ -188,8 +190,8 @@ def test_run_labels_are_judged_only_when_held_out(quality_cfg, result):
     """08 judges the run's own labels when no image they were chosen on (probe set, retrieval
     pool) is a test or calibration image; otherwise it chooses them again on select."""
     assert result.labels_from == "select"          # probe.sets is the quality set itself
-    qcfg = nd.quality_config(quality_cfg)
-    parts = nd.quality_parts(qcfg)
+    qcfg = quality_config(quality_cfg)
+    parts = quality_parts(qcfg)
     split = {"seed": int(quality_cfg["seed"])}
 
     def decide(probe_part, pool_part, synthesis="retrieve"):

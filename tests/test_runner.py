@@ -9,6 +9,7 @@ import nbformat
 import pytest
 
 import nd_utils as nd
+from nd_utils.runner import StageFailed, list_notebooks
 from nd_utils.config import REPO_ROOT
 
 PARAMS = 'config = "offline"\noverrides = []\nrun_dir = None\nforce = False'
@@ -54,7 +55,7 @@ def test_runs_in_order_into_a_run_folder(pipeline, tmp_path):
 
 def test_stops_at_first_failure(pipeline, tmp_path):
     notebook(pipeline / "01_first.ipynb", "raise ValueError('boom in stage one')")
-    with pytest.raises(nd.StageFailed, match="boom in stage one") as err:
+    with pytest.raises(StageFailed, match="boom in stage one") as err:
         nd.run_pipeline("offline", [f"data_dir={tmp_path / 'd'}"], notebook_dir=pipeline,
                         log=lambda *a, **k: None)
     assert "01_first.ipynb" in str(err.value)
@@ -105,7 +106,7 @@ def test_cell_progress_lines():
 @pytest.mark.parametrize("warm", [True, False])
 def test_next_kernel_starts_ahead_with_nd_utils_imported(pipeline, tmp_path, warm, capfd):
     notebook(pipeline / "02_second.ipynb",
-             "import sys, pathlib\nwas = 'nd_utils' in sys.modules\n"
+             "import sys, pathlib\nwas = 'nd_utils.dnd' in sys.modules\n"
              "(pathlib.Path(run_dir) / 'results' / 'warm.txt').write_text(str(was))")
     before = _kernel_children()
     run = nd.run_pipeline("offline", [f"data_dir={tmp_path / 'd'}"], notebook_dir=pipeline,
@@ -123,7 +124,7 @@ def test_next_kernel_starts_ahead_with_nd_utils_imported(pipeline, tmp_path, war
 def test_failed_stage_shuts_down_the_kernel_started_ahead(pipeline, tmp_path):
     notebook(pipeline / "01_first.ipynb", "raise ValueError('boom in stage one')")
     before = _kernel_children()
-    with pytest.raises(nd.StageFailed, match="boom"):
+    with pytest.raises(StageFailed, match="boom"):
         nd.run_pipeline("offline", [f"data_dir={tmp_path / 'd'}"], notebook_dir=pipeline,
                         log=lambda *a, **k: None)
     assert _kernel_children() <= before
@@ -164,7 +165,7 @@ def test_demo_pipeline_end_to_end():
     assert results.is_dir() and results.parent.parent == store / "runs"
     record = json.loads((results.parent / "run.json").read_text())
     assert record["status"] == "ok"
-    assert [s["notebook"] for s in record["stages"]] == [p.name for p in nd.list_notebooks()]
+    assert [s["notebook"] for s in record["stages"]] == [p.name for p in list_notebooks()]
     assert (results / "01_activation_distributions.png").stat().st_size > 10_000
     cfg = nd.load_config(results.parent / "config.yaml")
     for layer in cfg["target.layers"]:

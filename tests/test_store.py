@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-import nd_utils as nd
+from nd_utils.errors import DamagedArtifactError, MissingArtifactError
 from nd_utils.store import ArtifactStore, sha256_file
 
 
@@ -30,7 +30,7 @@ def test_writer_publishes_with_manifest(tmp_path):
     assert "torch" in art.manifest["packages"]
     art.verify()
     (art.path / "x.txt").write_text("tampered")
-    with pytest.raises(nd.DamagedArtifactError, match="x.txt .*--force"):
+    with pytest.raises(DamagedArtifactError, match="x.txt .*--force"):
         art.verify()
 
 
@@ -42,7 +42,7 @@ def test_crash_leaves_nothing_readable(tmp_path):
             raise RuntimeError("killed")
     assert not store.exists("st", "k2")
     assert not store.path("st", "k2").exists()
-    with pytest.raises(nd.MissingArtifactError, match="01_activation_caching.ipynb"):
+    with pytest.raises(MissingArtifactError, match="01_activation_caching.ipynb"):
         store.open("st", "k2", produced_by="notebooks/01_activation_caching.ipynb")
     # the staging folder is kept for resumption, and is reused
     with store.writer("st", "k2") as tmp:
