@@ -46,13 +46,13 @@ def main(argv: "list[str] | None" = None) -> int:
             print("\n".join(list_profiles()))
             return 0
         if args.command == "figures":
-            from .figures import write_figures
+            from .viz.figures import write_figures
             done = write_figures(args.run, args.out,
                                  log=lambda *a: print(*a, file=sys.stderr, flush=True))
             print(done.out)  # last line: the figure folder
             return 0
         if args.command == "report":
-            from .report import write_report
+            from .viz.report import write_report
             path = write_report(args.run, args.out)
             print(path)  # last line: the report's index.html
             return 0
@@ -60,7 +60,7 @@ def main(argv: "list[str] | None" = None) -> int:
                               log=lambda *a, **k: print(*a, file=sys.stderr, **k),
                               warm_kernels=not args.cold_kernels)
         if args.report:
-            from .report import write_report
+            from .viz.report import write_report
             print(f"report: {write_report(result.path)}", file=sys.stderr)
     except NdUtilsError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -7,11 +7,11 @@ import math
 import pandas as pd
 import pytest
 
-from nd_utils import run_reader
-from nd_utils.explorer import NeuronExplorer
-from nd_utils.figures import write_figures
-from nd_utils.report import write_report
-from nd_utils.run_reader import open_run_folder
+from nd_utils.viz import run_reader
+from nd_utils.viz.explorer import NeuronExplorer
+from nd_utils.viz.figures import write_figures
+from nd_utils.viz.report import write_report
+from nd_utils.viz.run_reader import open_run_folder
 from nd_utils.similarity import RANK_REORDER_FLOOR
 from test_report import _data, make_run
 

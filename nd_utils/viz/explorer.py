@@ -24,8 +24,8 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .attention_crops import normalise_map
-from .errors import NdUtilsError
+from ..attention_crops import normalise_map
+from ..errors import NdUtilsError
 from .figures import blank, cached_top_images, readable_layers
 from .run_reader import QUALITY_METRICS, RERUN, RunView, open_run_folder, runs_dir
 
@@ -216,7 +216,7 @@ class NeuronExplorer:
             notes.append(f"no activation cache for layer {layer} in {run.cfg.data_dir}: no "
                          f"histogram; run notebook 01 with this run's config")
         elif layer in (run.cfg.get("dnd.layers") or []):
-            from .top_images import choose_neurons
+            from ..top_images import choose_neurons
             with contextlib.suppress(NdUtilsError):
                 chosen = choose_neurons(run.cfg, layer, acts.n_neurons)
         if run.clip_dissect(layer) is None:

@@ -28,10 +28,10 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .config import REPO_ROOT
-from .errors import NdUtilsError
+from ..config import REPO_ROOT
+from ..errors import NdUtilsError
 from .run_reader import RunView, open_run_folder
-from .store import atomic_write_bytes, atomic_write_text
+from ..store import atomic_write_bytes, atomic_write_text
 
 GENERATOR = "nd_utils figures"  # marks sidecars this module wrote (only those are replaced)
 DEFAULT_OUT = REPO_ROOT / "figures"
@@ -58,8 +58,8 @@ def readable_layers(view: RunView) -> list[str]:
 def cached_top_images(run: RunView, layer: str):
     """(TopImages with spatial maps, "") for DnD's 03_top_images artifact of `layer`, else
     (None, why); found by the run config's key, else through the paths of its 03 table."""
-    from .store import ArtifactStore
-    from .top_images import STAGE, TopImages, choose_neurons, top_images_key
+    from ..store import ArtifactStore
+    from ..top_images import STAGE, TopImages, choose_neurons, top_images_key
 
     cfg, folder, table = run.cfg, None, run.top_images(layer)
     if layer not in (cfg.get("dnd.layers") or []) and table is None:
@@ -131,7 +131,7 @@ def _save(fig: Figure, out: Path, name: str, sidecar: dict) -> list[Path]:
 
 def _sidecar(run: RunView, name: str, stages: str, inputs: list[str], artifacts: dict) -> dict:
     """Provenance of one figure; `stages` = notebook numbers, e.g. "01 02 03 06"."""
-    from . import __version__
+    from .. import __version__
 
     used = [{k: s.get(k) for k in ("notebook", "status", "seconds", "executed")}
             for s in run.stages if str(s.get("notebook", ""))[:2] in stages.split()]

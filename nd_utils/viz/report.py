@@ -23,16 +23,16 @@ from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from pathlib import Path
 
-from .errors import NdUtilsError
+from ..errors import NdUtilsError
 from .run_reader import QUALITY_METRICS, RunView, open_run_folder
-from .store import atomic_write_text
+from ..store import atomic_write_text
 
 PAGE_SIZE = 60
 MARKER = "report.json"  # marks a folder as a report, so rewriting it may replace the folder
 
 
 def _asset(name: str) -> str:
-    return resources.files("nd_utils").joinpath("report_assets", name).read_text("utf-8")
+    return resources.files("nd_utils.viz").joinpath("report_assets", name).read_text("utf-8")
 
 
 def _fill(template: str, **values: str) -> str:

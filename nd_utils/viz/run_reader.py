@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from .config import Config, load_config
-from .errors import NdUtilsError
+from ..config import Config, load_config
+from ..errors import NdUtilsError
 
 RANK_REORDER_FLOOR = -3.4028234663852886e38  # = nd_utils.similarity's; no torch import here
 
@@ -205,7 +205,7 @@ class RunView:
     def probe(self):
         """The run's probe set (hashes every image once), or None when it cannot be loaded."""
         if "probe" not in self._cache:
-            from .activations import load_probe_from_config
+            from ..activations import load_probe_from_config
 
             try:
                 self._cache["probe"] = load_probe_from_config(self.cfg)
@@ -217,7 +217,7 @@ class RunView:
         """The layer's cached activations (LayerActivations), or None when not cached."""
         key = ("activations", layer)
         if key not in self._cache:
-            from .activations import load_activations
+            from ..activations import load_activations
 
             self._cache[key] = None
             if self.probe() is not None:
@@ -277,7 +277,7 @@ class RunView:
         """An image as RGB PIL: from `path` when it exists, else probe item `image_id`."""
         from PIL import Image
 
-        from .probes import _to_rgb
+        from ..probes import _to_rgb
 
         if path and os.path.isfile(path):
             with Image.open(path) as im:

@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 
 from .activation_plots import draw_thumbnail
-from .clip_dissect import n_concept_columns
-from .similarity import RANK_REORDER_FLOOR
+from ..clip_dissect import n_concept_columns
+from ..similarity import RANK_REORDER_FLOOR
 
 
 def _score(x) -> "float | None":
