@@ -51,7 +51,7 @@ def main() -> None:
 
     import nd_utils as nd
     from nd_utils.store import ArtifactStore
-    from nd_utils.captioners import caption_cache
+    from nd_utils.captions import caption_cache
     from nd_utils.concept_generation import language_model_from_config
 
     layers = args.layers.split(",")

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from nd_utils import language_models as lmod
+from nd_utils.backends import language_models as lmod
 
 
 def _jobs():

@@ -27,7 +27,7 @@ from .probes import ProbeSet, load_probes
 from .runtime import resolve_device
 from .stages import STAGES, StageOutput, stage_output
 from .store import Artifact, ArtifactStore
-from .targets import Target, is_pinned, load_target
+from .backends.targets import Target, is_pinned, load_target
 
 STAGE = STAGES["01_activation_caching"]
 

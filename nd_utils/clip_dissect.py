@@ -21,55 +21,22 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file
 
-from .activations import activation_key, cfg_for_root, load_activations, load_probe_from_config
+from .activations import activation_key, load_activations, load_probe_from_config
 from .concepts import ConceptSet, load_concept_set
 from .config import Config
 from .errors import ConfigError, DamagedArtifactError, MissingArtifactError
-from .decode_once import CacheJob
+from .image_features import image_feature_key, load_image_features
 from .probes import ProbeSet
-from .runtime import resolve_device
 from .similarity import get_similarity, top_concepts
 from .stages import STAGES, StageOutput, cached_stage, stage_output
 from .store import ArtifactStore, atomic_write_text, save_tensors
-from .vlm import VisionLanguageModel, load_vlm
+from .backends.configured import load_vlm_from_config
+from .backends.vlm import VisionLanguageModel
 
-IMAGE_STAGE = STAGES["01_image_features"]
 TEXT_STAGE = STAGES["02_text_features"]
 LABEL_STAGE = STAGES["02_clip_dissect"]
 TEXT_BATCH = 256  # texts per encoder call; whole batches of a cached list are reused as they are
 STORED_TOP = 20  # concepts kept per neuron in the artifact; tables show clip_dissect.top_n
-
-
-def load_vlm_from_config(cfg: Config) -> VisionLanguageModel:
-    """The vision-language model named by `vlm.name`, on the configured device."""
-    return load_vlm(cfg["vlm.name"], device=resolve_device(cfg.get("device", "auto")))
-
-
-def image_feature_output(cfg: Config, probe: ProbeSet) -> StageOutput:
-    return stage_output(IMAGE_STAGE, cfg.select(IMAGE_STAGE.reads),
-                        inputs={"probe_fingerprint": probe.fingerprint})
-
-
-def image_feature_key(cfg: Config, probe: ProbeSet) -> str:
-    return image_feature_output(cfg, probe).key
-
-
-def image_feature_job(cfg: Config, vlm: VisionLanguageModel, probe: ProbeSet) -> CacheJob:
-    """A decode-once job caching the probe set's L2-normalised image features `[N, D]`."""
-    return CacheJob.for_output(image_feature_output(cfg, probe), vlm.image_consumer(),
-                               "image_features",
-                               extra={"vlm": vlm.name, "backend_id": vlm.backend_id})
-
-
-def load_image_features(cfg: Config, probe: ProbeSet) -> torch.Tensor:
-    """Cached image features `[N, D]` of the probe set; missing ones name notebook 01."""
-    if probe.parent is not None:  # a split part: rows of the whole set's features
-        whole = load_image_features(cfg_for_root(cfg, probe), probe.parent)
-        return whole[torch.as_tensor(probe.parent_ids, dtype=torch.long)]
-    art = ArtifactStore(cfg.data_dir).open(
-        IMAGE_STAGE.name, image_feature_key(cfg, probe),
-        produced_by=f"notebooks/{IMAGE_STAGE.notebook} (image features of {cfg['vlm.name']!r})")
-    return load_file(str(art.file("activations.safetensors")))["activations"]
 
 
 def load_concepts_from_config(cfg: Config, name: "str | None" = None) -> ConceptSet:
@@ -254,22 +221,3 @@ def n_concept_columns(table: pd.DataFrame) -> int:
     while f"concept_{n + 1}" in table.columns and f"score_{n + 1}" in table.columns:
         n += 1
     return n
-
-
-def image_feature_jobs_if_missing(cfg: Config, probe: ProbeSet,
-                                  vlm: "VisionLanguageModel | None" = None,
-                                  force: bool = False) -> list[CacheJob]:
-    """`[image_feature_job]` when the probe's image features are not cached yet (or `force`).
-
-    Lets notebook 01 add the vision-language encoder to its decode-once pass without loading
-    the model when its output already exists; `cache_activations(..., force=True)` then
-    recomputes the job it is given.
-    """
-    if probe.parent is not None:
-        raise ValueError("image_feature_jobs_if_missing: pass the whole probe set (probe.root "
-                         "with activations.cfg_for_root(cfg, probe)); a split part has no "
-                         "features of its own")
-    if not force and ArtifactStore(cfg.data_dir).exists(IMAGE_STAGE.name,
-                                                        image_feature_key(cfg, probe)):
-        return []
-    return [image_feature_job(cfg, vlm or load_vlm_from_config(cfg), probe)]

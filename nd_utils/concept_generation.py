@@ -37,9 +37,8 @@ from tqdm.auto import tqdm
 
 from .config import Config
 from .errors import NdUtilsError
-from .language_models import (CachedLanguageModel, content_words, load_language_model,
-                              load_template)
-from .runtime import resolve_device
+from .backends.configured import language_model_from_config
+from .backends.language_models import CachedLanguageModel, content_words, load_template
 from .stages import STAGES, StageOutput, cached_stage, stage_output
 from .store import ArtifactStore, atomic_write_text, canonical_json
 
@@ -197,16 +196,6 @@ def propose_concepts(captions: list[str], lm: CachedLanguageModel, seed: int, un
                         "reasked": reasked})
     candidates = clean_candidates([a["concept"] for a in answers if a["status"] == "ok"])
     return NeuronConcepts(unit, simplified, answers, candidates)
-
-
-def language_model_from_config(cfg: Config, backend=None) -> CachedLanguageModel:
-    """The `llm.*` backend behind the answer cache at `<data_dir>/cache/llm_answers.jsonl`."""
-    backend = backend or load_language_model(
-        cfg["llm.name"], model=cfg["llm.model"], max_new_tokens=int(cfg["llm.max_new_tokens"]),
-        device=resolve_device(cfg.get("device", "auto")) if cfg["llm.name"] == "transformers"
-        else "cpu")
-    return CachedLanguageModel(backend, Path(cfg.data_dir) / "cache" / "llm_answers.jsonl",
-                               temperature=float(cfg["llm.temperature"]), mode=cfg["llm.mode"])
 
 
 @dataclass

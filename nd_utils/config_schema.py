@@ -54,9 +54,9 @@ def _registry(module: str, attr: str):
 
 _similarities = _registry("similarity", "SIMILARITY_FUNCTIONS")
 _scorings = _registry("selection", "SCORINGS")
-_captioners = _registry("captioners", "list_captioners")
-_language_models = _registry("language_models", "list_language_models")
-_synthesizers = _registry("synthesis", "list_synthesizers")
+_captioners = _registry("backends.captioners", "list_captioners")
+_language_models = _registry("backends.language_models", "list_language_models")
+_synthesizers = _registry("backends.synthesizers", "list_synthesizers")
 _probe_sets = _registry("probes", "list_probes")
 
 
@@ -86,7 +86,7 @@ def _top_n(value: int) -> int:
 
 
 def _prompt_version(value: str) -> str:
-    from .language_models import list_templates
+    from .backends.language_models import list_templates
     tasks = ("simplify", "summarize", "reask")
     found = set(list_templates())
     versions = sorted({t.split(".", 1)[1] for t in found if "." in t})

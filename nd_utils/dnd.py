@@ -21,11 +21,11 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from .captioners import cache_captions, caption_key, load_captioner_from_config
+from .backends.configured import (language_model_from_config, load_captioner_from_config,
+                                  load_vlm_from_config)
+from .captions import cache_captions, caption_key
 from .concept_generation import STAGE as CONCEPT_STAGE
-from .concept_generation import (LayerConcepts, concepts_key, generate_concepts,
-                                 language_model_from_config)
-from .clip_dissect import load_vlm_from_config
+from .concept_generation import LayerConcepts, concepts_key, generate_concepts
 from .config import Config
 from .runtime import resolve_device, seed_everything
 from .selection import STAGE as SELECT_STAGE
@@ -33,7 +33,7 @@ from .selection import concept_activations, select_labels
 from .stages import cached_stage, stage_output
 from .store import ArtifactStore, atomic_write_text
 from .synthesis import ConceptImages, concept_images, load_synthesizer_from_config
-from .targets import load_target
+from .backends.targets import load_target
 from .top_images import TopImages, build_top_images
 
 

@@ -35,16 +35,16 @@ import pandas as pd
 import torch
 
 from .activations import cache_activations, load_activations, load_probe_from_config
-from .clip_dissect import (cache_text_features, image_feature_jobs_if_missing,
-                           load_concepts_from_config, load_image_features, load_vlm_from_config)
+from .clip_dissect import cache_text_features, load_concepts_from_config, load_vlm_from_config
+from .image_features import image_feature_jobs_if_missing, load_image_features
 from .concepts import (PAPER_SETS, ConceptSet, _sha256_concepts, imagenet_label_lines,
                        load_concept_set)
 from .config import Config
 from .errors import NdUtilsError, ProbeError
-from .sentence_encoders import load_sentence_encoder as sentence_encoder
-from .sentence_models import MINILM
+from .backends.sentence_encoders import load_sentence_encoder as sentence_encoder
+from .backends.sentence_models import MINILM
 from .similarity import get_similarity, top_concepts
-from .targets import load_target
+from .backends.targets import load_target
 
 BASELINE_LABEL = "depiction"
 CLASS_NAME_SETS = ("imagenet_classes", "imagenet_labels", "cifar100_classes")

@@ -42,8 +42,8 @@ import torch
 from . import label_metrics as lm
 from .activations import (cache_activations, cfg_for_root, load_activations,
                           load_probe_from_config)
-from .clip_dissect import (dissect_layer, image_feature_jobs_if_missing, load_concepts_from_config,
-                           load_image_features, load_vlm_from_config)
+from .clip_dissect import dissect_layer, load_concepts_from_config, load_vlm_from_config
+from .image_features import image_feature_jobs_if_missing, load_image_features
 from .config import Config
 from .dnd import dnd_selection
 from .errors import ConfigError, ProbeError
@@ -54,7 +54,7 @@ from .selection import concept_activations
 from .stages import STAGES, cached_stage, stage_output
 from .store import ArtifactStore, atomic_write_text
 from .synthesis import concept_images, load_pool, load_synthesizer_from_config
-from .targets import load_target
+from .backends.targets import load_target
 
 STAGE = STAGES["08_label_quality"]
 METRICS = ("auc", "mad", "auprc", "sim_r")

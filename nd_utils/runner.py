@@ -175,7 +175,7 @@ def preflight(cfg, stages: "Iterable[str]") -> None:
 
     check_data_dir(cfg)
     if "04" in set(stages) and cfg.get("llm.name") == "openai" and cfg.get("llm.mode") == "live":
-        from .openai_backend import MissingApiKeyError
+        from .backends.openai_backend import MissingApiKeyError
 
         if not os.environ.get("OPENAI_API_KEY", "").strip():
             raise MissingApiKeyError(

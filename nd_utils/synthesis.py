@@ -1,6 +1,6 @@
 """Stage 05: images of each candidate concept (DnD step 3), cached per concept across neurons.
 
-Registry names (`list_synthesizers`, `load_synthesizer`):
+Backends (`nd_utils.backends.synthesizers`: `list_synthesizers`, `load_synthesizer`):
 
 * `diffusers`: any text-to-image pipeline id or folder (the paper: Stable Diffusion,
   DPM-Solver multistep, 50 steps), fp16 on CUDA, full resolution, batched, with one seeded CPU
@@ -26,17 +26,16 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
-import torch
-from PIL import Image
 from tqdm.auto import tqdm
 
 from .activations import cfg_for_root, load_probe_from_config
-from .clip_dissect import image_feature_jobs_if_missing, load_image_features, load_vlm_from_config
+from .backends.configured import load_vlm_from_config
+from .image_features import image_feature_jobs_if_missing, load_image_features
+from .backends.synthesizers import load_synthesizer
 from .config import Config
 from .decode_once import run_decode_once
-from .errors import NdUtilsError, OfflineError, ProbeError, unknown_name
+from .errors import ProbeError
 from .probes import ProbeSet, load_probes
 from .runtime import resolve_device
 from .stages import STAGES, StageOutput, cached_stage, stage_output
@@ -44,105 +43,6 @@ from .store import ArtifactStore, atomic_write_bytes, atomic_write_text
 from .top_images import png_bytes
 
 STAGE = STAGES["05_concept_images"]
-BLANK_STD = 2.0        # pixel std (0-255) below which an image counts as blank
-RETRIEVE_MAX_SIDE = 512
-
-
-def image_status(image: Image.Image, nsfw: bool = False) -> str:
-    """`ok`, `nsfw` (the pipeline's safety checker fired) or `blank` (near-constant pixels)."""
-    if nsfw:
-        return "nsfw"
-    return "blank" if float(np.asarray(image.convert("L"), dtype=np.float32).std()) < BLANK_STD \
-        else "ok"
-
-
-class DiffusersSynthesizer:
-    """Text-to-image through a diffusers pipeline (see the module docstring)."""
-
-    name = "diffusers"
-
-    def __init__(self, model: str, device="cpu", steps: int = 50, scheduler: str = "dpm-multistep",
-                 guidance_scale: float = 7.5, height: "int | None" = None,
-                 width: "int | None" = None, batch_size: int = 10,
-                 dtype: "torch.dtype | None" = None):
-        from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler
-
-        if not model:
-            raise NdUtilsError("synthesis.model is empty: name a diffusers pipeline, e.g. "
-                               "CompVis/stable-diffusion-v1-4")
-        self.device = resolve_device(device)
-        if dtype is None:
-            dtype = torch.float16 if self.device.type == "cuda" else torch.float32
-        try:
-            # `torch_dtype` is the name every diffusers version from our minimum (0.30) on
-            # honours; 0.30-0.39 ignore `dtype`, and 0.40+ take `dtype` but still accept
-            # `torch_dtype` (deprecated, with a FutureWarning that is ours to act on, not the
-            # user's: hidden).
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=".*torch_dtype.*",
-                                        category=FutureWarning)
-                self.pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype)
-        except OSError as err:
-            raise OfflineError(
-                f"could not load diffusers pipeline {model!r} ({type(err).__name__}): it needs the "
-                f"hub or a local folder. Offline, use synthesis.name: retrieve "
-                f"(configs/offline.yaml)") from err
-        if scheduler == "dpm-multistep":
-            self.pipe.scheduler = DPMSolverMultistepScheduler.from_config(self.pipe.scheduler.config)
-        elif scheduler != "default":
-            raise NdUtilsError(f"synthesis.scheduler must be dpm-multistep or default, got "
-                               f"{scheduler!r}")
-        self.pipe.to(self.device)
-        if self.pipe.dtype != dtype:  # a diffusers release that ignored the dtype argument
-            self.pipe.to(dtype=dtype)
-        self.pipe.set_progress_bar_config(disable=True)
-        self.steps, self.guidance_scale = int(steps), float(guidance_scale)
-        self.height, self.width, self.batch_size = height, width, int(batch_size)
-        self.dtype = dtype
-        # cpu-seeds: the initial noise comes from CPU generators (images made before came from
-        # generators on the pipeline's device, which differ on CUDA)
-        self.backend_id = f"diffusers:{model}:{scheduler}:{dtype}:cpu-seeds"
-
-    def generate(self, prompt: str, seeds: list[int]) -> list[tuple[Image.Image, str, dict]]:
-        """One image per seed: (image, status, info)."""
-        out = []
-        for start in range(0, len(seeds), self.batch_size):
-            chunk = seeds[start:start + self.batch_size]
-            # one CPU generator per image: the same noise on any device, in any batch
-            gens = [torch.Generator("cpu").manual_seed(int(s)) for s in chunk]
-            res = self.pipe(prompt=[prompt] * len(chunk), generator=gens,
-                            num_inference_steps=self.steps, guidance_scale=self.guidance_scale,
-                            height=self.height, width=self.width)
-            flags = getattr(res, "nsfw_content_detected", None) or [False] * len(chunk)
-            out += [(im, image_status(im, bool(f)), {"seed": int(s)})
-                    for im, f, s in zip(res.images, flags, chunk)]
-        return out
-
-
-class RetrieveSynthesizer:
-    """Rank a reference image pool by the vision-language model's similarity to the prompt."""
-
-    name = "retrieve"
-
-    def __init__(self, cfg: Config, pool: ProbeSet, pool_features: torch.Tensor, vlm):
-        self.cfg, self.pool, self.features, self.vlm = cfg, pool, pool_features, vlm
-        self.backend_id = f"retrieve:{vlm.backend_id}:pool={pool.fingerprint[:16]}"
-
-    def generate(self, prompt: str, seeds: list[int]) -> list[tuple[Image.Image, str, dict]]:
-        text = self.vlm.encode_texts([prompt]).float().cpu()
-        scores = (self.features.float() @ text.T)[:, 0]
-        top = torch.topk(scores, min(len(seeds), len(scores))).indices
-        out = []
-        for i in top.tolist():
-            im = self.pool.load_image(i)
-            im.thumbnail((RETRIEVE_MAX_SIDE, RETRIEVE_MAX_SIDE), Image.BICUBIC)
-            out.append((im, image_status(im), {"pool_index": i, "source": self.pool.items[i].path,
-                                               "similarity": float(scores[i])}))
-        return out
-
-
-def list_synthesizers() -> list[str]:
-    return ["diffusers", "retrieve"]
 
 
 def load_pool(cfg: Config) -> tuple[ProbeSet, str]:
@@ -160,12 +60,11 @@ def load_synthesizer_from_config(cfg: Config, vlm=None):
     name = cfg["synthesis.name"]
     device = resolve_device(cfg.get("device", "auto"))
     if name == "diffusers":
-        return DiffusersSynthesizer(cfg["synthesis.model"], device=device,
-                                    steps=cfg["synthesis.steps"],
-                                    scheduler=cfg["synthesis.scheduler"],
-                                    guidance_scale=cfg["synthesis.guidance_scale"],
-                                    height=cfg["synthesis.height"], width=cfg["synthesis.width"],
-                                    batch_size=cfg["synthesis.batch_size"])
+        return load_synthesizer(name, model=cfg["synthesis.model"], device=device,
+                                steps=cfg["synthesis.steps"], scheduler=cfg["synthesis.scheduler"],
+                                guidance_scale=cfg["synthesis.guidance_scale"],
+                                height=cfg["synthesis.height"], width=cfg["synthesis.width"],
+                                batch_size=cfg["synthesis.batch_size"])
     if name == "retrieve":
         pool, source = load_pool(cfg)
         pcfg = cfg.with_overrides({"probe.sets": cfg["synthesis.pool"] if source ==
@@ -177,10 +76,11 @@ def load_synthesizer_from_config(cfg: Config, vlm=None):
             run_decode_once(pool.root, jobs, ArtifactStore(cfg.data_dir),
                             batch_size=int(cfg["vlm.batch_size"]),
                             chunk_size=int(cfg["activations.chunk_size"]), device=device)
-        synth = RetrieveSynthesizer(cfg, pool, load_image_features(pcfg, pool), vlm)
+        synth = load_synthesizer(name, cfg=cfg, pool=pool,
+                                 pool_features=load_image_features(pcfg, pool), vlm=vlm)
         synth.pool_source = source
         return synth
-    raise unknown_name("synthesizer", name, list_synthesizers())
+    return load_synthesizer(name)  # a registered user backend, or UnknownNameError
 
 
 @dataclass

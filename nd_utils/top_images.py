@@ -31,7 +31,7 @@ from .probes import ProbeSet
 from .runtime import resolve_device
 from .stages import STAGES, StageOutput, cached_stage, stage_output
 from .store import ArtifactStore, atomic_write_bytes, atomic_write_text, save_tensors
-from .targets import Target, load_target
+from .backends.targets import Target, load_target
 
 STAGE = STAGES["03_top_images"]
 

@@ -5,12 +5,12 @@ from torchvision import transforms as T
 
 import nd_utils as nd
 from nd_utils.activations import activation_key
-from nd_utils.clip_dissect import (image_feature_jobs_if_missing, load_concepts_from_config,
-                                   load_image_features, load_vlm_from_config)
+from nd_utils.clip_dissect import load_concepts_from_config, load_vlm_from_config
+from nd_utils.image_features import image_feature_jobs_if_missing, load_image_features
 from nd_utils.errors import MissingArtifactError, UnknownNameError
 from nd_utils.similarity import SIMILARITY_FUNCTIONS
-from nd_utils.vlm import VisionLanguageModel
-from nd_utils import clip_dissect
+from nd_utils.backends.vlm import VisionLanguageModel
+from nd_utils import clip_dissect, image_features
 from nd_utils.store import ArtifactStore
 from test_activations import PRE, Tiny, make_folder
 
@@ -52,7 +52,8 @@ def wired(tmp_path, monkeypatch):
         f"clip_dissect.concept_set={tmp_path / 'colours.txt'}",
         "clip_dissect.hyperparameters={top_k: 3}"])
     vlm = ColourVLM()
-    monkeypatch.setattr(clip_dissect, "load_vlm_from_config", lambda cfg: vlm)
+    for module in (clip_dissect, image_features):  # each stage module builds its model
+        monkeypatch.setattr(module, "load_vlm_from_config", lambda cfg: vlm)
     torch.manual_seed(0)
     target = nd.from_module(Tiny(), PRE, name="tiny")
     probe = nd.load_probe_from_config(cfg)

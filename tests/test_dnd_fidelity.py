@@ -11,8 +11,8 @@ from nd_utils.concept_generation import (STAGE, clean_candidates, clean_concept,
                                          generate_concepts, parse_answer_reference,
                                          propose_concepts)
 from nd_utils.errors import NdUtilsError
-from nd_utils.language_models import CachedLanguageModel
-from nd_utils.synthesis import DiffusersSynthesizer
+from nd_utils.backends.language_models import CachedLanguageModel
+from nd_utils.backends.synthesizers import DiffusersSynthesizer
 
 
 # ------------------------------------------------------------------ point 2: cleaning

@@ -12,7 +12,7 @@ from nd_utils.concept_generation import (answer_problem, clean_candidates, clean
                                          parse_answer, propose_concepts)
 from nd_utils.errors import NdUtilsError
 from nd_utils.jsonl_cache import JsonlCache
-from nd_utils.language_models import (CachedLanguageModel, KeywordsLM, ReplayMissError,
+from nd_utils.backends.language_models import (CachedLanguageModel, KeywordsLM, ReplayMissError,
                                       load_template, most_frequent_phrase)
 from nd_utils.selection import candidate_ranks, rank_by, score_candidates
 

@@ -5,17 +5,18 @@ import pytest
 from PIL import Image
 
 import nd_utils as nd
-from nd_utils.captioners import list_captioners
+from nd_utils.backends.captioners import list_captioners
 from nd_utils.errors import UnknownNameError
-from nd_utils.language_models import list_language_models
+from nd_utils.backends.language_models import list_language_models
 from nd_utils.store import ArtifactStore
 from nd_utils.synthesis import load_synthesizer_from_config
 from nd_utils.top_images import build_top_images, choose_neurons
-from nd_utils import synthesis
-from nd_utils.captioners import BlipCaptioner, caption_images
+from nd_utils.backends.captioners import BlipCaptioner
+from nd_utils.captions import caption_images
 from nd_utils.errors import MissingArtifactError, NdUtilsError
 from nd_utils.jsonl_cache import JsonlCache
-from nd_utils.synthesis import DiffusersSynthesizer, concept_images, image_status
+from nd_utils.backends.synthesizers import DiffusersSynthesizer, image_status
+from nd_utils.synthesis import concept_images
 
 ODD = 'a "quoted"\nconcept ' + "x" * 190  # quotes, a newline, 200+ characters
 
@@ -186,10 +187,36 @@ def test_diffusers_nsfw_flag_is_recorded(tiny_sd_dir, small_cfg, monkeypatch):
 
 
 def test_synthesis_backends_are_registered():
-    assert synthesis.list_synthesizers() == ["diffusers", "retrieve"]
+    from nd_utils.backends.synthesizers import list_synthesizers
+
+    assert list_synthesizers() == ["diffusers", "retrieve"]
     with pytest.raises(UnknownNameError, match="retrieve"):
         # with_overrides skips load_config's validation, so the backend's own error shows
         load_synthesizer_from_config(nd.load_config("offline").with_overrides(
             {"synthesis.name": "retreive"}))
     assert list_captioners() == ["blip", "classifier"]
     assert list_language_models() == ["keywords", "openai", "transformers"]
+
+
+def test_a_registered_backend_is_listed_loaded_and_accepted_by_the_config(tmp_path):
+    from nd_utils.backends import captioners
+
+    @captioners.register_captioner("constant")
+    class Constant(captioners.Captioner):
+        name = backend_id = "constant"
+
+        def __init__(self, device="cpu"):
+            self.device = device
+
+        def caption(self, images):
+            return ["a photo"] * len(images)
+
+    try:
+        assert "constant" in captioners.list_captioners()
+        assert captioners.load_captioner("constant").caption([None, None]) == ["a photo"] * 2
+        cfg = nd.load_config("offline", [f"data_dir={tmp_path}", "captioner.name=constant"])
+        assert cfg["captioner.name"] == "constant"
+    finally:
+        captioners.CAPTIONERS.entries.pop("constant")
+    with pytest.raises(nd.ConfigError, match="captioner"):
+        nd.load_config("offline", [f"data_dir={tmp_path}", "captioner.name=constant"])

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import nd_utils as nd
-from nd_utils.clip_dissect import load_image_features, load_vlm_from_config
+from nd_utils.clip_dissect import load_vlm_from_config
+from nd_utils.image_features import load_image_features
 from nd_utils.label_quality import quality_config, quality_parts
 from nd_utils import label_quality
 from nd_utils.errors import ConfigError

@@ -1,4 +1,4 @@
-"""Tests for nd_utils.openai_backend against a scripted fake OpenAI server on localhost."""
+"""Tests for nd_utils.backends.openai_backend against a scripted fake OpenAI server on localhost."""
 from __future__ import annotations
 
 import json
@@ -13,7 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from nd_utils.errors import ConfigError, NdUtilsError
-from nd_utils.openai_backend import MissingApiKeyError, OpenAIChat
+from nd_utils.backends.openai_backend import MissingApiKeyError, OpenAIChat
 
 KEY = "sk-test-SECRET123"
 
@@ -273,7 +273,7 @@ def test_key_never_leaks(server, sleeps, capsys, caplog):
 
 def test_answers_are_cached_replayed_and_keyless_on_disk(server, sleeps, tmp_path):
     """Through the answer cache: one request per distinct prompt; replay needs no server."""
-    from nd_utils.language_models import CachedLanguageModel, ReplayMissError, load_template
+    from nd_utils.backends.language_models import CachedLanguageModel, ReplayMissError, load_template
 
     tpl = load_template("simplify.v1")
     server.script((429, error_body("slow down"), {"Retry-After": "0"}),

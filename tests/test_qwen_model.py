@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from nd_utils import gguf_parts as gp
-from nd_utils import language_models as lmod
+from nd_utils.backends import gguf_parts as gp
+from nd_utils.backends import language_models as lmod
 from nd_utils.config import REPO_ROOT
 from nd_utils.errors import UnknownNameError
-from nd_utils.gguf_parts import (SplitFile, SplitFileIntegrityError, SplitFileNotInstalled,
+from nd_utils.backends.gguf_parts import (SplitFile, SplitFileIntegrityError, SplitFileNotInstalled,
                                  cached_file, concatenate, is_verified)
 
 N_PARTS = 3

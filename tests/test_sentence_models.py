@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from nd_utils import sentence_models as sm
+from nd_utils.backends import sentence_models as sm
 from nd_utils.config import REPO_ROOT
-from nd_utils.sentence_models import (SentenceModelIntegrityError, SentenceModelNotInstalled,
+from nd_utils.backends.sentence_models import (SentenceModelIntegrityError, SentenceModelNotInstalled,
                                       _ConcatReader, reassemble)
 
 ROOT = "all-mpnet-base-v2"

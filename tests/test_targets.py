@@ -1,4 +1,4 @@
-"""Tests for nd_utils.targets: registry, EfficientNet-Lite wrapper, offline errors, user modules."""
+"""Tests for nd_utils.backends.targets: registry, EfficientNet-Lite wrapper, offline errors, user modules."""
 from __future__ import annotations
 
 import importlib.util
@@ -13,7 +13,7 @@ from PIL import Image
 from torch import nn
 
 from nd_utils.errors import OfflineError, UnknownNameError
-from nd_utils.targets import EfficientNetLiteNet, from_module, list_targets, load_target
+from nd_utils.backends.targets import EfficientNetLiteNet, from_module, list_targets, load_target
 
 
 @pytest.fixture(scope="module")

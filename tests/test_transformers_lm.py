@@ -3,8 +3,8 @@ thread handling change the speed of DnD's 04 stage, never its answers."""
 import pytest
 import torch
 
-from nd_utils import language_models as lmod
-from nd_utils.language_models import SMOLLM2, SMOLLM2_FILE, TransformersLM, load_template
+from nd_utils.backends import language_models as lmod
+from nd_utils.backends.language_models import SMOLLM2, SMOLLM2_FILE, TransformersLM, load_template
 
 try:
     lmod.smollm2_path()

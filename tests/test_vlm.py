@@ -1,4 +1,4 @@
-"""Tests for nd_utils.vlm: ConSE on real photos, open_clip offline, decode-once adapter, errors."""
+"""Tests for nd_utils.backends.vlm: ConSE on real photos, open_clip offline, decode-once adapter, errors."""
 from __future__ import annotations
 
 import importlib.util
@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from nd_utils.errors import OfflineError, UnknownNameError
-from nd_utils.vlm import list_vlms, load_vlm
+from nd_utils.backends.vlm import list_vlms, load_vlm
 
 
 def _package_file(package: str, *parts: str) -> Path | None:

@@ -47,8 +47,8 @@ from importlib import metadata
 from pathlib import Path, PurePosixPath
 from typing import Sequence
 
-from .errors import NdUtilsError
-from .store import sha256_file
+from ..errors import NdUtilsError
+from ..store import sha256_file
 
 MPNET = "all-mpnet-base-v2"
 MINILM = "all-MiniLM-L6-v2"

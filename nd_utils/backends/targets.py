@@ -36,11 +36,12 @@ import torchvision
 from torch import nn
 from torchvision import transforms as T
 
-from .errors import NdUtilsError, OfflineError, unknown_name
-from .runtime import resolve_device
+from ..errors import NdUtilsError, OfflineError, unknown_name
+from ..runtime import resolve_device
+from .registry import Registry
 
-__all__ = ["Target", "EfficientNetLiteNet", "MissingPackageError",
-           "list_targets", "load_target", "from_module"]
+__all__ = ["Target", "EfficientNetLiteNet", "MissingPackageError", "TARGETS",
+           "list_targets", "load_target", "register_target", "from_module"]
 
 # Input resolution of each EfficientNet-Lite variant (from the library's params table).
 _LITE_SIZES = {"efficientnet-lite0": 224, "efficientnet-lite1": 240, "efficientnet-lite2": 260}
@@ -160,6 +161,13 @@ def _torchvision_archs() -> list[str]:
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
+def _torchvision_names() -> list[str]:
+    names = []
+    for arch in _torchvision_archs():
+        names += [f"{arch}:{w.name}" for w in torchvision.models.get_model_weights(arch)]
+    return names
+
+
 def list_targets() -> list[str]:
     """All enumerable registry names: the Lite models, then ``<arch>:<WEIGHTS>``.
 
@@ -170,10 +178,7 @@ def list_targets() -> list[str]:
         >>> "resnet50:IMAGENET1K_V1" in list_targets()
         True
     """
-    names = list(_LITE_SIZES)
-    for arch in _torchvision_archs():
-        names += [f"{arch}:{w.name}" for w in torchvision.models.get_model_weights(arch)]
-    return names
+    return TARGETS.names()
 
 
 def is_pinned(name: str) -> bool:
@@ -201,17 +206,15 @@ def load_target(name: str, device: str | torch.device = "cpu") -> Target:
         >>> t = load_target("efficientnet-lite0", device="auto")
         >>> t.layer_names()[:3]     # ['stem', 'stem.0', 'stem.1']
     """
-    if name in _LITE_SIZES:
-        return _load_lite(name, device)
-    if name.startswith("timm:"):
-        return _load_timm(name, device)
+    return TARGETS.load(name, device=device)
+
+
+def _load_torchvision_name(name: str, device="cpu") -> Target:
     arch, _, tag = name.partition(":")
     archs = _torchvision_archs()
     if arch not in archs:
         # Bare arch names are valid too, and give typos like "vit-b-16" a close match.
-        raise unknown_name("target", name, list_targets() + archs,
-                           hint="Also accepted: '<arch>' (DEFAULT weights), '<arch>:none' "
-                                "(random init) and 'timm:<model_name>'.")
+        raise unknown_name("target", name, list_targets() + archs, hint=TARGETS.hint)
     return _load_torchvision(name, arch, tag, device)
 
 
@@ -364,3 +367,14 @@ def from_module(module: nn.Module, preprocess: Callable, name: str = "custom",
         class_names=list(class_names) if class_names is not None else None,
         input_size=input_size,
         metadata={"source": "user", "num_params": _num_params(module)})
+
+
+# The registry: exact names, the timm family, and torchvision's classifiers for every other name.
+TARGETS = Registry("target", hint="Also accepted: '<arch>' (DEFAULT weights), '<arch>:none' "
+                                  "(random init) and 'timm:<model_name>'.",
+                   fallback=_load_torchvision_name, fallback_names=_torchvision_names)
+for _lite in _LITE_SIZES:
+    TARGETS.register(_lite, lambda device="cpu", _name=_lite: _load_lite(_name, device))
+TARGETS.register("timm", lambda rest, device="cpu": _load_timm(f"timm:{rest}", device),
+                 prefix=True)
+register_target = TARGETS.register

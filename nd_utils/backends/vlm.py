@@ -35,8 +35,9 @@ from typing import Callable
 
 import torch
 
-from .errors import OfflineError, unknown_name
-from .runtime import resolve_device
+from ..errors import OfflineError, unknown_name
+from .registry import Registry
+from ..runtime import resolve_device
 from .sentence_encoders import MeanPooledSentenceEncoder
 
 __all__ = ["VisionLanguageModel", "OpenClipVLM", "ConseVLM", "list_vlms", "load_vlm"]
@@ -279,6 +280,22 @@ class ConseVLM(VisionLanguageModel):
             return _normalise((w.unsqueeze(-1) * emb[idx]).sum(dim=1))
 
 
+def _load_open_clip(rest: str, device="cpu", **kwargs) -> "OpenClipVLM":
+    model, _, pretrained = rest.partition(":")
+    if not model or not pretrained or ":" in pretrained:
+        raise unknown_name("vision-language model", f"open_clip:{rest}", list_vlms(),
+                           hint=VLMS.hint)
+    return OpenClipVLM(model, pretrained, device=device, **kwargs)
+
+
+VLMS = Registry("vision-language model", hint=(
+    "open_clip names are 'open_clip:<model>:<pretrained>' with a pair from "
+    "open_clip.list_pretrained() (or <pretrained>=none for random weights)."))
+VLMS.register("conse", ConseVLM)
+VLMS.register("open_clip", _load_open_clip, prefix=True, examples=[DEFAULT_OPEN_CLIP])
+register_vlm = VLMS.register
+
+
 def list_vlms() -> list[str]:
     """Enumerated registry names. Any ``open_clip:<model>:<tag>`` from
     ``open_clip.list_pretrained()`` (and ``open_clip:<model>:none``) is accepted as well.
@@ -286,7 +303,7 @@ def list_vlms() -> list[str]:
     >>> list_vlms()
     ['conse', 'open_clip:ViT-B-16:openai']
     """
-    return ["conse", DEFAULT_OPEN_CLIP]
+    return VLMS.names()
 
 
 def load_vlm(name: str, device="cpu", **kwargs) -> VisionLanguageModel:
@@ -298,11 +315,4 @@ def load_vlm(name: str, device="cpu", **kwargs) -> VisionLanguageModel:
     Example:
         >>> load_vlm("conse", top_t=10).encode_texts(["strawberry"]).shape   # [1, 384]
     """
-    if name == "conse":
-        return ConseVLM(device=device, **kwargs)
-    parts = name.split(":")
-    if parts[0] == "open_clip" and len(parts) == 3 and all(parts[1:]):
-        return OpenClipVLM(parts[1], parts[2], device=device, **kwargs)
-    raise unknown_name("vision-language model", name, list_vlms(),
-                       hint="open_clip names are 'open_clip:<model>:<pretrained>' with a pair from "
-                            "open_clip.list_pretrained() (or <pretrained>=none for random weights).")
+    return VLMS.load(name, device=device, **kwargs)

@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import openai
 
-from .errors import ConfigError, NdUtilsError
+from ..errors import ConfigError, NdUtilsError
 
 log = logging.getLogger(__name__)
 

@@ -41,10 +41,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Sequence
 
-from .errors import NdUtilsError
-from .locks import process_lock
+from ..errors import NdUtilsError
+from ..locks import process_lock
 from .sentence_models import default_model_cache
-from .store import sha256_file
+from ..store import sha256_file
 
 _CHUNK = 1 << 20
 SIGNATURE_SUFFIX = ".verified.json"

@@ -1,4 +1,4 @@
-"""Image captioners for DnD (registry) and the per-image caption cache.
+"""Image captioners for DnD: a registry of backends (the stage is `nd_utils.captions`).
 
 Registry names (`list_captioners`, `load_captioner`):
 
@@ -10,9 +10,6 @@ Registry names (`list_captioners`, `load_captioner`):
   "a photo of a tabby cat, or possibly a tiger cat". It only knows 1,000 object classes (no
   colours, textures, scenes or actions), so its captions are much poorer than BLIP's.
 
-Captions are cached in `<data_dir>/cache/captions.jsonl` by (captioner backend id, decoding
-settings, image content hash): the same image is captioned once across neurons and runs.
-
 Example:
     >>> cap = load_captioner("classifier")                          # doctest: +SKIP
     >>> cap.caption([Image.open("dog.jpg")])                        # doctest: +SKIP
@@ -20,22 +17,13 @@ Example:
 """
 from __future__ import annotations
 
-from pathlib import Path
-
-import pandas as pd
 import torch
 from PIL import Image
 
-from .config import Config
-from .errors import OfflineError, unknown_name
-from .jsonl_cache import JsonlCache
-from .runtime import resolve_device
-from .stages import STAGES, StageOutput, cached_stage, stage_output
-from .store import ArtifactStore, atomic_write_text
+from ..errors import OfflineError
+from ..runtime import resolve_device
+from .registry import Registry
 from .targets import _state_dict_hash, load_target
-from .top_images import TopImages, image_sha256
-
-STAGE = STAGES["03_captions"]
 
 BLIP_BASE = "Salesforce/blip-image-captioning-base"
 
@@ -124,78 +112,18 @@ class BlipCaptioner(Captioner):
         return [t.strip() for t in self.processor.batch_decode(out, skip_special_tokens=True)]
 
 
-CAPTIONERS = {"blip": BlipCaptioner, "classifier": ClassifierCaptioner}
+CAPTIONERS = Registry("captioner")
+CAPTIONERS.register("blip", BlipCaptioner)
+CAPTIONERS.register("classifier", ClassifierCaptioner)
+register_captioner = CAPTIONERS.register
 
 
 def list_captioners() -> list[str]:
-    """Registry names: `['blip', 'classifier']`."""
-    return sorted(CAPTIONERS)
+    """Registry names: `['blip', 'classifier']` (and any added with `register_captioner`)."""
+    return CAPTIONERS.names()
 
 
 def load_captioner(name: str, device="cpu", **kwargs) -> Captioner:
     """Load a captioner by registry name; kwargs go to its class (None values are dropped)."""
-    if name not in CAPTIONERS:
-        raise unknown_name("captioner", name, list_captioners())
-    return CAPTIONERS[name](device=device, **{k: v for k, v in kwargs.items() if v is not None})
-
-
-def caption_images(captioner: Captioner, images: list[Image.Image], hashes: list[str],
-                   cache: JsonlCache, batch_size: int = 16) -> list[str]:
-    """Captions of `images`, from `cache` when present (hashes = image content hashes)."""
-    keys = [cache.key({"captioner": captioner.backend_id, "image": h}) for h in hashes]
-    found = {k: cache.get(k) for k in dict.fromkeys(keys)}
-    todo = [i for i, k in enumerate(keys) if found[k] is None]
-    todo = list({keys[i]: i for i in todo}.values())  # one call per distinct image
-    for start in range(0, len(todo), batch_size):
-        chunk = todo[start:start + batch_size]
-        for i, text in zip(chunk, captioner.caption([images[i] for i in chunk])):
-            found[keys[i]] = cache.put(keys[i], {"captioner": captioner.backend_id,
-                                                 "image": hashes[i]}, text)
-    return [found[k]["answer"] for k in keys]
-
-
-def caption_cache(data_dir: "str | Path") -> JsonlCache:
-    return JsonlCache(Path(data_dir) / "cache" / "captions.jsonl")
-
-
-def caption_output(cfg: Config, top: TopImages) -> StageOutput:
-    return stage_output(STAGE, {**cfg.select(STAGE.reads), "layer": top.layer},
-                        upstream={"03_top_images": top.key})
-
-
-def caption_key(cfg: Config, top: TopImages) -> str:
-    return caption_output(cfg, top).key
-
-
-def cache_captions(cfg: Config, top: TopImages, captioner: "Captioner | None" = None,
-                   force: bool = False) -> pd.DataFrame:
-    """Stage 03b: captions of every D_top item of `top` as a DataFrame.
-
-    Columns: layer, unit, rank, kind, image_id, file, caption. Each distinct image is captioned
-    once (the caption cache is shared across neurons, layers and runs).
-    """
-    def build(tmp: Path) -> dict:
-        nonlocal captioner
-        captioner = captioner or load_captioner_from_config(cfg)
-        rows = top.items[top.items.in_top].sort_values(["unit", "rank"])
-        images = [top.image(f) for f in rows.file]
-        cache = caption_cache(cfg.data_dir)
-        captions = caption_images(captioner, images, [image_sha256(im) for im in images], cache,
-                                  batch_size=int(cfg["captioner.batch_size"]))
-        table = rows[["layer", "unit", "rank", "kind", "image_id", "file"]].copy()
-        table["caption"] = captions
-        atomic_write_text(tmp / "captions.csv", table.to_csv(index=False))
-        return {"captioner": captioner.backend_id, "cache": cache.stats()}
-
-    art = cached_stage(ArtifactStore(cfg.data_dir), caption_output(cfg, top), build, force=force)
-    return pd.read_csv(art.file("captions.csv"), keep_default_na=False)
-
-
-def load_captioner_from_config(cfg: Config) -> Captioner:
-    """The captioner of `captioner.*` on the configured device."""
-    extra = {}
-    if cfg["captioner.name"] == "blip":
-        extra = {"model": cfg["captioner.model"], "checkpoint": cfg["captioner.checkpoint"],
-                 "max_new_tokens": cfg["captioner.max_new_tokens"]}
-    return load_captioner(cfg["captioner.name"], device=resolve_device(cfg.get("device", "auto")),
-                          **extra)
+    return CAPTIONERS.load(name, device=device,
+                           **{k: v for k, v in kwargs.items() if v is not None})

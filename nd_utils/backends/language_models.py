@@ -41,12 +41,13 @@ from pathlib import Path
 
 import torch
 
-from .errors import NdUtilsError, OfflineError, UnknownNameError, unknown_name
+from ..errors import NdUtilsError, OfflineError, UnknownNameError, unknown_name
 from .gguf_parts import SplitFile, cached_file, default_model_cache, sha256_file
-from .locks import process_lock
-from .jsonl_cache import JsonlCache
+from .registry import Registry
+from ..locks import process_lock
+from ..jsonl_cache import JsonlCache
 
-PROMPT_DIR = Path(__file__).resolve().parent / "prompts"
+PROMPT_DIR = Path(__file__).resolve().parents[1] / "prompts"  # nd_utils/prompts
 SMOLLM2 = "smollm2-135m-instruct"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 QWEN_CODER = "qwen2.5-coder-0.5b-instruct"
@@ -329,23 +330,31 @@ class TransformersLM:
         return copy.deepcopy(self._prefixes[key])
 
 
+def _load_openai(model: "str | None" = None, max_new_tokens: int = 24, device="cpu", **kwargs):
+    from .openai_backend import OpenAIChat
+
+    return OpenAIChat(model or "gpt-3.5-turbo", max_tokens=max_new_tokens, **kwargs)
+
+
+LANGUAGE_MODELS = Registry("language model")
+LANGUAGE_MODELS.register("keywords", lambda model=None, device="cpu", max_new_tokens=24: KeywordsLM())
+LANGUAGE_MODELS.register("transformers", lambda model=None, device="cpu", max_new_tokens=24:
+                         TransformersLM(model or SMOLLM2, device=device,
+                                        max_new_tokens=max_new_tokens))
+LANGUAGE_MODELS.register("openai", _load_openai)
+register_language_model = LANGUAGE_MODELS.register
+
+
 def list_language_models() -> list[str]:
     """Registry names: `['keywords', 'openai', 'transformers']`."""
-    return ["keywords", "openai", "transformers"]
+    return LANGUAGE_MODELS.names()
 
 
 def load_language_model(name: str, model: "str | None" = None, device="cpu",
                         max_new_tokens: int = 24, **kwargs):
     """Load a backend by registry name; `model` picks the checkpoint (ignored by `keywords`)."""
-    if name == "keywords":
-        return KeywordsLM()
-    if name == "transformers":
-        return TransformersLM(model or SMOLLM2, device=device, max_new_tokens=max_new_tokens)
-    if name == "openai":
-        from .openai_backend import OpenAIChat
-
-        return OpenAIChat(model or "gpt-3.5-turbo", max_tokens=max_new_tokens, **kwargs)
-    raise unknown_name("language model", name, list_language_models())
+    return LANGUAGE_MODELS.load(name, model=model, device=device, max_new_tokens=max_new_tokens,
+                                **kwargs)
 
 
 class CachedLanguageModel:

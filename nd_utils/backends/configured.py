@@ -1,0 +1,51 @@
+"""Backends as a config names them: the `*_from_config` adapters of every family.
+
+Stage modules build their models here, so no stage imports another stage to get a model.
+
+Example:
+    >>> cfg = load_config("offline")                                    # doctest: +SKIP
+    >>> load_vlm_from_config(cfg).backend_id                            # doctest: +SKIP
+    'conse:T=10:efficientnet-lite2:...'
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..config import Config
+from ..runtime import resolve_device
+from .captioners import Captioner, load_captioner
+from .language_models import CachedLanguageModel, load_language_model
+from .targets import Target, load_target
+from .vlm import VisionLanguageModel, load_vlm
+
+
+def _device(cfg: Config):
+    return resolve_device(cfg.get("device", "auto"))
+
+
+def load_target_from_config(cfg: Config) -> Target:
+    """The network `target.name` on the configured device."""
+    return load_target(cfg["target.name"]).to(_device(cfg))
+
+
+def load_vlm_from_config(cfg: Config) -> VisionLanguageModel:
+    """The vision-language model named by `vlm.name`, on the configured device."""
+    return load_vlm(cfg["vlm.name"], device=_device(cfg))
+
+
+def load_captioner_from_config(cfg: Config) -> Captioner:
+    """The captioner of `captioner.*` on the configured device."""
+    extra = {}
+    if cfg["captioner.name"] == "blip":
+        extra = {"model": cfg["captioner.model"], "checkpoint": cfg["captioner.checkpoint"],
+                 "max_new_tokens": cfg["captioner.max_new_tokens"]}
+    return load_captioner(cfg["captioner.name"], device=_device(cfg), **extra)
+
+
+def language_model_from_config(cfg: Config, backend=None) -> CachedLanguageModel:
+    """The `llm.*` backend behind the answer cache at `<data_dir>/cache/llm_answers.jsonl`."""
+    backend = backend or load_language_model(
+        cfg["llm.name"], model=cfg["llm.model"], max_new_tokens=int(cfg["llm.max_new_tokens"]),
+        device=_device(cfg) if cfg["llm.name"] == "transformers" else "cpu")
+    return CachedLanguageModel(backend, Path(cfg.data_dir) / "cache" / "llm_answers.jsonl",
+                               temperature=float(cfg["llm.temperature"]), mode=cfg["llm.mode"])

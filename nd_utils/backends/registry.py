@@ -1,0 +1,84 @@
+"""One registry type for every backend family (targets, VLMs, captioners, language models,
+synthesizers): names map to loaders, and `list_*` is derived from what was registered.
+
+An entry is an exact name (`conse`) or a prefix family (`open_clip`, for names
+`open_clip:<model>:<pretrained>`), whose loader gets the rest of the name; a family may list
+examples and a catalogue of names it accepts. Users add their own with `register_*`:
+
+Example:
+    >>> CAPTIONERS = Registry("captioner")
+    >>> @CAPTIONERS.register("constant")
+    ... class Constant:
+    ...     def __init__(self, device="cpu"):
+    ...         self.device = device
+    >>> CAPTIONERS.names()
+    ['constant']
+    >>> CAPTIONERS.load("constant", device="cpu").device
+    'cpu'
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+from ..errors import unknown_name
+
+
+@dataclass
+class _Entry:
+    loader: Callable
+    prefix: bool = False
+    examples: tuple = ()
+    catalogue: "Callable[[], Iterable[str]] | None" = None
+
+
+@dataclass
+class Registry:
+    """Named loaders of one backend family; `load(name, **kwargs)` builds one."""
+
+    kind: str
+    hint: str = ""
+    entries: dict = field(default_factory=dict)
+    fallback: "Callable | None" = None   # loader for names no entry claims (e.g. torchvision)
+    fallback_names: "Callable[[], Iterable[str]] | None" = None
+
+    def register(self, name: str, loader: "Callable | None" = None, *, prefix: bool = False,
+                 examples: Iterable[str] = (), catalogue=None):
+        """Add `loader` under `name` (usable as a decorator); `prefix` claims `name:<rest>`.
+
+        Re-registering a name replaces it, so a user can swap a built-in backend.
+        """
+        if ":" in name:
+            raise ValueError(f"{self.kind} name {name!r}: a registered name has no ':' (a prefix "
+                             f"family is registered as its prefix, with prefix=True)")
+
+        def add(fn: Callable) -> Callable:
+            self.entries[name] = _Entry(fn, prefix, tuple(examples), catalogue)
+            return fn
+        return add(loader) if loader is not None else add
+
+    def names(self) -> list[str]:
+        """Exact names, then each family's examples and catalogue, then the fallback's names."""
+        out = sorted(n for n, e in self.entries.items() if not e.prefix)
+        for n, e in sorted(self.entries.items()):
+            if e.prefix:
+                out += list(e.examples) + list(e.catalogue() if e.catalogue else [])
+        if self.fallback_names:
+            out += [n for n in self.fallback_names() if n not in out]
+        return out
+
+    def load(self, name: str, **kwargs):
+        entry = self.entries.get(name)
+        if entry is not None and not entry.prefix:
+            return entry.loader(**kwargs)
+        head, sep, rest = str(name).partition(":")
+        entry = self.entries.get(head)
+        if entry is not None and entry.prefix and sep:
+            return entry.loader(rest, **kwargs)
+        if self.fallback is not None:
+            return self.fallback(name, **kwargs)
+        raise unknown_name(self.kind, name, self.names(), hint=self.hint)
+
+    def __contains__(self, name: str) -> bool:
+        head = str(name).partition(":")[0]
+        return name in self.entries or (head in self.entries and self.entries[head].prefix)

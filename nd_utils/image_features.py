@@ -1,0 +1,73 @@
+"""Stage 01b: the probe set's vision-language image features `[N, D]` (L2-normalised).
+
+They share stage 01's decode-once pass over the probe images (`image_feature_job` joins
+`cache_activations`), and are read by CLIP-Dissect (02), the retrieval synthesizer (05) and the
+evaluations (07, 08). A split part of a probe set reads rows of the whole set's features.
+
+Example:
+    >>> jobs = image_feature_jobs_if_missing(cfg, probe)               # doctest: +SKIP
+    >>> cache_activations(cfg, probe=probe, extra_jobs=jobs)            # doctest: +SKIP
+    >>> load_image_features(cfg, probe).shape                           # doctest: +SKIP
+    torch.Size([1000, 384])
+"""
+from __future__ import annotations
+
+import torch
+from safetensors.torch import load_file
+
+from .activations import cfg_for_root
+from .backends.configured import load_vlm_from_config
+from .backends.vlm import VisionLanguageModel
+from .config import Config
+from .decode_once import CacheJob
+from .probes import ProbeSet
+from .stages import STAGES, StageOutput, stage_output
+from .store import ArtifactStore
+
+IMAGE_STAGE = STAGES["01_image_features"]
+
+
+def image_feature_output(cfg: Config, probe: ProbeSet) -> StageOutput:
+    return stage_output(IMAGE_STAGE, cfg.select(IMAGE_STAGE.reads),
+                        inputs={"probe_fingerprint": probe.fingerprint})
+
+
+def image_feature_key(cfg: Config, probe: ProbeSet) -> str:
+    return image_feature_output(cfg, probe).key
+
+
+def image_feature_job(cfg: Config, vlm: VisionLanguageModel, probe: ProbeSet) -> CacheJob:
+    """A decode-once job caching the probe set's L2-normalised image features `[N, D]`."""
+    return CacheJob.for_output(image_feature_output(cfg, probe), vlm.image_consumer(),
+                               "image_features",
+                               extra={"vlm": vlm.name, "backend_id": vlm.backend_id})
+
+
+def load_image_features(cfg: Config, probe: ProbeSet) -> torch.Tensor:
+    """Cached image features `[N, D]` of the probe set; missing ones name notebook 01."""
+    if probe.parent is not None:  # a split part: rows of the whole set's features
+        whole = load_image_features(cfg_for_root(cfg, probe), probe.parent)
+        return whole[torch.as_tensor(probe.parent_ids, dtype=torch.long)]
+    art = ArtifactStore(cfg.data_dir).open(
+        IMAGE_STAGE.name, image_feature_key(cfg, probe),
+        produced_by=f"notebooks/{IMAGE_STAGE.notebook} (image features of {cfg['vlm.name']!r})")
+    return load_file(str(art.file("activations.safetensors")))["activations"]
+
+
+def image_feature_jobs_if_missing(cfg: Config, probe: ProbeSet,
+                                  vlm: "VisionLanguageModel | None" = None,
+                                  force: bool = False) -> list[CacheJob]:
+    """`[image_feature_job]` when the probe's image features are not cached yet (or `force`).
+
+    Lets notebook 01 add the vision-language encoder to its decode-once pass without loading
+    the model when its output already exists; `cache_activations(..., force=True)` then
+    recomputes the job it is given.
+    """
+    if probe.parent is not None:
+        raise ValueError("image_feature_jobs_if_missing: pass the whole probe set (probe.root "
+                         "with activations.cfg_for_root(cfg, probe)); a split part has no "
+                         "features of its own")
+    if not force and ArtifactStore(cfg.data_dir).exists(IMAGE_STAGE.name,
+                                                        image_feature_key(cfg, probe)):
+        return []
+    return [image_feature_job(cfg, vlm or load_vlm_from_config(cfg), probe)]
