@@ -1,4 +1,4 @@
-"""Benchmark of the allocator setting made at import (`nd_utils.runtime.keep_freed_memory`).
+"""Benchmark of the allocator setting made at import (`nd_utils.machine.keep_freed_memory`).
 
 Runs the offline target (EfficientNet-Lite0) on batches of 32 random images in two fresh
 processes, with `ND_MALLOC_TUNING=1` (the default) and `=0` (glibc's defaults), and prints

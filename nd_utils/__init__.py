@@ -21,7 +21,7 @@ from __future__ import annotations
 import importlib
 import warnings
 
-from .runtime import keep_freed_memory
+from .machine import keep_freed_memory
 
 keep_freed_memory()  # before any large tensor: see its docstring for the measured effect
 
@@ -29,12 +29,12 @@ __version__ = "0.1.0"
 
 # public name -> submodule that defines it
 _PUBLIC = {
-    "load_config": "config", "list_profiles": "config", "open_run": "runner",
-    "run_pipeline": "runner", "load_probe": "probes", "list_probes": "probes",
+    "load_config": "config", "list_profiles": "config", "open_run": "pipeline",
+    "run_pipeline": "pipeline", "load_probe": "probes", "list_probes": "probes",
     "load_probe_from_config": "activations", "load_target": "backends.targets",
     "list_targets": "backends.targets", "from_module": "backends.targets",
-    "load_vlm": "backends.vlm", "list_vlms": "backends.vlm", "load_concept_set": "concepts",
-    "list_concept_sets": "concepts", "trace_images": "hooks", "cache_activations": "activations",
+    "load_vlm": "backends.vlm", "list_vlms": "backends.vlm", "load_concept_set": "concept_sets",
+    "list_concept_sets": "concept_sets", "trace_images": "hooks", "cache_activations": "activations",
     "load_activations": "activations", "activation_summary": "activations",
     "dissect_layer": "clip_dissect", "write_label_tables": "clip_dissect", "dnd_top_images": "dnd",
     "dnd_captions": "dnd", "dnd_concepts": "dnd", "dnd_synthesis": "dnd", "dnd_selection": "dnd",
@@ -47,42 +47,42 @@ _PUBLIC = {
     "plot_evaluation": "viz.label_plots", "plot_top_items": "viz.dnd_plots",
     "plot_crop_boxes": "viz.dnd_plots", "plot_dnd_neuron": "viz.dnd_plots",
     "plot_label_quality": "viz.quality_plots", "write_report": "viz.report",
-    "write_figures": "viz.figures", "NeuronExplorer": "viz.explorer", "seed_everything": "runtime",
-    "resolve_device": "runtime", "NdUtilsError": "errors", "ConfigError": "errors",
+    "write_figures": "viz.figures", "NeuronExplorer": "viz.explorer", "seed_everything": "machine",
+    "resolve_device": "machine", "NdUtilsError": "errors", "ConfigError": "errors",
 }
 # formerly top-level names -> submodule (they still resolve, with a DeprecationWarning)
 _MOVED = {
     "Artifact": "store", "ArtifactStore": "store", "CacheJob": "decode_once",
     "CachedLanguageModel": "backends.language_models", "Captioner": "backends.captioners",
-    "ConceptSet": "concepts", "Config": "config", "DamagedArtifactError": "errors",
+    "ConceptSet": "concept_sets", "Config": "config", "DamagedArtifactError": "errors",
     "ExplorerView": "viz.explorer", "FiguresResult": "viz.figures", "ImageTrace": "hooks",
     "JsonlCache": "jsonl_cache", "LayerActivations": "activations",
     "MissingArtifactError": "errors", "OfflineError": "errors", "ProbeError": "errors",
     "ProbeSet": "probes", "QualityResult": "label_quality",
-    "ReplayMissError": "backends.language_models", "Run": "runner", "RunView": "viz.run_reader",
+    "ReplayMissError": "backends.language_models", "Run": "pipeline", "RunView": "viz.run_folders",
     "SCORINGS": "selection", "SIMILARITY_FUNCTIONS": "similarity", "STAGES": "stages",
-    "StageFailed": "runner", "Target": "backends.targets", "TargetConsumer": "activations",
+    "StageFailed": "pipeline", "Target": "backends.targets", "TargetConsumer": "activations",
     "TopImages": "top_images", "TraceLayers": "hooks", "UnknownNameError": "errors",
     "VisionLanguageModel": "backends.vlm", "activation_key": "activations",
     "build_top_images": "top_images", "cache_captions": "captions",
     "cache_text_features": "clip_dissect", "choose_neurons": "top_images",
-    "clean_candidates": "concept_generation", "clean_concept": "concept_generation",
+    "clean_candidates": "candidate_concepts", "clean_concept": "candidate_concepts",
     "concept_images": "synthesis", "concept_similarity": "clip_dissect", "count_hooks": "hooks",
     "dnd_layers": "dnd", "evaluation_config": "evaluation",
-    "generate_concepts": "concept_generation", "get_similarity": "similarity",
+    "generate_concepts": "candidate_concepts", "get_similarity": "similarity",
     "get_stage": "stages", "image_feature_job": "image_features",
     "image_feature_jobs_if_missing": "image_features", "label_table": "clip_dissect",
     "language_model_from_config": "backends.configured", "list_captioners": "backends.captioners",
-    "list_language_models": "backends.language_models", "list_notebooks": "runner",
+    "list_language_models": "backends.language_models", "list_notebooks": "pipeline",
     "list_runs": "viz.explorer", "list_similarities": "similarity",
     "list_synthesizers": "backends.synthesizers", "load_captioner": "backends.captioners",
     "load_captioner_from_config": "backends.configured",
     "load_concepts_from_config": "clip_dissect", "load_image_features": "image_features",
     "load_language_model": "backends.language_models", "load_probes": "probes",
     "load_synthesizer_from_config": "synthesis", "load_template": "backends.language_models",
-    "load_vlm_from_config": "backends.configured", "open_run_folder": "viz.run_reader",
-    "parse_answer": "concept_generation", "parse_concept_text": "concepts",
-    "parse_overrides": "config", "pool": "hooks", "propose_concepts": "concept_generation",
+    "load_vlm_from_config": "backends.configured", "open_run_folder": "viz.run_folders",
+    "parse_answer": "candidate_concepts", "parse_concept_text": "concept_sets",
+    "parse_overrides": "config", "pool": "hooks", "propose_concepts": "candidate_concepts",
     "quality_config": "label_quality", "quality_parts": "label_quality", "rank_by": "selection",
     "run_decode_once": "decode_once", "score_candidates": "selection", "trace_batch": "hooks",
 }

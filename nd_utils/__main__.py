@@ -38,7 +38,7 @@ def main(argv: "list[str] | None" = None) -> int:
                       help="figure folder (default: figures/ of the repository)")
     args = parser.parse_args(argv)
 
-    from .runner import run_pipeline
+    from .pipeline import run_pipeline
 
     try:
         if args.command == "profiles":

@@ -24,7 +24,7 @@ from .decode_once import CacheJob, run_decode_once
 from .errors import NdUtilsError
 from .hooks import trace_batch
 from .probes import ProbeSet, load_probes
-from .runtime import resolve_device
+from .machine import resolve_device
 from .stages import STAGES, StageOutput, stage_output
 from .store import Artifact, ArtifactStore
 from .backends.targets import Target, is_pinned, load_target

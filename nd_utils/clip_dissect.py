@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 from .activations import activation_key, load_activations, load_probe_from_config
-from .concepts import ConceptSet, load_concept_set
+from .concept_sets import ConceptSet, load_concept_set
 from .config import Config
 from .errors import ConfigError, DamagedArtifactError, MissingArtifactError
 from .image_features import image_feature_key, load_image_features

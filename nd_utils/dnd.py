@@ -24,10 +24,10 @@ import torch
 from .backends.configured import (language_model_from_config, load_captioner_from_config,
                                   load_vlm_from_config)
 from .captions import cache_captions, caption_key
-from .concept_generation import STAGE as CONCEPT_STAGE
-from .concept_generation import LayerConcepts, concepts_key, generate_concepts
+from .candidate_concepts import STAGE as CONCEPT_STAGE
+from .candidate_concepts import LayerConcepts, concepts_key, generate_concepts
 from .config import Config
-from .runtime import resolve_device, seed_everything
+from .machine import resolve_device, seed_everything
 from .selection import STAGE as SELECT_STAGE
 from .selection import concept_activations, select_labels
 from .stages import cached_stage, stage_output

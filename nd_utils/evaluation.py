@@ -37,7 +37,7 @@ import torch
 from .activations import cache_activations, load_activations, load_probe_from_config
 from .clip_dissect import cache_text_features, load_concepts_from_config, load_vlm_from_config
 from .image_features import image_feature_jobs_if_missing, load_image_features
-from .concepts import (PAPER_SETS, ConceptSet, _sha256_concepts, imagenet_label_lines,
+from .concept_sets import (PAPER_SETS, ConceptSet, _sha256_concepts, imagenet_label_lines,
                        load_concept_set)
 from .config import Config
 from .errors import NdUtilsError, ProbeError

@@ -221,7 +221,7 @@ def trace_images(target, layers: Sequence[str], images: Sequence, pooling="avg",
 
     Example:
         >>> t = trace_images(target, ["fc"], ["a.jpg", "b.jpg"])        # doctest: +SKIP
-        >>> t.pooled["fc"].shape
+        >>> t.pooled["fc"].shape                                        # doctest: +SKIP
         torch.Size([2, 1000])
     """
     layers, keep = list(layers), list(keep_maps)

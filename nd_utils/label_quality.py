@@ -49,7 +49,7 @@ from .dnd import dnd_selection
 from .errors import ConfigError, ProbeError
 from .probe_split import split_part, split_table
 from .probes import ProbeSet, load_probes
-from .runtime import resolve_device, seed_everything
+from .machine import resolve_device, seed_everything
 from .selection import concept_activations
 from .stages import STAGES, cached_stage, stage_output
 from .store import ArtifactStore, atomic_write_text

@@ -11,7 +11,7 @@ Example:
     >>> lock = process_lock(tmp / ".lock-0123")                       # doctest: +SKIP
     >>> with lock:                                                    # doctest: +SKIP
     ...     ...  # only one process (and thread) at a time
-    >>> lock.acquire(blocking=False)    # True when taken, False when someone else holds it
+    >>> lock.acquire(blocking=False)  # True when taken, False when held   # doctest: +SKIP
 """
 from __future__ import annotations
 

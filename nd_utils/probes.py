@@ -236,7 +236,7 @@ def _build(name: str, params: dict, entries: list[tuple[str, str | None, int | N
         first = ", ".join(p for p, _ in skipped[:3])
         warnings.warn(f"probe set {name!r}: {len(skipped)} unreadable image(s) left out "
                       f"(first: {first}); see ProbeSet.skipped for reasons.", stacklevel=4)
-        from .runner import record_notice  # lazy: runner imports papermill-facing code
+        from .pipeline import record_notice  # lazy: runner imports papermill-facing code
 
         record_notice("probe_skipped", f"probe set {name!r}: {len(skipped)} of {len(entries)} "
                       f"image(s) unreadable and left out (first: {skipped[0][0]}: "

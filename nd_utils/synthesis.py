@@ -1,17 +1,9 @@
 """Stage 05: images of each candidate concept (DnD step 3), cached per concept across neurons.
 
-Backends (`nd_utils.backends.synthesizers`: `list_synthesizers`, `load_synthesizer`):
-
-* `diffusers`: any text-to-image pipeline id or folder (the paper: Stable Diffusion,
-  DPM-Solver multistep, 50 steps), fp16 on CUDA, full resolution, batched, with one seeded CPU
-  generator per image (image i of a concept uses `torch.Generator("cpu").manual_seed(seed + i)`,
-  as the diffusers reproducibility guide recommends), so an image depends neither on call
-  order, batch size nor the GPU's random number generator. Blank and NSFW-filtered images are
-  recorded and excluded.
-* `retrieve`: the offline default. The `images_per_concept` images of a reference pool (an image
-  folder or probe-set spec, never the probe images themselves when avoidable) whose
-  vision-language embeddings are most similar to the prompt's. Real photos, no generation:
-  a stand-in that can only find what the pool contains.
+The backends (`diffusers`: Stable Diffusion as in the paper; `retrieve`: the offline stand-in
+that returns the pool photos closest to the prompt) are in `nd_utils.backends.synthesizers`;
+`load_synthesizer_from_config` builds the configured one, caching the retrieval pool's image
+features first.
 
 One artifact per (backend, model, prompt, settings, seed): a concept proposed for ten neurons, or
 in ten runs, is synthesised once.
@@ -37,7 +29,7 @@ from .config import Config
 from .decode_once import run_decode_once
 from .errors import ProbeError
 from .probes import ProbeSet, load_probes
-from .runtime import resolve_device
+from .machine import resolve_device
 from .stages import STAGES, StageOutput, cached_stage, stage_output
 from .store import ArtifactStore, atomic_write_bytes, atomic_write_text
 from .top_images import png_bytes

@@ -28,7 +28,7 @@ from .attention_crops import crop_boxes, forward_maps, pooled_activations, resiz
 from .config import Config
 from .errors import NdUtilsError
 from .probes import ProbeSet
-from .runtime import resolve_device
+from .machine import resolve_device
 from .stages import STAGES, StageOutput, cached_stage, stage_output
 from .store import ArtifactStore, atomic_write_bytes, atomic_write_text, save_tensors
 from .backends.targets import Target, load_target

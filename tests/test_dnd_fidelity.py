@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import nd_utils as nd
-from nd_utils.concept_generation import (STAGE, clean_candidates, clean_concept, concepts_key,
+from nd_utils.candidate_concepts import (STAGE, clean_candidates, clean_concept, concepts_key,
                                          generate_concepts, parse_answer_reference,
                                          propose_concepts)
 from nd_utils.errors import NdUtilsError

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import nd_utils
-from nd_utils import concepts, evaluation
-from nd_utils.concepts import PAPER_SETS, imagenet_label_lines, imagenet_labels_from_timm
+from nd_utils import concept_sets, evaluation
+from nd_utils.concept_sets import PAPER_SETS, imagenet_label_lines, imagenet_labels_from_timm
 from nd_utils.errors import NdUtilsError
 from nd_utils.evaluation import (_EmbeddingCache, ground_truth, mean_pair_cosine, reading_notes,
                                  topk_accuracy)
@@ -36,7 +36,7 @@ pytestmark = pytest.mark.usefixtures("isolated_concepts")  # tests/conftest.py
 
 
 def _short_names() -> list[str]:
-    return list(concepts.load_concept_set("imagenet_classes").concepts)
+    return list(concept_sets.load_concept_set("imagenet_classes").concepts)
 
 
 # ------------------------------------------------------------------- ground truth
@@ -75,7 +75,7 @@ def test_the_timm_rebuild_is_checked_against_the_pinned_file(monkeypatch):
 def test_without_any_copy_the_short_names_are_used_with_a_warning(monkeypatch):
     def no_timm():
         raise NdUtilsError("rebuilding imagenet_labels offline needs the 'timm' package")
-    monkeypatch.setattr(concepts, "imagenet_labels_from_timm", no_timm)
+    monkeypatch.setattr(concept_sets, "imagenet_labels_from_timm", no_timm)
     with pytest.raises(NdUtilsError, match="local copy: .* timm: .*needs the 'timm'"):
         imagenet_label_lines(allow_download=False)
     names = _short_names()
@@ -171,6 +171,6 @@ def test_imagenet_labels_as_concept_set_works_offline_and_equals_the_paper_set()
     pytest.importorskip("timm")
     gt, info = ground_truth(_short_names(), allow_download=False)
     offline = evaluation._concepts_for({"clip_dissect.clean": None}, "imagenet_labels", gt, info)
-    paper = concepts.load_concept_set("imagenet_labels", local_dir=REF_FILE.parent)
+    paper = concept_sets.load_concept_set("imagenet_labels", local_dir=REF_FILE.parent)
     assert offline.concepts == paper.concepts and offline.sha256 == paper.sha256
     assert offline.concepts[0] == "tench, Tinca tinca" and len(offline) == 1000

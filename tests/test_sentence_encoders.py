@@ -18,7 +18,7 @@ SentenceTransformer = pytest.importorskip("sentence_transformers").SentenceTrans
 
 @pytest.fixture(scope="module")
 def texts():
-    from nd_utils.concepts import load_concept_set
+    from nd_utils.concept_sets import load_concept_set
 
     # more than one batch of 128, lengths from empty to truncated, non-ASCII, class-name lines
     return (list(load_concept_set("words-3k"))[:300]

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from ..errors import OfflineError
-from ..runtime import resolve_device
+from ..machine import resolve_device
 from .registry import Registry
 from .targets import _state_dict_hash, load_target
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..config import Config
-from ..runtime import resolve_device
+from ..machine import resolve_device
 from .captioners import Captioner, load_captioner
 from .language_models import CachedLanguageModel, load_language_model
 from .targets import Target, load_target

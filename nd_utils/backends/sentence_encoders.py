@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..runtime import resolve_device
+from ..machine import resolve_device
 from .sentence_models import MPNET, load_sentence_model, resolve_sentence_model
 
 

@@ -28,7 +28,7 @@ from PIL import Image
 from ..config import Config
 from ..errors import NdUtilsError, OfflineError
 from ..probes import ProbeSet
-from ..runtime import resolve_device
+from ..machine import resolve_device
 from .registry import Registry
 
 BLANK_STD = 2.0        # pixel std (0-255) below which an image counts as blank

@@ -37,7 +37,7 @@ from torch import nn
 from torchvision import transforms as T
 
 from ..errors import NdUtilsError, OfflineError, unknown_name
-from ..runtime import resolve_device
+from ..machine import resolve_device
 from .registry import Registry
 
 __all__ = ["Target", "EfficientNetLiteNet", "MissingPackageError", "TARGETS",

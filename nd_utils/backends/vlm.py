@@ -37,7 +37,7 @@ import torch
 
 from ..errors import OfflineError, unknown_name
 from .registry import Registry
-from ..runtime import resolve_device
+from ..machine import resolve_device
 from .sentence_encoders import MeanPooledSentenceEncoder
 
 __all__ = ["VisionLanguageModel", "OpenClipVLM", "ConseVLM", "list_vlms", "load_vlm"]

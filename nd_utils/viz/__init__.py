@@ -2,7 +2,7 @@
 and the regenerated `figures/`.
 
 Modules: `activation_plots`, `label_plots`, `dnd_plots`, `quality_plots` (matplotlib figures the
-notebooks draw), `run_reader` (a finished run folder as tables), `report` (static HTML),
+notebooks draw), `run_folders` (a finished run folder as tables), `report` (static HTML),
 `explorer` (ipywidgets over a run) and `figures` (PNG + PDF + JSON provenance). Their public
 verbs are also top-level names of `nd_utils` (`nd.plot_evaluation`, `nd.write_report`, ...).
 """

@@ -27,7 +27,7 @@ from matplotlib.figure import Figure
 from ..attention_crops import normalise_map
 from ..errors import NdUtilsError
 from .figures import blank, cached_top_images, readable_layers
-from .run_reader import QUALITY_METRICS, RERUN, RunView, open_run_folder, runs_dir
+from .run_folders import QUALITY_METRICS, RERUN, RunView, open_run_folder, runs_dir
 
 MAX_MATCHES = 200
 MAP_NOTE = "spatial map not cached (neuron not in dnd.neurons)"

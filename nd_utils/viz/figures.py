@@ -30,7 +30,7 @@ from matplotlib.figure import Figure
 
 from ..config import REPO_ROOT
 from ..errors import NdUtilsError
-from .run_reader import RunView, open_run_folder
+from .run_folders import RunView, open_run_folder
 from ..store import atomic_write_bytes, atomic_write_text
 
 GENERATOR = "nd_utils figures"  # marks sidecars this module wrote (only those are replaced)

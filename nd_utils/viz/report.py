@@ -24,7 +24,7 @@ from importlib import resources
 from pathlib import Path
 
 from ..errors import NdUtilsError
-from .run_reader import QUALITY_METRICS, RunView, open_run_folder
+from .run_folders import QUALITY_METRICS, RunView, open_run_folder
 from ..store import atomic_write_text
 
 PAGE_SIZE = 60

@@ -9,7 +9,7 @@ import nbformat
 import pytest
 
 import nd_utils as nd
-from nd_utils.runner import StageFailed, list_notebooks
+from nd_utils.pipeline import StageFailed, list_notebooks
 from nd_utils.config import REPO_ROOT
 
 PARAMS = 'config = "offline"\noverrides = []\nrun_dir = None\nforce = False'
@@ -83,7 +83,7 @@ def _kernel_children() -> set[int]:
 def test_cell_progress_lines():
     import io
 
-    from nd_utils.runner import CellProgress
+    from nd_utils.pipeline import CellProgress
 
     lines, tty = [], io.StringIO()
     tty.isatty = lambda: True

@@ -299,7 +299,7 @@ class CellProgress:
     @staticmethod
     def _first_line(cell) -> str:
         lines = [ln for ln in str(cell.source).splitlines() if ln.strip() and
-                 not ln.lstrip().startswith(("#", "%"))]
+                 not ln.lstrip().startswith(("#", "%", "import ", "from "))]
         text = lines[0].strip() if lines else str(cell.source).strip().splitlines()[0]
         return text if len(text) <= 70 else text[:69] + "…"
 

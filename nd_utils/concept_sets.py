@@ -454,7 +454,7 @@ def imagenet_label_lines(*, allow_download: bool = True, cache_dir=None,
 
     Example:
         >>> lines, source = imagenet_label_lines(allow_download=False)     # doctest: +SKIP
-        >>> lines[0]
+        >>> lines[0]                                                       # doctest: +SKIP
         'tench, Tinca tinca'
     """
     tried = []

@@ -24,7 +24,7 @@ from ..errors import NdUtilsError
 
 RANK_REORDER_FLOOR = -3.4028234663852886e38  # = nd_utils.similarity's; no torch import here
 
-# Keys every run.json written by the current runner holds (nd_utils.runner.run_pipeline).
+# Keys every run.json written by the current runner holds (nd_utils.pipeline.run_pipeline).
 RUN_FIELDS = ("config", "source", "force", "stages", "status", "started")
 RERUN = ("rerun the pipeline: python -m nd_utils run CONFIG (a profile such as offline, "
          "or a YAML path)")

@@ -1,0 +1,20 @@
+"""The examples in the docstrings of the pure modules run, and give what they show."""
+from __future__ import annotations
+
+import doctest
+import importlib
+
+import pytest
+
+# modules whose examples need no model weights, network or artifact store
+PURE = ["stages", "errors", "backends.registry", "machine", "hooks", "similarity",
+        "label_metrics", "probe_split", "config", "evaluation", "concept_sets"]
+
+
+@pytest.mark.parametrize("name", PURE)
+def test_docstring_examples(name):
+    module = importlib.import_module(f"nd_utils.{name}")
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE,
+                             verbose=False)
+    assert result.attempted > 0, f"nd_utils.{name} has no runnable example"
+    assert result.failed == 0, f"{result.failed} example(s) of nd_utils.{name} failed (see above)"
