@@ -29,6 +29,9 @@ __version__ = "0.1.0"
 
 # public name -> submodule that defines it
 _PUBLIC = {
+    "write_concept_tables": "candidate_concepts", "write_concept_image_index": "synthesis",
+    "plot_concept_images": "viz.dnd_plots", "dnd_vs_clip_dissect": "dnd",
+    "write_evaluation_tables": "evaluation",
     "load_config": "config", "list_profiles": "config", "open_run": "pipeline",
     "run_pipeline": "pipeline", "load_probe": "probes", "list_probes": "probes",
     "load_probe_from_config": "activations", "load_target": "backends.targets",

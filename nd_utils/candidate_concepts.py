@@ -251,3 +251,13 @@ def generate_concepts(cfg: Config, layer: str, captions: pd.DataFrame, captions_
     cand = pd.read_csv(art.file("candidates.csv"), keep_default_na=False)
     ans = pd.read_json(art.file("answers.jsonl"), lines=True, dtype={"raw": str, "concept": str})
     return LayerConcepts(layer, cand, ans, art.key, art.manifest)
+
+
+def write_concept_tables(results: "str | Path", concepts: "dict[str, LayerConcepts]"
+                         ) -> dict[str, Path]:
+    """`04_concepts_<layer>.csv` (layer, unit, candidate, votes) for every layer."""
+    out = {}
+    for layer, lc in concepts.items():
+        out[layer] = atomic_write_text(Path(results) / f"04_concepts_{layer}.csv",
+                                       lc.candidates.to_csv(index=False))
+    return out

@@ -165,6 +165,27 @@ def write_dnd_tables(results: "str | Path", selection: dict[str, LayerSelection]
     return out
 
 
+def dnd_vs_clip_dissect(cfg: Config, selection: dict[str, LayerSelection],
+                        results: "str | Path | None" = None) -> pd.DataFrame:
+    """One row per DnD neuron: its DnD `Label 1` beside CLIP-Dissect's label of the same unit
+    (empty for a layer outside `target.layers`); written to
+    `06_labels_dnd_vs_clip_dissect.csv` when `results` is given."""
+    from .clip_dissect import dissect_layer
+
+    rows = []
+    for layer, s in selection.items():
+        cd = dissect_layer(cfg, layer) if layer in cfg["target.layers"] else None
+        for _, r in s.labels.iterrows():
+            unit = int(r["Neuron ID"])
+            rows.append({"layer": layer, "unit": unit, "DnD": r["Label 1"],
+                         "CLIP-Dissect": cd.description[unit] if cd is not None else ""})
+    table = pd.DataFrame(rows)
+    if results is not None:
+        atomic_write_text(Path(results) / "06_labels_dnd_vs_clip_dissect.csv",
+                          table.to_csv(index=False))
+    return table
+
+
 def write_top_image_tables(results: "str | Path", tops: dict[str, TopImages],
                            captions: "dict[str, pd.DataFrame] | None" = None) -> dict[str, Path]:
     """`03_top_images_<layer>.csv`: every original and crop with absolute paths (+ captions)."""

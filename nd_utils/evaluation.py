@@ -29,13 +29,15 @@ Example:
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 from typing import Callable, Sequence
 
 import pandas as pd
 import torch
 
 from .activations import cache_activations, load_activations, load_probe_from_config
-from .clip_dissect import cache_text_features, load_concepts_from_config, load_vlm_from_config
+from .backends.configured import load_vlm_from_config
+from .clip_dissect import cache_text_features, load_concepts_from_config
 from .image_features import image_feature_jobs_if_missing, load_image_features
 from .concept_sets import (PAPER_SETS, ConceptSet, _sha256_concepts, imagenet_label_lines,
                        load_concept_set)
@@ -44,6 +46,7 @@ from .errors import NdUtilsError, ProbeError
 from .backends.sentence_encoders import load_sentence_encoder as sentence_encoder
 from .backends.sentence_models import MINILM
 from .similarity import get_similarity, top_concepts
+from .store import atomic_write_text
 from .backends.targets import load_target
 
 BASELINE_LABEL = "depiction"
@@ -68,6 +71,17 @@ PUBLISHED = [
     ("MILAN (in DnD paper)", "ResNet-50 fc", "CLIP text cos", 0.7080),
     ("MILAN (in DnD paper)", "ResNet-50 fc", "mpnet cos", 0.2788),
 ]
+
+
+def write_evaluation_tables(results: "str | Path", table: "pd.DataFrame | None" = None,
+                            published: "pd.DataFrame | None" = None) -> list[Path]:
+    """`07_evaluation.csv` (the table of `evaluate_final_layer`) and `07_published.csv` (the
+    paper figures of `published_table`), whichever is given."""
+    out = []
+    for name, frame in (("07_evaluation.csv", table), ("07_published.csv", published)):
+        if frame is not None:
+            out.append(atomic_write_text(Path(results) / name, frame.to_csv(index=False)))
+    return out
 
 
 def published_table() -> pd.DataFrame:

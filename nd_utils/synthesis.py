@@ -136,3 +136,13 @@ def concept_images(cfg: Config, concepts: list[str], synth, progress: bool = Tru
     stats = {"concepts": len(unique), "synthesised": made, "reused": len(unique) - made,
              "requested": len(concepts)}
     return found, stats
+
+
+def write_concept_image_index(results: "str | Path", images: "dict[str, ConceptImages]"
+                              ) -> pd.DataFrame:
+    """`05_concept_images.csv`: every concept image (file, status, seed or pool source, ...) with
+    its concept and the first 12 characters of its artifact key; returns that table."""
+    index = pd.concat([ci.table.assign(concept=c, key=ci.key[:12]) for c, ci in images.items()],
+                      ignore_index=True)
+    atomic_write_text(Path(results) / "05_concept_images.csv", index.to_csv(index=False))
+    return index

@@ -118,3 +118,22 @@ def _save(fig, save) -> None:
     if save:
         Path(save).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(save, dpi=110, bbox_inches="tight")
+
+
+def plot_concept_images(images: dict, n_concepts: int = 6, n: int = 5, save=None):
+    """Rows = the first `n_concepts` concepts of `{concept: ConceptImages}`; up to `n` of each
+    concept's images (excluded ones included, as they were made)."""
+    shown = list(images)[:n_concepts]
+    fig, axes = plt.subplots(len(shown), n, figsize=(1.8 * n, 1.9 * len(shown)), squeeze=False)
+    for r, concept in enumerate(shown):
+        files = images[concept].files(usable=False)[:n]
+        for c, ax in enumerate(axes[r]):
+            ax.axis("off")
+            if c < len(files):
+                ax.imshow(plt.imread(files[c]))
+        axes[r][0].set_title(concept[:40], fontsize=8, loc="left")
+    fig.tight_layout()
+    if save:
+        Path(save).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(save, dpi=100)
+    return fig
