@@ -29,29 +29,39 @@ __version__ = "0.1.0"
 
 # public name -> submodule that defines it
 _PUBLIC = {
-    "write_concept_tables": "candidate_concepts", "write_concept_image_index": "synthesis",
-    "plot_concept_images": "viz.dnd_plots", "dnd_vs_clip_dissect": "dnd",
-    "write_evaluation_tables": "evaluation",
+    # configuration and runs
     "load_config": "config", "list_profiles": "config", "open_run": "pipeline",
-    "run_pipeline": "pipeline", "load_probe": "probes", "list_probes": "probes",
-    "load_probe_from_config": "activations", "load_target": "backends.targets",
-    "list_targets": "backends.targets", "from_module": "backends.targets",
-    "load_vlm": "backends.vlm", "list_vlms": "backends.vlm", "load_concept_set": "concept_sets",
-    "list_concept_sets": "concept_sets", "trace_images": "hooks", "cache_activations": "activations",
-    "load_activations": "activations", "activation_summary": "activations",
-    "dissect_layer": "clip_dissect", "write_label_tables": "clip_dissect", "dnd_top_images": "dnd",
-    "dnd_captions": "dnd", "dnd_concepts": "dnd", "dnd_synthesis": "dnd", "dnd_selection": "dnd",
-    "write_top_image_tables": "dnd", "write_dnd_tables": "dnd",
+    "run_pipeline": "pipeline",
+    # inputs and models
+    "load_probe": "probes", "list_probes": "probes", "load_probe_from_config": "activations",
+    "load_target": "backends.targets", "list_targets": "backends.targets",
+    "from_module": "backends.targets", "load_vlm": "backends.vlm", "list_vlms": "backends.vlm",
+    "load_concept_set": "concept_sets", "list_concept_sets": "concept_sets",
+    "trace_images": "hooks",
+    # 01 activations, 02 CLIP-Dissect
+    "cache_activations": "activations", "load_activations": "activations",
+    "activation_summary": "activations", "dissect_layer": "clip_dissect",
+    "write_label_tables": "clip_dissect",
+    # 03-06 Describe-and-Dissect
+    "dnd_top_images": "dnd", "dnd_captions": "dnd", "dnd_concepts": "dnd", "dnd_synthesis": "dnd",
+    "dnd_selection": "dnd", "write_top_image_tables": "dnd",
+    "write_concept_tables": "candidate_concepts", "write_concept_image_index": "synthesis",
+    "write_dnd_tables": "dnd", "dnd_vs_clip_dissect": "dnd",
+    # 07 final-layer evaluation, 08 label quality
     "evaluate_final_layer": "evaluation", "published_table": "evaluation",
-    "evaluate_label_quality": "label_quality", "write_quality_tables": "label_quality",
+    "write_evaluation_tables": "evaluation", "evaluate_label_quality": "label_quality",
+    "write_quality_tables": "label_quality",
+    # looking at results (nd_utils.viz)
     "most_selective_neurons": "viz.activation_plots",
     "plot_activation_distributions": "viz.activation_plots",
     "plot_top_images": "viz.activation_plots", "plot_neuron_labels": "viz.label_plots",
     "plot_evaluation": "viz.label_plots", "plot_top_items": "viz.dnd_plots",
     "plot_crop_boxes": "viz.dnd_plots", "plot_dnd_neuron": "viz.dnd_plots",
-    "plot_label_quality": "viz.quality_plots", "write_report": "viz.report",
-    "write_figures": "viz.figures", "NeuronExplorer": "viz.explorer", "seed_everything": "machine",
-    "resolve_device": "machine", "NdUtilsError": "errors", "ConfigError": "errors",
+    "plot_concept_images": "viz.dnd_plots", "plot_label_quality": "viz.quality_plots",
+    "write_report": "viz.report", "write_figures": "viz.figures", "NeuronExplorer": "viz.explorer",
+    # reproducibility and errors
+    "seed_everything": "machine", "resolve_device": "machine", "NdUtilsError": "errors",
+    "ConfigError": "errors",
 }
 # formerly top-level names -> submodule (they still resolve, with a DeprecationWarning)
 _MOVED = {

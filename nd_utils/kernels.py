@@ -29,6 +29,10 @@ from pathlib import Path
 WARM_UP_CODE = ("import nd_utils.kernels as _ndk\n_ndk.import_public_modules()\ndel _ndk")
 
 
+# what nbclient passes to an ipykernel it starts itself: no history database on disk
+KERNEL_ARGUMENTS = ["--HistoryManager.hist_file=:memory:"]
+
+
 def import_public_modules() -> None:
     """Import the submodule of every public `nd_utils` name (torch, pandas, matplotlib, ...)."""
     import importlib
@@ -37,9 +41,6 @@ def import_public_modules() -> None:
 
     for module in sorted(set(nd_utils._PUBLIC.values())):
         importlib.import_module(f"nd_utils.{module}")
-
-# what nbclient passes to an ipykernel it starts itself: no history database on disk
-KERNEL_ARGUMENTS = ["--HistoryManager.hist_file=:memory:"]
 
 
 def notebook_kernel_name(path: "str | Path", name: "str | None" = None) -> str:
