@@ -22,18 +22,17 @@ import pandas as pd
 import torch
 
 from .backends.configured import (language_model_from_config, load_captioner_from_config,
-                                  load_vlm_from_config)
+                                  load_target_from_config, load_vlm_from_config)
 from .captions import cache_captions, caption_key
 from .candidate_concepts import STAGE as CONCEPT_STAGE
 from .candidate_concepts import LayerConcepts, concepts_key, generate_concepts
 from .config import Config
-from .machine import resolve_device, seed_everything
+from .machine import seed_everything
 from .selection import STAGE as SELECT_STAGE
 from .selection import concept_activations, select_labels
 from .stages import cached_stage, stage_output
 from .store import ArtifactStore, atomic_write_text
 from .synthesis import ConceptImages, concept_images, load_synthesizer_from_config
-from .backends.targets import load_target
 from .top_images import TopImages, build_top_images
 
 
@@ -111,8 +110,7 @@ def dnd_selection(cfg: Config, force: bool = False, progress: bool = True, synth
     concepts = dnd_concepts(cfg, progress=progress, tops=tops)
     store = ArtifactStore(cfg.data_dir)
     t0 = time.time()
-    target = target or load_target(cfg["target.name"]).to(
-        resolve_device(cfg.get("device", "auto")))
+    target = target or load_target_from_config(cfg)
     vlm = vlm or load_vlm_from_config(cfg)
     synth = synth or load_synthesizer_from_config(cfg, vlm=vlm)
     needed = [c for lc in concepts.values() for c in lc.candidates.candidate]

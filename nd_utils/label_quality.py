@@ -42,19 +42,19 @@ import torch
 from . import label_metrics as lm
 from .activations import (cache_activations, cfg_for_root, load_activations,
                           load_probe_from_config)
-from .clip_dissect import dissect_layer, load_concepts_from_config, load_vlm_from_config
+from .backends.configured import load_target_from_config, load_vlm_from_config
+from .clip_dissect import dissect_layer, load_concepts_from_config
 from .image_features import image_feature_jobs_if_missing, load_image_features
 from .config import Config
 from .dnd import dnd_selection
 from .errors import ConfigError, ProbeError
 from .probe_split import split_part, split_table
 from .probes import ProbeSet, load_probes
-from .machine import resolve_device, seed_everything
+from .machine import seed_everything
 from .selection import concept_activations
 from .stages import STAGES, cached_stage, stage_output
 from .store import ArtifactStore, atomic_write_text
 from .synthesis import concept_images, load_pool, load_synthesizer_from_config
-from .backends.targets import load_target
 
 STAGE = STAGES["08_label_quality"]
 METRICS = ("auc", "mad", "auprc", "sim_r")
@@ -311,8 +311,7 @@ def evaluate_label_quality(cfg: Config, force: bool = False, progress: bool = Tr
     parts = quality_parts(qcfg)
     cache_quality_inputs(qcfg, parts, progress=progress)
     lcfg, labels_from = labelling_config(cfg, qcfg, parts)
-    device = resolve_device(cfg.get("device", "auto"))
-    target = load_target(cfg["target.name"]).to(device)
+    target = load_target_from_config(cfg)
     vlm = load_vlm_from_config(qcfg)
     labels = method_labels(lcfg, progress=progress, target=target, vlm=vlm)
     n_units = {layer: load_activations(qcfg, layer, probe=parts["test"]).n_neurons
