@@ -47,11 +47,17 @@ _PUBLIC = {
     "dnd_selection": "dnd", "write_top_image_tables": "dnd",
     "write_concept_tables": "candidate_concepts", "write_concept_image_index": "synthesis",
     "write_dnd_tables": "dnd", "dnd_vs_clip_dissect": "dnd",
-    # 07 final-layer evaluation, 08 label quality
+    # 07 final-layer evaluation, 08 label quality (plots, report, explorer: nd_utils.viz)
     "evaluate_final_layer": "evaluation", "published_table": "evaluation",
     "write_evaluation_tables": "evaluation", "evaluate_label_quality": "label_quality",
     "write_quality_tables": "label_quality",
-    # looking at results (nd_utils.viz)
+    # reproducibility and errors
+    "seed_everything": "machine", "resolve_device": "machine", "NdUtilsError": "errors",
+    "ConfigError": "errors",
+}
+
+# formerly top-level names -> submodule (they still resolve, with a DeprecationWarning)
+_MOVED = {
     "most_selective_neurons": "viz.activation_plots",
     "plot_activation_distributions": "viz.activation_plots",
     "plot_top_images": "viz.activation_plots", "plot_neuron_labels": "viz.label_plots",
@@ -59,12 +65,6 @@ _PUBLIC = {
     "plot_crop_boxes": "viz.dnd_plots", "plot_dnd_neuron": "viz.dnd_plots",
     "plot_concept_images": "viz.dnd_plots", "plot_label_quality": "viz.quality_plots",
     "write_report": "viz.report", "write_figures": "viz.figures", "NeuronExplorer": "viz.explorer",
-    # reproducibility and errors
-    "seed_everything": "machine", "resolve_device": "machine", "NdUtilsError": "errors",
-    "ConfigError": "errors",
-}
-# formerly top-level names -> submodule (they still resolve, with a DeprecationWarning)
-_MOVED = {
     "Artifact": "store", "ArtifactStore": "store", "CacheJob": "decode_once",
     "CachedLanguageModel": "backends.language_models", "Captioner": "backends.captioners",
     "ConceptSet": "concept_sets", "Config": "config", "DamagedArtifactError": "errors",
@@ -95,15 +95,23 @@ _MOVED = {
     "load_synthesizer_from_config": "synthesis", "load_template": "backends.language_models",
     "load_vlm_from_config": "backends.configured", "open_run_folder": "viz.run_folders",
     "parse_answer": "candidate_concepts", "parse_concept_text": "concept_sets",
-    "parse_overrides": "config", "pool": "hooks", "propose_concepts": "candidate_concepts",
+    "parse_overrides": "config", "propose_concepts": "candidate_concepts",
     "quality_config": "label_quality", "quality_parts": "label_quality", "rank_by": "selection",
     "run_decode_once": "decode_once", "score_candidates": "selection", "trace_batch": "hooks",
 }
+
+# formerly top-level names that were also renamed -> (submodule, new name)
+_RENAMED = {"pool": ("hooks", "apply_pooling")}
 
 __all__ = sorted(_PUBLIC)
 
 
 def __getattr__(name: str):
+    if name in _RENAMED:
+        module, new = _RENAMED[name]
+        warnings.warn(f"nd_utils.{name} is now nd_utils.{module}.{new}", DeprecationWarning,
+                      stacklevel=2)
+        return getattr(importlib.import_module(f".{module}", __name__), new)
     module = _PUBLIC.get(name) or _MOVED.get(name)
     if module is None:
         try:  # a submodule, e.g. nd.evaluation before anything imported it

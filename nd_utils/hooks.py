@@ -37,7 +37,7 @@ POOLINGS: dict[int, tuple[str, ...]] = {
 }
 
 
-def pool(output: torch.Tensor, pooling: str, layer: str = "?") -> torch.Tensor:
+def apply_pooling(output: torch.Tensor, pooling: str, layer: str = "?") -> torch.Tensor:
     """Reduce one layer output to one value per neuron.
 
     Shapes: [B, C, H, W] -> [B, C] (`avg` spatial mean, `max` spatial max);
@@ -119,7 +119,7 @@ class TraceLayers:
         def hook(module, inputs, output):
             self._calls[name] = self._calls.get(name, 0) + 1
             out = output.detach() if self.detach and torch.is_tensor(output) else output
-            self.outputs[name] = pool(out, self._pooling_for(name), name)
+            self.outputs[name] = apply_pooling(out, self._pooling_for(name), name)
             if name in self.keep_maps:
                 self.maps[name] = out
         return hook
@@ -191,7 +191,7 @@ def trace_batch(model: nn.Module, layers: Sequence[str], x: torch.Tensor,
         model(x)
     if check_calls:
         trace.check_calls()
-    # a block returning (hidden states, ...) keeps the tensor, as `pool` does
+    # a block returning (hidden states, ...) keeps the tensor, as `apply_pooling` does
     maps = {k: v[0] if isinstance(v, (tuple, list)) else v for k, v in trace.maps.items()}
     return ImageTrace({layer: trace[layer] for layer in layers}, maps)
 

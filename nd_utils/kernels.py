@@ -34,12 +34,15 @@ KERNEL_ARGUMENTS = ["--HistoryManager.hist_file=:memory:"]
 
 
 def import_public_modules() -> None:
-    """Import the submodule of every public `nd_utils` name (torch, pandas, matplotlib, ...)."""
+    """Import the submodule of every public name of `nd_utils` and `nd_utils.viz` (torch,
+    pandas, matplotlib, ...)."""
     import importlib
 
     import nd_utils
+    import nd_utils.viz
 
-    for module in sorted(set(nd_utils._PUBLIC.values())):
+    modules = set(nd_utils._PUBLIC.values()) | {f"viz.{m}" for m in nd_utils.viz._EXPORTS.values()}
+    for module in sorted(modules):
         importlib.import_module(f"nd_utils.{module}")
 
 

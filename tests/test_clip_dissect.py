@@ -146,7 +146,7 @@ def test_concept_set_smaller_than_top_n(wired, tmp_path):
     assert (written.score_1 >= written.score_2).all() and (written.score_2 >= written.score_3).all()
     assert {*written.concept_1, *written.concept_2, *written.concept_3} <= {"red", "green", "blue"}
     acts = nd.load_activations(cfg, "act", probe=probe, target=target)
-    fig = nd.plot_neuron_labels(acts, probe, table, [0, 1], save=tmp_path / "labels.png")
+    fig = nd.viz.plot_neuron_labels(acts, probe, table, [0, 1], save=tmp_path / "labels.png")
     assert (tmp_path / "labels.png").stat().st_size > 0
     bars = [len(ax.patches) for ax in fig.axes if ax.patches]
     assert bars == [3, 3]                                       # every concept, no padding
@@ -190,7 +190,7 @@ def test_rank_reorder_never_labels_a_concept_with_negative_cosines(wired, tmp_pa
     written = pd.read_csv(nd.write_label_tables(rr, tmp_path, {"act": table})["act"])
     assert all(math.isfinite(s) for s in written.score_4)     # CSV round trip keeps it finite
     acts = nd.load_activations(rr, "act", probe=probe, target=target)
-    fig = nd.plot_neuron_labels(acts, probe, table, [0])
+    fig = nd.viz.plot_neuron_labels(acts, probe, table, [0])
     bar_ax = [ax for ax in fig.axes if ax.patches][0]
     assert len(bar_ax.patches) == 3 and bar_ax.get_xlim()[0] > -100   # floor left out
 

@@ -6,7 +6,7 @@ from torch import nn
 
 import nd_utils as nd
 from nd_utils.errors import UnknownNameError
-from nd_utils.hooks import TraceLayers, count_hooks, pool
+from nd_utils.hooks import TraceLayers, apply_pooling, count_hooks
 
 
 class Tokens(nn.Module):
@@ -25,23 +25,23 @@ def make_net():
 
 def test_pool_shapes_and_values():
     conv = torch.arange(2 * 3 * 2 * 2, dtype=torch.float32).reshape(2, 3, 2, 2)
-    assert torch.equal(pool(conv, "avg"), conv.mean((2, 3)))
-    assert torch.equal(pool(conv, "max"), conv.amax((2, 3)))
+    assert torch.equal(apply_pooling(conv, "avg"), conv.mean((2, 3)))
+    assert torch.equal(apply_pooling(conv, "max"), conv.amax((2, 3)))
     tok = torch.randn(2, 7, 5)
-    assert torch.equal(pool(tok, "cls"), tok[:, 0])
-    assert torch.allclose(pool(tok, "avg"), tok.mean(1))
-    assert torch.equal(pool(tok, "max"), tok.amax(1))
+    assert torch.equal(apply_pooling(tok, "cls"), tok[:, 0])
+    assert torch.allclose(apply_pooling(tok, "avg"), tok.mean(1))
+    assert torch.equal(apply_pooling(tok, "max"), tok.amax(1))
     vec = torch.randn(2, 9, dtype=torch.float64)
-    out = pool(vec, "avg")
+    out = apply_pooling(vec, "avg")
     assert out.shape == (2, 9) and out.dtype == torch.float32
-    assert pool((tok, "attn"), "cls").shape == (2, 5)  # tuple outputs: first tensor
+    assert apply_pooling((tok, "attn"), "cls").shape == (2, 5)  # tuple outputs: first tensor
 
 
 @pytest.mark.parametrize("rank,bad", [(4, "cls"), (3, "spatial"), (4, "mean")])
 def test_pool_rejects_pooling_for_rank(rank, bad):
     x = torch.randn(*([2, 3, 4, 4][:rank]))
     with pytest.raises(nd.NdUtilsError, match="use one of"):
-        pool(x, bad, "layerX")
+        apply_pooling(x, bad, "layerX")
 
 
 def test_trace_records_conv_token_vector_layers():

@@ -175,7 +175,7 @@ def test_rerun_is_cached_and_tables_are_written(quality_cfg, result, tmp_path, m
                           "08_sanity_checks", "08_split"}
     split = pd.read_csv(paths["08_split"])
     assert split.part.value_counts().to_dict() == again.split.part.value_counts().to_dict()
-    fig = nd.plot_label_quality(again.summary, again.table, save=tmp_path / "q.png")
+    fig = nd.viz.plot_label_quality(again.summary, again.table, save=tmp_path / "q.png")
     assert (tmp_path / "q.png").stat().st_size > 10_000 and len(fig.axes) >= 8
 
 

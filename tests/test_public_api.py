@@ -28,7 +28,7 @@ def test_import_is_light_and_submodules_load_only_what_they_use():
 
 
 def test_public_names_resolve_and_are_listed():
-    assert 35 <= len(nd.__all__) <= 55
+    assert 35 <= len(nd.__all__) <= 45
     for name in nd.__all__:
         assert getattr(nd, name) is not None, name
     assert set(nd.__all__) <= set(dir(nd))
@@ -47,8 +47,24 @@ def test_moved_names_resolve_with_a_warning_naming_their_module():
 
 
 def test_notebooks_use_only_public_names():
+    import nd_utils.viz
+
     for path in sorted((REPO_ROOT / "notebooks").glob("*.ipynb")):
         source = "\n".join("".join(c["source"]) for c in json.loads(path.read_text())["cells"]
                            if c["cell_type"] == "code")
         used = set(re.findall(r"\bnd\.([A-Za-z_]\w*)\s*\(", source))
         assert used <= set(nd.__all__), (path.name, sorted(used - set(nd.__all__)))
+        used = set(re.findall(r"\bnd\.viz\.([A-Za-z_]\w*)\s*\(", source))
+        assert used <= set(nd_utils.viz.__all__), (path.name, used - set(nd_utils.viz.__all__))
+
+
+def test_viz_is_lazy_and_renamed_names_warn():
+    assert "matplotlib" not in _modules_after("import nd_utils.viz")
+    assert "plot_evaluation" in dir(nd.viz) and nd.viz.plot_evaluation.__module__ == (
+        "nd_utils.viz.label_plots")
+    from nd_utils.hooks import apply_pooling
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert nd.pool is apply_pooling and nd.plot_evaluation is nd.viz.plot_evaluation
+    assert any("nd_utils.hooks.apply_pooling" in str(w.message) for w in caught)
