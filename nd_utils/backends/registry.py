@@ -78,7 +78,3 @@ class Registry:
         if self.fallback is not None:
             return self.fallback(name, **kwargs)
         raise unknown_name(self.kind, name, self.names(), hint=self.hint)
-
-    def __contains__(self, name: str) -> bool:
-        head = str(name).partition(":")[0]
-        return name in self.entries or (head in self.entries and self.entries[head].prefix)
