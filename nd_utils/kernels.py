@@ -12,8 +12,10 @@ These kernels talk over IPC (Unix sockets in a private temporary folder) rather 
 localhost: no port is opened, and ipykernel's warning about unencrypted TCP does not apply.
 
 Example:
-    >>> with warm_kernel("python3", cwd="notebooks") as warm:            # doctest: +SKIP
+    >>> warm = start_warm_kernel("python3", cwd="notebooks")             # doctest: +SKIP
+    >>> if warm is not None and warm.ready():                           # doctest: +SKIP
     ...     papermill.execute_notebook(src, out, **warm.papermill_kwargs())
+    >>> warm.close()                                                    # doctest: +SKIP
 """
 from __future__ import annotations
 
@@ -22,7 +24,6 @@ import os
 import shutil
 import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 # `import nd_utils` is lazy, so the warm-up imports the submodules behind the public names
@@ -116,16 +117,6 @@ class WarmKernel:
                 run_sync(self.km.shutdown_kernel)(now=now)
         finally:
             shutil.rmtree(self._sockets, ignore_errors=True)
-
-
-@contextmanager
-def warm_kernel(kernel_name: str, cwd: "str | Path", code: "str | None" = None):
-    """`WarmKernel` that is always shut down on leaving (also on errors and Ctrl-C)."""
-    warm = WarmKernel(kernel_name, cwd, code)
-    try:
-        yield warm
-    finally:
-        warm.close()
 
 
 def start_warm_kernel(kernel_name: str, cwd: "str | Path", log=None,
