@@ -30,7 +30,7 @@ help:
 	@echo "make lock    - re-resolve pyproject.toml, the TORCH pins and the --no-deps packages into those lock files"
 	@echo "make demo    - install, run the whole pipeline on configs/$(CONFIG).yaml, print the results folder"
 	@echo "make test    - install, run unit tests and every notebook under nbval"
-	@echo "make bench   - install, print activation-caching, similarity-function, DnD, store and language-model speed and memory"
+	@echo "make bench   - install, print activation-caching, similarity-function, DnD, store and language-model speed and memory, DnD neurons/min on 1 and 2 Ray workers"
 
 # Nothing is resolved here: pip installs exactly the locked files (--require-hashes), then the
 # project itself without dependencies. The stamp records the lock files' sha256 (tests compare).
@@ -64,6 +64,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_store.py
 	$(PY) benchmarks/bench_llm.py
 	$(PY) benchmarks/bench_allocator.py
+	$(PY) benchmarks/bench_ray.py
 
 # Every bad input and fault of tests/bad_inputs.py, one line each, then "N/N handled".
 bad-inputs: $(STAMP)

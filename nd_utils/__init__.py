@@ -31,7 +31,7 @@ __version__ = "0.1.0"
 _PUBLIC = {
     # configuration and runs
     "load_config": "config", "list_profiles": "config", "open_run": "pipeline",
-    "run_pipeline": "pipeline",
+    "run_pipeline": "pipeline", "list_executors": "executors", "load_executor": "executors",
     # inputs and models
     "load_probe": "probes", "list_probes": "probes", "load_probe_from_config": "activations",
     "load_target": "backends.targets", "list_targets": "backends.targets",

@@ -1,4 +1,5 @@
-"""Command line: `python -m nd_utils run CONFIG [--set key=value ...] [--stages 01,02] [--force]`.
+"""Command line: `python -m nd_utils run CONFIG [--set key=value ...] [--stages 01,02] [--force]
+[--executor ray [--address auto]]`.
 
 `python -m nd_utils report RUN [--out DIR]` writes a static HTML report of a run folder
 (`run ... --report` writes it at the end of the run, in the same process).
@@ -26,6 +27,14 @@ def main(argv: "list[str] | None" = None) -> int:
     run.add_argument("--cold-kernels", action="store_true",
                      help="start each stage's kernel only when the stage starts (by default the "
                           "next stage's kernel starts, and imports nd_utils, during this one)")
+    run.add_argument("--executor", choices=["local", "ray"], default=None,
+                     help="where units of work run: local (in-process, the default) or ray "
+                          "(Ray tasks; sets executor.name); results are the same")
+    run.add_argument("--address", default=None, metavar="ADDR",
+                     help="with --executor ray: a running cluster (auto, HOST:PORT or "
+                          "ray://HOST:10001); default: a local instance for this run")
+    run.add_argument("--num-cpus", type=int, default=None, metavar="N",
+                     help="with --executor ray and no --address: CPUs of the local instance")
     sub.add_parser("profiles", help="list the config profiles")
     rep = sub.add_parser("report", help="write a static HTML report of a run folder")
     rep.add_argument("run", help="run folder path, or 'latest' (newest under data/runs)")
@@ -38,7 +47,7 @@ def main(argv: "list[str] | None" = None) -> int:
                       help="figure folder (default: figures/ of the repository)")
     args = parser.parse_args(argv)
 
-    from .pipeline import run_pipeline
+    from .pipeline import executor_overrides, run_pipeline
 
     try:
         if args.command == "profiles":
@@ -56,7 +65,11 @@ def main(argv: "list[str] | None" = None) -> int:
             path = write_report(args.run, args.out)
             print(path)  # last line: the report's index.html
             return 0
-        result = run_pipeline(args.config, args.overrides, args.stages, args.force,
+        if (args.address or args.num_cpus) and args.executor != "ray":
+            raise NdUtilsError("--address and --num-cpus go with --executor ray")
+        overrides = args.overrides + executor_overrides(args.executor, args.address,
+                                                        args.num_cpus)
+        result = run_pipeline(args.config, overrides, args.stages, args.force,
                               log=lambda *a, **k: print(*a, file=sys.stderr, **k),
                               warm_kernels=not args.cold_kernels)
         if args.report:

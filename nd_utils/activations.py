@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import pandas as pd
@@ -141,8 +142,59 @@ def cache_activations(cfg: Config, target: "Target | None" = None, probe: "Probe
         probe, jobs, store, batch_size=int(cfg["activations.batch_size"]),
         chunk_size=int(cfg["activations.chunk_size"]),
         num_workers=int(cfg["activations.num_workers"]), device=device, progress=progress,
-        stop_after_chunks=stop_after_chunks)
+        stop_after_chunks=stop_after_chunks, run_chunks=chunks_on_executor(cfg, progress))
     return {job.output: found[(job.stage, job.key)] for job in jobs}
+
+
+def chunks_on_executor(cfg: Config, progress: bool = True):
+    """`run_chunks` for `run_decode_once` when `executor.name` is not local (else None): one
+    unit per chunk of `activations.chunk_size` images of `cfg`'s probe set
+    (`activation_chunk_unit`)."""
+    from .executors import executor_from_config
+
+    ex = executor_from_config(cfg)
+    if ex.name == "local":
+        return None
+    return lambda plan: ex.map(partial(activation_chunk_unit, cfg), plan,
+                               desc="activation chunks", progress=progress)
+
+
+def activation_chunk_unit(cfg: Config, item: tuple) -> dict:
+    """One unit of stage 01 on a worker: chunk `(c, lo, hi, [(stage, key, staging), ...])` of
+    the configured probe set through the jobs named, written into their staging folders.
+
+    The worker rebuilds the jobs from `cfg` (target, and the VLM when image features are
+    wanted), each loaded once per process; a job whose key differs from the driver's (other
+    weights or probe files on this node) is an error, never a silent mix.
+    """
+    import time
+
+    from .backends.configured import load_target_from_config, load_vlm_from_config
+    from .decode_once import compute_chunk
+    from .executors import worker_model
+    from .image_features import IMAGE_STAGE, image_feature_job
+
+    c, lo, hi, wanted = item
+    probe = worker_model("probe", cfg, lambda: load_probe_from_config(cfg))
+    jobs = []
+    if any(stage == STAGE.name for stage, _, _ in wanted):
+        target = worker_model("target", cfg, lambda: load_target_from_config(cfg))
+        jobs += activation_jobs(cfg, target, probe)
+    if any(stage == IMAGE_STAGE.name for stage, _, _ in wanted):
+        vlm = worker_model("vlm", cfg, lambda: load_vlm_from_config(cfg))
+        jobs.append(image_feature_job(cfg, vlm, probe))
+    by_key = {(j.stage, j.key): j for j in jobs}
+    missing = [f"{stage}/{key}" for stage, key, _ in wanted if (stage, key) not in by_key]
+    if missing:
+        raise NdUtilsError(f"worker computed other keys than the driver for {', '.join(missing)}"
+                           f": every node needs the same probe files and weights")
+    need = [by_key[(stage, key)] for stage, key, _ in wanted]
+    stagings = {id(by_key[(stage, key)]): Path(staging) for stage, key, staging in wanted}
+    t0 = time.time()
+    compute_chunk(probe, need, stagings, c, lo, hi, batch_size=int(cfg["activations.batch_size"]),
+                  num_workers=int(cfg["activations.num_workers"]),
+                  device=resolve_device(cfg.get("device", "auto")))
+    return {"seconds": time.time() - t0, "images": hi - lo}
 
 
 @dataclass

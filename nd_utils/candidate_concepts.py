@@ -30,6 +30,7 @@ import json
 import random
 import re
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import pandas as pd
@@ -219,32 +220,65 @@ def concepts_key(cfg: Config, layer: str, captions_key: str) -> str:
     return concepts_output(cfg, layer, captions_key).key
 
 
+def concepts_of_neuron(cfg: Config, unit_captions: "tuple[int, list[str]]",
+                       lm: "CachedLanguageModel | None" = None) -> tuple[NeuronConcepts, dict]:
+    """One executor unit of stage 04: `propose_concepts` for (unit, its D_top captions).
+
+    Without `lm` (on a Ray worker) the configured model is loaded once per process. Returns
+    the neuron's concepts and this unit's counters (model calls, cache hits and misses).
+    """
+    from .executors import worker_model
+
+    lm = lm or worker_model("llm", cfg, lambda: language_model_from_config(cfg))
+    before = lm.stats()
+    unit, caps = unit_captions
+    res = propose_concepts(list(caps), lm, seed=int(cfg["seed"]), unit=int(unit),
+                           summaries=int(cfg["llm.summaries"]), prompts=cfg["llm.prompts"],
+                           guards=cfg["llm.guards"])
+    after = lm.stats()
+    counts = {k: after[k] - before[k] for k in ("model_calls", "hits", "misses")}
+    return res, {**counts, "model": lm.model_id, "mode": lm.mode}
+
+
 def generate_concepts(cfg: Config, layer: str, captions: pd.DataFrame, captions_key: str,
                       lm: "CachedLanguageModel | None" = None, force: bool = False,
-                      progress: bool = True) -> LayerConcepts:
-    """Stage 04 for one layer: candidates of every neuron in `captions` (from stage 03)."""
+                      progress: bool = True, executor=None) -> LayerConcepts:
+    """Stage 04 for one layer: candidates of every neuron in `captions` (from stage 03).
+
+    Each neuron is one unit of `executor` (default: `executor_from_config(cfg)`); with the
+    local executor `lm` (or the configured model) answers, on Ray each worker loads its own.
+    """
+    from .executors import executor_from_config
+
     def build(tmp: Path) -> dict:
         nonlocal lm
-        lm = lm or language_model_from_config(cfg)
+        ex = executor or executor_from_config(cfg)
+        if lm is None and ex.name == "local":
+            lm = language_model_from_config(cfg)
         rows, answers, simplified = [], [], {}
-        units = sorted(captions.unit.unique())
-        for unit in tqdm(units, desc=f"{layer}: concepts", disable=not progress):
-            caps = list(captions[captions.unit == unit].sort_values("rank").caption)
-            res = propose_concepts(caps, lm, seed=int(cfg["seed"]), unit=int(unit),
-                                   summaries=int(cfg["llm.summaries"]), prompts=cfg["llm.prompts"],
-                                   guards=cfg["llm.guards"])
+        units = [int(u) for u in sorted(captions.unit.unique())]
+        work = [(u, list(captions[captions.unit == u].sort_values("rank").caption))
+                for u in units]
+        done = ex.map(partial(concepts_of_neuron, cfg), work, desc=f"{layer}: concepts",
+                      progress=progress, local_kwargs={"lm": lm})
+        for unit, (res, _) in zip(units, done):
             votes = [clean_concept(a["concept"]) for a in res.answers if a["status"] == "ok"]
-            rows += [{"layer": layer, "unit": int(unit), "candidate": c, "votes": votes.count(c)}
+            rows += [{"layer": layer, "unit": unit, "candidate": c, "votes": votes.count(c)}
                      for c in res.candidates]
             answers += [{"layer": layer, **a} for a in res.answers]
-            simplified[int(unit)] = res.simplified
+            simplified[unit] = res.simplified
         cand = pd.DataFrame(rows, columns=["layer", "unit", "candidate", "votes"])
         atomic_write_text(tmp / "candidates.csv", cand.to_csv(index=False))
         atomic_write_text(tmp / "answers.jsonl", "".join(
             json.dumps(a, ensure_ascii=False) + "\n" for a in answers))
         atomic_write_text(tmp / "simplified.json", canonical_json(simplified))
-        return {"model": lm.model_id, "mode": lm.mode, "llm": lm.stats(),
-                "n_neurons": len(units)}
+        counts = {k: sum(c[k] for _, c in done) for k in ("model_calls", "hits", "misses")}
+        total = counts["hits"] + counts["misses"]
+        first = done[0][1] if done else {"model": lm.model_id if lm else None,
+                                         "mode": cfg["llm.mode"]}
+        return {"model": first["model"], "mode": first["mode"], "n_neurons": len(units),
+                "executor": ex.describe(),
+                "llm": {**counts, "hit_rate": round(counts["hits"] / total, 4) if total else None}}
 
     art = cached_stage(ArtifactStore(cfg.data_dir), concepts_output(cfg, layer, captions_key),
                        build, force=force)

@@ -11,6 +11,7 @@ Example:
 """
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import pandas as pd
@@ -28,18 +29,76 @@ STAGE = STAGES["03_captions"]
 
 
 def caption_images(captioner: Captioner, images: list[Image.Image], hashes: list[str],
-                   cache: JsonlCache, batch_size: int = 16) -> list[str]:
-    """Captions of `images`, from `cache` when present (hashes = image content hashes)."""
+                   cache: JsonlCache, batch_size: int = 16, executor=None,
+                   files: "list[Path] | None" = None, cfg: "Config | None" = None) -> list[str]:
+    """Captions of `images`, from `cache` when present (hashes = image content hashes).
+
+    The distinct missing images are captioned in batches of `batch_size`, in order, each batch
+    cached as soon as it is done. With a Ray `executor` (plus the images' `files` and `cfg`, so
+    that a worker can load both) each batch is one unit: the same batches as here, so the same
+    captions wherever they run.
+    """
     keys = [cache.key({"captioner": captioner.backend_id, "image": h}) for h in hashes]
     found = {k: cache.get(k) for k in dict.fromkeys(keys)}
     todo = [i for i, k in enumerate(keys) if found[k] is None]
     todo = list({keys[i]: i for i in todo}.values())  # one call per distinct image
-    for start in range(0, len(todo), batch_size):
-        chunk = todo[start:start + batch_size]
-        for i, text in zip(chunk, captioner.caption([images[i] for i in chunk])):
-            found[keys[i]] = cache.put(keys[i], {"captioner": captioner.backend_id,
-                                                 "image": hashes[i]}, text)
+    batches = [todo[s:s + batch_size] for s in range(0, len(todo), batch_size)]
+    if executor is not None and executor.name != "local" and batches:
+        units = [[(str(files[i]), hashes[i]) for i in chunk] for chunk in batches]
+        executor.map(partial(caption_batch, cfg, captioner.backend_id, str(cache.path)), units,
+                     desc="captions", progress=len(units) > 1)
+    else:
+        for chunk in batches:
+            _caption_into(cache, captioner, [images[i] for i in chunk],
+                          [hashes[i] for i in chunk])
+    for k, rec in found.items():
+        found[k] = rec or cache.get(k)
     return [found[k]["answer"] for k in keys]
+
+
+def _caption_into(cache: JsonlCache, captioner: Captioner, images: list, hashes: list) -> None:
+    for digest, text in zip(hashes, captioner.caption(images)):
+        request = {"captioner": captioner.backend_id, "image": digest}
+        cache.put(cache.key(request), request, text)
+
+
+def caption_batch(cfg: Config, backend_id: str, cache_path: str,
+                  batch: "list[tuple[str, str]]") -> int:
+    """One Ray unit of stage 03b: caption a batch of (file, content hash) into the cache.
+
+    The worker loads the configured captioner once per process; returns the batch size.
+    """
+    from .executors import worker_model
+
+    captioner = worker_model("captioner", cfg, lambda: load_captioner_from_config(cfg))
+    if captioner.backend_id != backend_id:
+        raise RuntimeError(f"worker captioner {captioner.backend_id} is not the driver's "
+                           f"{backend_id}: install the same weights on every node")
+    images = []
+    for path, digest in batch:
+        with Image.open(path) as im:
+            images.append(im.convert("RGB"))
+        if image_sha256(images[-1]) != digest:
+            raise RuntimeError(f"{path} changed since the driver hashed it")
+    _caption_into(JsonlCache(cache_path), captioner, images, [d for _, d in batch])
+    return len(batch)
+
+
+def captioner_identity(cfg: Config, _unit=None) -> str:
+    """The configured captioner's `backend_id`, loaded on (and kept by) the worker."""
+    from .executors import worker_model
+
+    return worker_model("captioner", cfg, lambda: load_captioner_from_config(cfg)).backend_id
+
+
+class _RemoteCaptioner:
+    """The driver's view of a captioner that only Ray workers load: its identity."""
+
+    def __init__(self, backend_id: str):
+        self.backend_id = backend_id
+
+    def caption(self, images):
+        raise RuntimeError("this captioner runs on Ray workers (caption_batch), not here")
 
 
 def caption_cache(data_dir: "str | Path") -> JsonlCache:
@@ -62,18 +121,26 @@ def cache_captions(cfg: Config, top: TopImages, captioner: "Captioner | None" = 
     Columns: layer, unit, rank, kind, image_id, file, caption. Each distinct image is captioned
     once (the caption cache is shared across neurons, layers and runs).
     """
+    from .executors import executor_from_config
+
     def build(tmp: Path) -> dict:
         nonlocal captioner
-        captioner = captioner or load_captioner_from_config(cfg)
+        ex = executor_from_config(cfg)
+        if captioner is None:  # on Ray only a worker loads it: the driver needs its identity
+            captioner = load_captioner_from_config(cfg) if ex.name == "local" else \
+                _RemoteCaptioner(ex.map(partial(captioner_identity, cfg), [0],
+                                        desc="load captioner", progress=False)[0])
         rows = top.items[top.items.in_top].sort_values(["unit", "rank"])
         images = [top.image(f) for f in rows.file]
         cache = caption_cache(cfg.data_dir)
         captions = caption_images(captioner, images, [image_sha256(im) for im in images], cache,
-                                  batch_size=int(cfg["captioner.batch_size"]))
+                                  batch_size=int(cfg["captioner.batch_size"]), executor=ex,
+                                  files=[top.path / f for f in rows.file], cfg=cfg)
         table = rows[["layer", "unit", "rank", "kind", "image_id", "file"]].copy()
         table["caption"] = captions
         atomic_write_text(tmp / "captions.csv", table.to_csv(index=False))
-        return {"captioner": captioner.backend_id, "cache": cache.stats()}
+        return {"captioner": captioner.backend_id, "cache": cache.stats(),
+                "executor": ex.describe()}
 
     art = cached_stage(ArtifactStore(cfg.data_dir), caption_output(cfg, top), build, force=force)
     return pd.read_csv(art.file("captions.csv"), keep_default_na=False)

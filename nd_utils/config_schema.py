@@ -36,7 +36,8 @@ def _one_of(kind: str, choices) -> AfterValidator:
         if value not in valid:
             near = closest(value, valid, n=1)
             hint = f" (closest: {near[0]})" if near else ""
-            raise ValueError(f"a {kind}: one of {', '.join(valid)}{hint}")
+            article = "an" if kind[0] in "aeiou" else "a"
+            raise ValueError(f"{article} {kind}: one of {', '.join(valid)}{hint}")
         return value
     return AfterValidator(check)
 
@@ -58,6 +59,7 @@ _captioners = _registry("backends.captioners", "list_captioners")
 _language_models = _registry("backends.language_models", "list_language_models")
 _synthesizers = _registry("backends.synthesizers", "list_synthesizers")
 _probe_sets = _registry("probes", "list_probes")
+_executors = _registry("executors", "list_executors")
 
 
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
@@ -125,6 +127,13 @@ def _path(value: Any) -> Any:
     if not isinstance(value, (str, os.PathLike)) or not str(value):
         raise ValueError("a folder path, e.g. data or /scratch/nd-data")
     return value
+
+
+def _gpus(value: Any) -> Any:
+    if value == "auto" or (isinstance(value, (int, float)) and not isinstance(value, bool)
+                           and value >= 0):
+        return value
+    raise ValueError("auto or a number >= 0")
 
 
 def _f(expected: str, **constraints) -> Any:
@@ -300,6 +309,21 @@ class Selection(_Section):
     labels: PosInt = _f("a whole number >= 1 (labels kept per neuron)")
 
 
+class Executor(_Section):
+    name: Annotated[str, _one_of("executor", _executors)] = _f(
+        "local (in this process) or ray (Ray tasks; see nd_utils.list_executors())")
+    address: Optional[str] = _f("null (a local Ray instance), auto or HOST:PORT of a running "
+                                "cluster (text)", default=None)
+    num_cpus: Optional[PosInt] = _f("null (all) or a whole number >= 1 (CPUs of a local Ray "
+                                    "instance)", default=None)
+    gpus_per_task: Annotated[Any, AfterValidator(_gpus)] = _f(
+        "auto (1 when the cluster has GPUs, else 0) or a number >= 0", default="auto")
+    max_retries: Annotated[int, Field(ge=0)] = _f(
+        "a whole number >= 0 (retries of a task whose worker died)", default=2)
+    threads: Optional[PosInt] = _f("null or a whole number >= 1 (CPU threads per unit)",
+                                   default=None)
+
+
 class Schema(_Section):
     """The whole configuration (`configs/*.yaml` after overrides)."""
     profile: Text = _f("a profile name (text)")
@@ -318,6 +342,7 @@ class Schema(_Section):
     llm: Llm = _f(_SECTION)
     synthesis: Synthesis = _f(_SECTION)
     selection: Selection = _f(_SECTION)
+    executor: Optional[Executor] = _f(_SECTION, default=None)
 
 
 # ------------------------------------------------------------------ checks across keys

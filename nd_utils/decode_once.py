@@ -108,13 +108,16 @@ def run_decode_once(probe, jobs: list[CacheJob], store: ArtifactStore, *, batch_
                     chunk_size: int = 256, num_workers: int = 0,
                     device: "torch.device | str" = "cpu", progress: bool = True,
                     stop_after_chunks: "int | None" = None,
-                    log: "Callable[[str], None] | None" = None) -> dict[tuple[str, str], Artifact]:
+                    log: "Callable[[str], None] | None" = None,
+                    run_chunks: "Callable[[list], list[dict]] | None" = None
+                    ) -> dict[tuple[str, str], Artifact]:
     """Compute every job's `[N, K]` output over `probe` in one decode-once pass and publish it.
 
     Jobs already in the store are skipped. A job whose key another process is computing (its
     lock is held) is not computed twice: this pass waits for it at the end and reuses the
     published output (or computes it, when that writer died). `stop_after_chunks` interrupts
-    the pass after that many chunks (tests use it to simulate a killed run).
+    the pass after that many chunks (tests use it to simulate a killed run). `run_chunks`
+    computes the missing chunks elsewhere (see `_compute`).
     Returns {(stage, key): Artifact}.
     """
     if int(chunk_size) < 1 or int(batch_size) < 1:
@@ -126,7 +129,7 @@ def run_decode_once(probe, jobs: list[CacheJob], store: ArtifactStore, *, batch_
         if mine:
             _compute(probe, mine, store, batch_size=batch_size, chunk_size=chunk_size,
                      num_workers=num_workers, device=device, progress=progress,
-                     stop_after_chunks=stop_after_chunks)
+                     stop_after_chunks=stop_after_chunks, run_chunks=run_chunks)
     finally:
         for j in mine:
             store.lock(j.stage, j.key).release()
@@ -136,7 +139,7 @@ def run_decode_once(probe, jobs: list[CacheJob], store: ArtifactStore, *, batch_
     if orphans:  # their writer stopped before publishing: resume its work here
         run_decode_once(probe, orphans, store, batch_size=batch_size, chunk_size=chunk_size,
                         num_workers=num_workers, device=device, progress=progress,
-                        stop_after_chunks=stop_after_chunks, log=log)
+                        stop_after_chunks=stop_after_chunks, log=log, run_chunks=run_chunks)
     return {(j.stage, j.key): store.open(j.stage, j.key) for j in jobs}
 
 
@@ -155,47 +158,68 @@ def _claim(store: ArtifactStore, todo: list[CacheJob]) -> tuple[list[CacheJob], 
 
 
 def _compute(probe, todo: list[CacheJob], store: ArtifactStore, *, batch_size, chunk_size,
-             num_workers, device, progress, stop_after_chunks) -> None:
-    """The decode-once pass over the jobs this process holds the locks of; publishes each."""
+             num_workers, device, progress, stop_after_chunks, run_chunks=None) -> None:
+    """The decode-once pass over the jobs this process holds the locks of; publishes each.
+
+    `run_chunks(plan)` (an executor's fan-out, see `cache_activations`) computes the missing
+    chunks elsewhere: plan items are `(chunk, lo, hi, [(stage, key, staging folder), ...])`
+    and each returns `{"seconds": ..., "images": ...}`; by default they run here, in order.
+    """
     n = len(probe)
     stagings = {id(j): _prepare_staging(store, j, n, chunk_size) for j in todo}
     n_chunks = (n + chunk_size - 1) // chunk_size
     started = time.time()
     timings = {"decode_and_forward_s": 0.0, "images_processed": 0}
-    bar = tqdm(total=n, desc="caching activations", unit="img", disable=not progress)
-    done_chunks = 0
+    plan = []
     for c in range(n_chunks):
         lo, hi = c * chunk_size, min(n, (c + 1) * chunk_size)
         need = [j for j in todo if not _chunk_file(stagings[id(j)], c).exists()]
-        if not need:
-            bar.update(hi - lo)
-            continue
-        if stop_after_chunks is not None and done_chunks >= stop_after_chunks:
-            raise SimulatedInterruption(f"stopped after {done_chunks} chunks")
-        consumers = list({id(j.consumer): j.consumer for j in need}.values())
-        loader = DataLoader(_DecodeOnce(probe, list(range(lo, hi)), [cn.preprocess for cn in consumers]),
-                            batch_size=batch_size, num_workers=num_workers, shuffle=False)
-        parts: dict[tuple[int, str], list[torch.Tensor]] = {}
-        t0 = time.time()
-        with torch.inference_mode():
-            for batch in loader:
-                for cn, x in zip(consumers, batch):
-                    outs = cn(x.to(device, non_blocking=True))
-                    for name, value in outs.items():
-                        parts.setdefault((id(cn), name), []).append(value.float().cpu())
-                bar.update(len(batch[0]))
-        timings["decode_and_forward_s"] += time.time() - t0
-        timings["images_processed"] += hi - lo
-        for j in need:
-            got = parts.get((id(j.consumer), j.output))
-            if got is None:
-                raise RuntimeError(f"consumer {j.consumer.name!r} produced no output {j.output!r}")
-            save_tensors({"values": torch.cat(got)}, _chunk_file(stagings[id(j)], c))
-        done_chunks += 1
-    bar.close()
+        if need:
+            plan.append((c, lo, hi, need))
+    if run_chunks is not None and plan:
+        for done in run_chunks([(c, lo, hi, [(j.stage, j.key, str(stagings[id(j)]))
+                                             for j in need]) for c, lo, hi, need in plan]):
+            timings["decode_and_forward_s"] += done["seconds"]
+            timings["images_processed"] += done["images"]
+    else:
+        bar = tqdm(total=n, desc="caching activations", unit="img", disable=not progress)
+        bar.update(n - sum(hi - lo for _, lo, hi, _ in plan))
+        for done_chunks, (c, lo, hi, need) in enumerate(plan):
+            if stop_after_chunks is not None and done_chunks >= stop_after_chunks:
+                raise SimulatedInterruption(f"stopped after {done_chunks} chunks")
+            t0 = time.time()
+            compute_chunk(probe, need, {id(j): stagings[id(j)] for j in need}, c, lo, hi,
+                          batch_size=batch_size, num_workers=num_workers, device=device,
+                          bar=bar)
+            timings["decode_and_forward_s"] += time.time() - t0
+            timings["images_processed"] += hi - lo
+        bar.close()
     elapsed = time.time() - started
     for j in todo:
         _publish(store, j, stagings[id(j)], n_chunks, probe, timings, elapsed)
+
+
+def compute_chunk(probe, need: list[CacheJob], stagings: dict, c: int, lo: int, hi: int, *,
+                  batch_size: int, num_workers: int, device, bar=None) -> None:
+    """Images `lo:hi` (chunk `c`) through every consumer of `need`; saves each job's chunk file
+    into its staging folder (`stagings[id(job)]`), atomically."""
+    consumers = list({id(j.consumer): j.consumer for j in need}.values())
+    loader = DataLoader(_DecodeOnce(probe, list(range(lo, hi)), [cn.preprocess for cn in consumers]),
+                        batch_size=batch_size, num_workers=num_workers, shuffle=False)
+    parts: dict[tuple[int, str], list[torch.Tensor]] = {}
+    with torch.inference_mode():
+        for batch in loader:
+            for cn, x in zip(consumers, batch):
+                outs = cn(x.to(device, non_blocking=True))
+                for name, value in outs.items():
+                    parts.setdefault((id(cn), name), []).append(value.float().cpu())
+            if bar is not None:
+                bar.update(len(batch[0]))
+    for j in need:
+        got = parts.get((id(j.consumer), j.output))
+        if got is None:
+            raise RuntimeError(f"consumer {j.consumer.name!r} produced no output {j.output!r}")
+        save_tensors({"values": torch.cat(got)}, _chunk_file(stagings[id(j)], c))
 
 
 def _publish(store, job: CacheJob, staging: Path, n_chunks: int, probe, timings, elapsed) -> None:

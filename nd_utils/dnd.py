@@ -27,6 +27,7 @@ from .captions import cache_captions, caption_key
 from .candidate_concepts import STAGE as CONCEPT_STAGE
 from .candidate_concepts import LayerConcepts, concepts_key, generate_concepts
 from .config import Config
+from .executors import executor_from_config
 from .machine import seed_everything
 from .selection import STAGE as SELECT_STAGE
 from .selection import concept_activations, select_labels
@@ -55,7 +56,8 @@ def dnd_captions(cfg: Config, force: bool = False, progress: bool = True,
     store = ArtifactStore(cfg.data_dir)
     todo = force or any(not store.exists("03_captions", caption_key(cfg, t))
                         for t in tops.values())
-    captioner = load_captioner_from_config(cfg) if todo else None
+    captioner = load_captioner_from_config(cfg) if todo and executor_from_config(
+        cfg).name == "local" else None
     return {layer: cache_captions(cfg, top, captioner, force=force) for layer, top in tops.items()}
 
 
@@ -66,9 +68,10 @@ def dnd_concepts(cfg: Config, force: bool = False, progress: bool = True, lm=Non
     caps = dnd_captions(cfg, progress=progress, tops=tops)
     store = ArtifactStore(cfg.data_dir)
     keys = {layer: caption_key(cfg, tops[layer]) for layer in tops}
-    if lm is None and (force or any(not store.exists(CONCEPT_STAGE.name,
-                                                      concepts_key(cfg, layer, k))
-                                    for layer, k in keys.items())):
+    # on Ray each worker loads the model itself; here it is loaded once for every layer
+    if lm is None and executor_from_config(cfg).name == "local" and (force or any(
+            not store.exists(CONCEPT_STAGE.name, concepts_key(cfg, layer, k))
+            for layer, k in keys.items())):
         lm = language_model_from_config(cfg)
     return {layer: generate_concepts(cfg, layer, caps[layer], keys[layer], lm=lm, force=force,
                                      progress=progress) for layer in tops}
@@ -82,10 +85,7 @@ def dnd_synthesis(cfg: Config, progress: bool = True, synth=None, force: bool = 
     """
     concepts = dnd_concepts(cfg, progress=progress)
     wanted = [c for lc in concepts.values() for c in lc.candidates.candidate]
-    synth = synth or load_synthesizer_from_config(cfg)
     images, stats = concept_images(cfg, wanted, synth, progress=progress, force=force)
-    stats["backend"] = synth.backend_id
-    stats["pool_source"] = getattr(synth, "pool_source", None)
     stats["images_excluded"] = int(sum((ci.table.status != "ok").sum() for ci in images.values()))
     return images, stats
 
@@ -112,6 +112,7 @@ def dnd_selection(cfg: Config, force: bool = False, progress: bool = True, synth
     t0 = time.time()
     target = target or load_target_from_config(cfg)
     vlm = vlm or load_vlm_from_config(cfg)
+    # here, not on workers: stage 05 made the images already (on Ray too), this only finds them
     synth = synth or load_synthesizer_from_config(cfg, vlm=vlm)
     needed = [c for lc in concepts.values() for c in lc.candidates.candidate]
     images, _ = concept_images(cfg, needed, synth, progress=progress)

@@ -5,8 +5,9 @@ Appends are single `write` calls of one complete line followed by fsync, made un
 inter-process lock (`<file>.lock`), so several processes can share one cache. A crash can leave
 at most one torn last line, which reading skips, even when it was cut inside a multi-byte
 character (the next append starts on a fresh line). Later records of the same key win, so a
-cache can be amended by appending. A miss re-reads what other processes appended since the
-last read before it counts as a miss.
+cache can be amended by appending. Every lookup first reads what other processes appended since
+the last read (one `stat` when nothing was), and forgets everything when the file was deleted or
+replaced.
 
 Example:
     >>> cache = JsonlCache(tmp / "llm.jsonl")                         # doctest: +SKIP
@@ -36,6 +37,7 @@ class JsonlCache:
         self._records: dict[str, dict] = {}
         self._offset = 0          # bytes of the file already parsed (complete lines only)
         self._loaded = False
+        self._inode: "tuple[int, int] | None" = None   # the file whose lines were parsed
         self._lock = threading.RLock()
         self.torn_lines = 0
         self.hits = 0
@@ -50,12 +52,15 @@ class JsonlCache:
         """Parse the complete lines appended since the last read (all of them the first time)."""
         with self._lock:
             try:
-                size = self.path.stat().st_size
-            except FileNotFoundError:
-                self._loaded = True
+                st = self.path.stat()
+            except FileNotFoundError:  # deleted (a cleared store): the file is the truth
+                self._records, self._offset, self._loaded, self._inode = {}, 0, True, None
                 return self._records
-            if size < self._offset:  # replaced or compacted by someone: read it all again
+            size = st.st_size
+            if size < self._offset or (st.st_dev, st.st_ino) != self._inode:
+                # replaced, compacted or deleted and made again: read it all again
                 self._records, self._offset = {}, 0
+                self._inode = (st.st_dev, st.st_ino)
             if size > self._offset:
                 with open(self.path, "rb") as fh:
                     fh.seek(self._offset)
@@ -82,19 +87,19 @@ class JsonlCache:
             return self._records
 
     def _load(self) -> dict[str, dict]:
-        return self._records if self._loaded else self._refresh()
+        # a stat per lookup (microseconds) keeps a long-lived process (a Ray worker) from
+        # answering with records of a file that was deleted or replaced meanwhile
+        return self._refresh()
 
     def __contains__(self, key: str) -> bool:
-        return key in self._load() or key in self._refresh()
+        return key in self._load()
 
     def __len__(self) -> int:
         return len(self._refresh())
 
     def get(self, key: str) -> "dict | None":
         """The record for `key` (counting a hit) or None (counting a miss)."""
-        rec = self._load().get(key)
-        if rec is None:  # another process may have answered it meanwhile
-            rec = self._refresh().get(key)
+        rec = self._load().get(key)  # with what other processes appended meanwhile
         if rec is None:
             self.misses += 1
         else:

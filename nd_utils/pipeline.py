@@ -9,6 +9,7 @@ Example:
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -184,6 +185,43 @@ def preflight(cfg, stages: "Iterable[str]") -> None:
                 "or llm.mode=replay (answers from the cache)")
 
 
+@contextlib.contextmanager
+def shared_ray_instance(cfg: Config, log=print):
+    """With `executor.name: ray` and no address: one local Ray instance for the whole run.
+
+    Every stage's kernel joins it through `RAY_ADDRESS` instead of starting its own (5-10 s
+    each). A configured address (a running cluster) is used as it is; nothing is started then.
+    """
+    if cfg.get("executor.name") != "ray" or cfg.get("executor.address") \
+            or os.environ.get("RAY_ADDRESS"):
+        yield None
+        return
+    from .executors import load_executor
+
+    ex = load_executor("ray", num_cpus=cfg.get("executor.num_cpus"))
+    address = ex._ray.get_runtime_context().gcs_address
+    info = ex.describe()
+    log(f"ray: started a local instance at {address} ({info['cpus']:g} CPUs, "
+        f"{info['gpus']:g} GPUs); the stages' kernels join it", flush=True)
+    os.environ["RAY_ADDRESS"] = address
+    try:
+        yield address
+    finally:
+        os.environ.pop("RAY_ADDRESS", None)
+        ex._ray.shutdown()
+
+
+def executor_overrides(executor: "str | None", address: "str | None" = None,
+                       num_cpus: "int | None" = None) -> list[str]:
+    """`--executor/--address/--num-cpus` as config overrides (`executor.*`)."""
+    out = [f"executor.name={executor}"] if executor else []
+    if address:
+        out.append(f"executor.address={address}")
+    if num_cpus:
+        out.append(f"executor.num_cpus={int(num_cpus)}")
+    return out
+
+
 def run_pipeline(config="offline", overrides=None, stages=None, force: bool = False,
                  notebook_dir: "str | Path" = NOTEBOOK_DIR, kernel_name: "str | None" = None,
                  log=print, warm_kernels: bool = True) -> Run:
@@ -191,11 +229,18 @@ def run_pipeline(config="offline", overrides=None, stages=None, force: bool = Fa
 
     `warm_kernels`: start each stage's kernel (and its `import nd_utils`) while the previous
     stage runs (`nd_utils.kernels`); the outputs are the same either way.
+    With `executor.name: ray` the stages' units run as Ray tasks (`shared_ray_instance`).
     Raises StageFailed naming the stage, its error and the executed notebook to open.
     """
+    cfg = load_config(config, overrides)
+    with shared_ray_instance(cfg, log=log):
+        return _run_pipeline(cfg, stages, force, notebook_dir, kernel_name, log, warm_kernels)
+
+
+def _run_pipeline(cfg: Config, stages, force: bool, notebook_dir, kernel_name, log,
+                  warm_kernels: bool) -> Run:
     import papermill as pm
 
-    cfg = load_config(config, overrides)
     notebooks = select_notebooks(list_notebooks(notebook_dir), stages)
     if not notebooks:
         raise NdUtilsError(f"no stage notebooks (NN_name.ipynb) in {notebook_dir}")

@@ -20,13 +20,13 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 from safetensors.torch import load_file
-from tqdm.auto import tqdm
 
 from .config import Config
 from .errors import NdUtilsError
@@ -35,6 +35,7 @@ from .stages import STAGES, cached_stage, stage_output
 from .store import ArtifactStore, atomic_write_text, save_tensors
 
 ACT_STAGE = STAGES["06_concept_activations"]
+BATCHES_PER_UNIT = 4     # target batches per executor unit of concept_activations
 STAGE = STAGES["06_selection"]
 SCORINGS = {"mean": False, "topk-sq-mean": False, "image-products": True, "topk-compare": True}
 # value: higher is better?
@@ -123,13 +124,14 @@ class ConceptActivations:
 
 @torch.no_grad()
 def concept_activations(cfg: Config, layers: list[str], images: dict, target, vlm,
-                        force: bool = False, progress: bool = True, features: bool = True
-                        ) -> ConceptActivations:
+                        force: bool = False, progress: bool = True, features: bool = True,
+                        executor=None) -> ConceptActivations:
     """Run the target (all `layers` hooked at once) and the VLM once over every usable image.
 
     `images` is {concept: ConceptImages}; a concept shared by neurons of several layers is
     decoded and embedded once. `features=False` skips the VLM (`features` is then `[0, 0]`):
     CoSy (stage 08) reads only the activations, and the VLM pass cost more than the target's.
+    The images go in units of `BATCHES_PER_UNIT` batches to `executor` (default: the config's).
     """
     layers = list(layers)
     params = {**cfg.select(ACT_STAGE.reads), "layers": layers}
@@ -140,30 +142,55 @@ def concept_activations(cfg: Config, layers: list[str], images: dict, target, vl
         "05_concept_images": sorted({ci.key for ci in images.values()})})
 
     def build(tmp: Path) -> dict:
+        from .executors import executor_from_config
+
         rows = [{"concept": c, "file": str(p)} for c, ci in images.items() for p in ci.files()]
-        feats = []
-
-        def embed(pil: list) -> None:
-            v = torch.stack([vlm.preprocess(im) for im in pil]).to(vlm.device)
-            feats.append(vlm.encode_images(v).float().cpu())
-
-        traced = trace_images(target, layers, [r["file"] for r in rows], cfg["target.pooling"],
-                              batch_size=int(cfg["activations.batch_size"]),
-                              each_batch=embed if features else None,
-                              progress=lambda starts: tqdm(starts, desc="concept images",
-                                                           disable=not progress))
-        tensors = {f"activations.{layer}": traced.pooled[layer].contiguous() for layer in layers}
+        ex = executor or executor_from_config(cfg)
+        # units of whole batches: the target sees the same batches wherever a unit runs
+        step = int(cfg["activations.batch_size"]) * BATCHES_PER_UNIT
+        units = [[r["file"] for r in rows[s:s + step]] for s in range(0, len(rows), step)]
+        parts = ex.map(partial(concept_activation_unit, cfg, tuple(layers), features), units,
+                       desc="concept activations", progress=progress,
+                       local_kwargs={"target": target, "vlm": vlm})
+        tensors = {f"activations.{layer}": torch.cat([p[0][layer] for p in parts]).contiguous()
+                   if parts else torch.zeros(0, 0) for layer in layers}
+        feats = [p[1] for p in parts if p[1] is not None]
         tensors["features"] = (torch.cat(feats) if feats else torch.zeros(0, 0)).contiguous()
         save_tensors(tensors, tmp / "concept_activations.safetensors")
         atomic_write_text(tmp / "index.csv", pd.DataFrame(
             rows, columns=["concept", "file"]).to_csv(index=False))
-        return {"n_images": len(rows)}
+        return {"n_images": len(rows), "executor": ex.describe()}
 
     art = cached_stage(ArtifactStore(cfg.data_dir), out, build, force=force)
     t = load_file(str(art.file("concept_activations.safetensors")))
     index = pd.read_csv(art.file("index.csv"), keep_default_na=False)
     return ConceptActivations({layer: t[f"activations.{layer}"] for layer in layers},
                               t["features"], index, art.key)
+
+
+@torch.no_grad()
+def concept_activation_unit(cfg: Config, layers: tuple, features: bool, files: list,
+                            target=None, vlm=None) -> tuple[dict, "torch.Tensor | None"]:
+    """One unit of `concept_activations`: pooled `{layer: [n, K]}` and VLM features `[n, D]`
+    (None without `features`) of some concept image files, in order. Without `target`/`vlm`
+    (a Ray worker) the configured ones are loaded once per process."""
+    from .backends.configured import load_target_from_config, load_vlm_from_config
+    from .executors import worker_model
+
+    target = target or worker_model("target", cfg, lambda: load_target_from_config(cfg))
+    if features:
+        vlm = vlm or worker_model("vlm", cfg, lambda: load_vlm_from_config(cfg))
+    feats = []
+
+    def embed(pil: list) -> None:
+        v = torch.stack([vlm.preprocess(im) for im in pil]).to(vlm.device)
+        feats.append(vlm.encode_images(v).float().cpu())
+
+    traced = trace_images(target, list(layers), list(files), cfg["target.pooling"],
+                          batch_size=int(cfg["activations.batch_size"]),
+                          each_batch=embed if features else None)
+    return ({layer: traced.pooled[layer] for layer in layers},
+            torch.cat(feats) if feats else None)
 
 
 def select_labels(cfg: Config, layer: str, top, concepts, cacts: ConceptActivations,

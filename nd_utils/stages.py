@@ -152,13 +152,23 @@ def cached_stage(store: ArtifactStore, out: StageOutput,
     if force:
         store.remove(name, out.key)
     if not store.exists(name, out.key):
-        fields = dict(extra or {})  # the writer reads it after the body: build's fields count
-        with store.writer(name, out.key, version=out.stage.version, params=out.params,
-                          upstream=out.upstream, inputs=out.inputs, extra=fields,
-                          resume=resume) as tmp:
-            more = build(tmp)
-            if more is not None and not isinstance(more, Mapping):
-                raise TypeError(f"the body of stage {name} returned {type(more).__name__}: "
-                                f"return a dict of manifest fields, or None")
-            fields.update(more or {})
+        # under the key's lock, look again: a writer that held it (another worker wanting the
+        # same concept) has published meanwhile, and its output is used, not built again
+        with store.lock(name, out.key).acquire_context(
+                wait_message=f"waiting for another process that is writing {name}/{out.key}"):
+            if not store.exists(name, out.key):
+                _build(store, out, build, resume, dict(extra or {}))
     return store.open(name, out.key, produced_by=produced_by)
+
+
+def _build(store: ArtifactStore, out: StageOutput, build, resume: bool, fields: dict) -> None:
+    name = out.stage.name
+    # the writer reads `fields` after the body, so the fields that build returns count
+    with store.writer(name, out.key, version=out.stage.version, params=out.params,
+                      upstream=out.upstream, inputs=out.inputs, extra=fields,
+                      resume=resume) as tmp:
+        more = build(tmp)
+        if more is not None and not isinstance(more, Mapping):
+            raise TypeError(f"the body of stage {name} returned {type(more).__name__}: "
+                            f"return a dict of manifest fields, or None")
+        fields.update(more or {})

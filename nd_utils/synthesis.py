@@ -16,14 +16,15 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import pandas as pd
-from tqdm.auto import tqdm
 
 from .activations import cfg_for_root, load_probe_from_config
 from .backends.configured import load_vlm_from_config
-from .image_features import image_feature_jobs_if_missing, load_image_features
+from .image_features import (IMAGE_STAGE, image_feature_jobs_if_missing, image_feature_key,
+                             load_image_features)
 from .backends.synthesizers import load_synthesizer
 from .config import Config
 from .decode_once import run_decode_once
@@ -58,21 +59,40 @@ def load_synthesizer_from_config(cfg: Config, vlm=None):
                                 height=cfg["synthesis.height"], width=cfg["synthesis.width"],
                                 batch_size=cfg["synthesis.batch_size"])
     if name == "retrieve":
-        pool, source = load_pool(cfg)
-        pcfg = cfg.with_overrides({"probe.sets": cfg["synthesis.pool"] if source ==
-                                   "synthesis.pool" else cfg["probe.sets"], "probe.limit": None})
+        pool, source, pcfg = pool_config(cfg)
         vlm = vlm or load_vlm_from_config(cfg)
-        # a split part of a pool reads the whole pool's features (computed once, shared with 07)
-        jobs = image_feature_jobs_if_missing(cfg_for_root(pcfg, pool), pool.root, vlm)
-        if jobs:
-            run_decode_once(pool.root, jobs, ArtifactStore(cfg.data_dir),
-                            batch_size=int(cfg["vlm.batch_size"]),
-                            chunk_size=int(cfg["activations.chunk_size"]), device=device)
+        cache_pool_features(cfg, vlm, pool, pcfg)
         synth = load_synthesizer(name, cfg=cfg, pool=pool,
                                  pool_features=load_image_features(pcfg, pool), vlm=vlm)
         synth.pool_source = source
         return synth
     return load_synthesizer(name)  # a registered user backend, or UnknownNameError
+
+
+def pool_config(cfg: Config) -> "tuple[ProbeSet, str, Config]":
+    """The retrieval pool, where it came from, and `cfg` with it as the probe set."""
+    pool, source = load_pool(cfg)
+    pcfg = cfg.with_overrides({"probe.sets": cfg["synthesis.pool"] if source == "synthesis.pool"
+                               else cfg["probe.sets"], "probe.limit": None})
+    return pool, source, pcfg
+
+
+def cache_pool_features(cfg: Config, vlm=None, pool=None, pcfg=None, run_chunks=None) -> None:
+    """Cache the retrieval pool's image features when missing (the VLM loads only then).
+
+    A split part of a pool reads the whole pool's features (computed once, shared with 07).
+    `run_chunks`: an executor's fan-out of the pass (`activations.chunks_on_executor`).
+    """
+    if pool is None:
+        pool, _, pcfg = pool_config(cfg)
+    root_cfg = cfg_for_root(pcfg, pool)
+    store = ArtifactStore(cfg.data_dir)
+    if store.exists(IMAGE_STAGE.name, image_feature_key(root_cfg, pool.root)):
+        return
+    jobs = image_feature_jobs_if_missing(root_cfg, pool.root, vlm or load_vlm_from_config(cfg))
+    run_decode_once(pool.root, jobs, store, batch_size=int(cfg["vlm.batch_size"]),
+                    chunk_size=int(cfg["activations.chunk_size"]),
+                    device=resolve_device(cfg.get("device", "auto")), run_chunks=run_chunks)
 
 
 @dataclass
@@ -106,36 +126,71 @@ def concept_image_key(cfg: Config, concept: str, backend_id: str) -> str:
     return concept_image_output(cfg, concept, backend_id).key
 
 
-def concept_images(cfg: Config, concepts: list[str], synth, progress: bool = True,
-                   force: bool = False) -> tuple[dict[str, ConceptImages], dict]:
+def concept_images(cfg: Config, concepts: list[str], synth=None, progress: bool = True,
+                   force: bool = False, executor=None) -> tuple[dict[str, ConceptImages], dict]:
     """Images of every concept (cached per concept); returns ({concept: images}, counters).
 
-    `force` makes every concept's images again (replacing the cached ones).
+    Each distinct concept is one unit of `executor`: the one given, the local one when `synth`
+    is given (it runs here), else `executor_from_config(cfg)`; on Ray each worker loads the
+    configured synthesizer once. Two units (or runs) wanting one concept build it once: the
+    second waits for the first's artifact (the store's key lock). `force` makes every
+    concept's images again (replacing the cached ones).
     """
-    store = ArtifactStore(cfg.data_dir)
-    n, seed = int(cfg["synthesis.images_per_concept"]), int(cfg["seed"])
-    found, made = {}, 0
+    from .executors import executor_from_config, load_executor
+
+    ex = executor or (load_executor("local") if synth is not None else executor_from_config(cfg))
+    if ex.name == "local" and synth is None:
+        synth = load_synthesizer_from_config(cfg)
+    elif ex.name != "local" and cfg["synthesis.name"] == "retrieve":
+        # the pool's features, chunk by chunk on the workers, before any worker needs them
+        from .activations import chunks_on_executor
+
+        pool, _, pcfg = pool_config(cfg)
+        cache_pool_features(cfg, pool=pool, pcfg=pcfg, run_chunks=chunks_on_executor(
+            cfg_for_root(pcfg, pool), progress))
     unique = list(dict.fromkeys(concepts))
-    for concept in tqdm(unique, desc="concept images", disable=not progress):
-        prompt = prompt_for(cfg, concept)
-
-        def build(tmp: Path) -> None:
-            nonlocal made
-            made += 1
-            rows = []
-            for i, (im, status, info) in enumerate(synth.generate(prompt, list(
-                    range(seed, seed + n)))):
-                atomic_write_bytes(tmp / f"{i:02d}.png", png_bytes(im.convert("RGB")))
-                rows.append({"file": f"{i:02d}.png", "status": status, **info})
-            atomic_write_text(tmp / "images.csv", pd.DataFrame(rows).to_csv(index=False))
-
-        art = cached_stage(store, concept_image_output(cfg, concept, synth.backend_id), build,
-                           force=force, extra={"concept": concept})
-        found[concept] = ConceptImages(concept, art.key, art.path,
-                                       pd.read_csv(art.file("images.csv"), keep_default_na=False))
+    done = ex.map(partial(images_of_concept, cfg, force=force), unique, desc="concept images",
+                  progress=progress, local_kwargs={"synth": synth})
+    store = ArtifactStore(cfg.data_dir)
+    found = {}
+    for concept, info in zip(unique, done):
+        path = store.path(STAGE.name, info["key"])
+        found[concept] = ConceptImages(concept, info["key"], path,
+                                       pd.read_csv(path / "images.csv", keep_default_na=False))
+    made = sum(info["built"] for info in done)
     stats = {"concepts": len(unique), "synthesised": made, "reused": len(unique) - made,
-             "requested": len(concepts)}
+             "requested": len(concepts),
+             "backend": done[0]["backend"] if done else getattr(synth, "backend_id", None),
+             "pool_source": done[0]["pool_source"] if done else getattr(synth, "pool_source",
+                                                                        None)}
     return found, stats
+
+
+def images_of_concept(cfg: Config, concept: str, synth=None, force: bool = False) -> dict:
+    """One unit of stage 05: the images of `concept` (cached); returns their key, whether this
+    call built them, and the backend. Without `synth` (on a Ray worker) the configured one is
+    loaded once per process."""
+    from .executors import worker_model
+
+    synth = synth or worker_model("synthesizer", cfg, lambda: load_synthesizer_from_config(cfg))
+    n, seed = int(cfg["synthesis.images_per_concept"]), int(cfg["seed"])
+    prompt = prompt_for(cfg, concept)
+    built = False
+
+    def build(tmp: Path) -> None:
+        nonlocal built
+        built = True
+        rows = []
+        for i, (im, status, info) in enumerate(synth.generate(prompt, list(range(seed, seed + n)))):
+            atomic_write_bytes(tmp / f"{i:02d}.png", png_bytes(im.convert("RGB")))
+            rows.append({"file": f"{i:02d}.png", "status": status, **info})
+        atomic_write_text(tmp / "images.csv", pd.DataFrame(rows).to_csv(index=False))
+
+    art = cached_stage(ArtifactStore(cfg.data_dir),
+                       concept_image_output(cfg, concept, synth.backend_id), build, force=force,
+                       extra={"concept": concept})
+    return {"key": art.key, "built": built, "backend": synth.backend_id,
+            "pool_source": getattr(synth, "pool_source", None)}
 
 
 def write_concept_image_index(results: "str | Path", images: "dict[str, ConceptImages]"

@@ -171,6 +171,12 @@ OTHER_BAD = [
     ("quality.cosy_prompt='a photo'", "quality.cosy_prompt: got 'a photo'; expected text with {"),
     ("quality.cosy_images=0", "quality.cosy_images: got 0"),
     ("quality.bootstrap=0", "quality.bootstrap: got 0"),
+    ("executor.name=spark", "executor.name: got 'spark'; expected an executor: one of local, ray"),
+    ("executor.address=6379", "executor.address: got 6379"),
+    ("executor.num_cpus=0", "executor.num_cpus: got 0"),
+    ("executor.gpus_per_task=-1", "executor.gpus_per_task: got -1"),
+    ("executor.max_retries=-1", "executor.max_retries: got -1"),
+    ("executor.threads=0", "executor.threads: got 0"),
 ]
 
 

@@ -201,6 +201,19 @@ def test_jsonl_cache_survives_a_torn_line(tmp_path):
     assert JsonlCache(path).get("k3")["answer"] == "three"
 
 
+def test_jsonl_cache_forgets_answers_whose_file_was_deleted(tmp_path):
+    """A long-lived process (a Ray worker) must not answer from memory after the store was
+    cleared: the file is the truth."""
+    path = tmp_path / "c.jsonl"
+    cache = JsonlCache(path)
+    cache.put("k1", {"a": 1}, "one")
+    assert cache.get("k1")["answer"] == "one"
+    path.unlink()
+    assert cache.get("k1") is None and "k1" not in cache
+    cache.put("k2", {"a": 2}, "two")
+    assert [json.loads(ln)["key"] for ln in path.read_text().splitlines()] == ["k2"]
+
+
 def test_keywords_backend_finds_the_common_phrase():
     assert most_frequent_phrase(["a red sports car", "red sports car racing", "a bus"]) == \
         "red sports car"

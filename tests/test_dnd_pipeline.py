@@ -92,7 +92,8 @@ def test_concepts_are_synthesised_once_across_neurons(small_cfg):
     synth = Counting()
     images, stats = concept_images(small_cfg, ["dog", "cat", "dog", ODD], synth,
                                    progress=False)
-    assert stats == {"concepts": 3, "synthesised": 3, "reused": 0, "requested": 4}
+    assert stats == {"concepts": 3, "synthesised": 3, "reused": 0, "requested": 4,
+                     "backend": "counting-v1", "pool_source": None}
     assert len(synth.prompts) == 3 and synth.prompts[0] == "One realistic image of dog"
     images2, stats2 = concept_images(small_cfg, ["dog", ODD], synth, progress=False)
     assert stats2["synthesised"] == 0 and len(synth.prompts) == 3

