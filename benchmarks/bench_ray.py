@@ -2,7 +2,8 @@
 
 Offline profile, stages 03-06 (top images, captions, SmolLM2 concepts, retrieval synthesis,
 selection) for `--neurons` units of each of `--layers`, cold: every mode starts from the same
-fresh store holding only stage 01 (computed once first, not timed), at the same path, so the
+fresh store holding only stage 01 and the retrieval pool's image features (computed once first,
+not timed), at the same path, so the
 outputs can be compared byte for byte. Each mode runs in its own process; the Ray modes start a
 local instance with 1 or 2 CPUs (`executor.num_cpus`), and their time includes that start and
 every worker's model loads. Prints seconds, neurons per minute, the speed-up over 1 worker, and
@@ -56,7 +57,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--neurons", type=int, default=4, help="neurons per layer")
     ap.add_argument("--layers", default="head,fc")
-    ap.add_argument("--modes", default="local,ray1,ray2")
+    ap.add_argument("--modes", default="local,local1,ray1,ray2")
     ap.add_argument("--mode", help=argparse.SUPPRESS)
     ap.add_argument("--store", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -65,6 +66,7 @@ def main() -> None:
 
     import nd_utils as nd
     from nd_utils.image_features import image_feature_jobs_if_missing
+    from nd_utils.synthesis import cache_pool_features
 
     root = Path(tempfile.mkdtemp(prefix="nd-bench-ray-"))
     base, store = root / "base", root / "store"
@@ -74,7 +76,9 @@ def main() -> None:
     t0 = time.time()
     nd.cache_activations(cfg, probe=probe, extra_jobs=image_feature_jobs_if_missing(cfg, probe),
                          progress=False)
-    print(f"stage 01 (not timed below): {time.time() - t0:.1f} s; {args.neurons} neurons of "
+    cache_pool_features(cfg)  # the retrieval pool's features: set-up shared by every mode
+    print(f"stage 01 + pool features (not timed below): {time.time() - t0:.1f} s; "
+          f"{args.neurons} neurons of "
           f"{', '.join(layers)}; every mode starts from this store", flush=True)
     results, snaps = {}, {}
     for mode in args.modes.split(","):
