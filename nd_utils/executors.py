@@ -92,7 +92,7 @@ class LocalExecutor:
 
 
 class RayExecutor:
-    """Runs each unit as a Ray task (`num_cpus=1`, `num_gpus` per task) and gathers results.
+    """Runs each unit as a Ray task (`threads` CPUs and `gpus_per_task` GPUs each) in order.
 
     `fn` must be a module-level function: on a worker it loads its models by config
     (`worker_model`), never receiving the driver's. Failed tasks are retried `max_retries`
@@ -161,8 +161,8 @@ class RayExecutor:
         gpus = self.gpus_per_task if gpus is None else float(gpus)
         if self._remote is None:  # max_calls=0: a GPU task's worker is kept, with its models
             self._remote = ray.remote(max_calls=0)(_run_unit)
-        remote = self._remote.options(num_cpus=self.threads, num_gpus=gpus, max_retries=self.max_retries,
-                                      retry_exceptions=False, name=desc)
+        remote = self._remote.options(num_cpus=self.threads, num_gpus=gpus, name=desc,
+                                      max_retries=self.max_retries, retry_exceptions=False)
         t0 = time.time()
         refs = [remote.remote(fn, u, self.threads) for u in units]
         index = {ref: i for i, ref in enumerate(refs)}
@@ -183,7 +183,8 @@ class RayExecutor:
                     raise ExecutorError(
                         f"{desc}: unit {_short(unit)} failed on Ray: {_cause(exc)}. The units "
                         f"that finished are cached: rerun the same command to resume") from None
-                results[index[ref]], _ = value, pids.add(pid)
+                results[index[ref]] = value
+                pids.add(pid)
                 bar.update(1)
         if progress:
             print(f"{desc}: {len(units)} units on {len(pids)} Ray worker process(es) in "
