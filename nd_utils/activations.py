@@ -160,8 +160,9 @@ def chunks_on_executor(cfg: Config, progress: bool = True):
 
 
 def activation_chunk_unit(cfg: Config, item: tuple) -> dict:
-    """One unit of stage 01 on a worker: chunk `(c, lo, hi, [(stage, key, staging), ...])` of
-    the configured probe set through the jobs named, written into their staging folders.
+    """One unit of stage 01 on a worker: chunk `(c, lo, hi, [(stage, key, staging), ...],
+    batch_size)` of the configured probe set through the jobs named, written into their staging
+    folders, in the driver's batches.
 
     The worker rebuilds the jobs from `cfg` (target, and the VLM when image features are
     wanted), each loaded once per process; a job whose key differs from the driver's (other
@@ -174,7 +175,7 @@ def activation_chunk_unit(cfg: Config, item: tuple) -> dict:
     from .executors import worker_model
     from .image_features import IMAGE_STAGE, image_feature_job
 
-    c, lo, hi, wanted = item
+    c, lo, hi, wanted, batch_size = item
     probe = worker_model("probe", cfg, lambda: load_probe_from_config(cfg))
     jobs = []
     if any(stage == STAGE.name for stage, _, _ in wanted):
@@ -191,7 +192,7 @@ def activation_chunk_unit(cfg: Config, item: tuple) -> dict:
     need = [by_key[(stage, key)] for stage, key, _ in wanted]
     stagings = {id(by_key[(stage, key)]): Path(staging) for stage, key, staging in wanted}
     t0 = time.time()
-    compute_chunk(probe, need, stagings, c, lo, hi, batch_size=int(cfg["activations.batch_size"]),
+    compute_chunk(probe, need, stagings, c, lo, hi, batch_size=int(batch_size),
                   num_workers=int(cfg["activations.num_workers"]),
                   device=resolve_device(cfg.get("device", "auto")))
     return {"seconds": time.time() - t0, "images": hi - lo}

@@ -162,8 +162,8 @@ def _compute(probe, todo: list[CacheJob], store: ArtifactStore, *, batch_size, c
     """The decode-once pass over the jobs this process holds the locks of; publishes each.
 
     `run_chunks(plan)` (an executor's fan-out, see `cache_activations`) computes the missing
-    chunks elsewhere: plan items are `(chunk, lo, hi, [(stage, key, staging folder), ...])`
-    and each returns `{"seconds": ..., "images": ...}`; by default they run here, in order.
+    chunks elsewhere: plan items are `(chunk, lo, hi, [(stage, key, staging folder), ...],
+    batch_size)` and each returns `{"seconds": ..., "images": ...}`; by default they run here, in order.
     """
     n = len(probe)
     stagings = {id(j): _prepare_staging(store, j, n, chunk_size) for j in todo}
@@ -177,8 +177,10 @@ def _compute(probe, todo: list[CacheJob], store: ArtifactStore, *, batch_size, c
         if need:
             plan.append((c, lo, hi, need))
     if run_chunks is not None and plan:
+        # the batch size travels with each chunk: the worker must cut the same batches
         for done in run_chunks([(c, lo, hi, [(j.stage, j.key, str(stagings[id(j)]))
-                                             for j in need]) for c, lo, hi, need in plan]):
+                                             for j in need], int(batch_size))
+                                for c, lo, hi, need in plan]):
             timings["decode_and_forward_s"] += done["seconds"]
             timings["images_processed"] += done["images"]
     else:

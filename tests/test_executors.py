@@ -94,6 +94,30 @@ def test_executor_is_never_part_of_a_key(tmp_path):
     assert len(keys) == 1
 
 
+def test_chunks_sent_elsewhere_carry_the_callers_batch_size(tmp_path):
+    """The retrieval pool's features use vlm.batch_size, stage 01 activations.batch_size: a
+    worker must cut a chunk into the caller's batches, or its results differ in the last bits."""
+    from nd_utils.activations import activation_jobs
+    from nd_utils.decode_once import run_decode_once
+    from nd_utils.store import ArtifactStore
+
+    cfg = nd.load_config("offline", [f"data_dir={tmp_path}", "device=cpu", "probe.limit=10",
+                                     "target.layers=[fc]"])
+    probe = nd.load_probe_from_config(cfg)
+    jobs = activation_jobs(cfg, nd.load_target("efficientnet-lite0"), probe)
+    plans = []
+
+    def elsewhere(plan):
+        plans.extend(plan)
+        raise RuntimeError("stop")  # nothing is published: only the plan matters here
+
+    with pytest.raises(RuntimeError, match="stop"):
+        run_decode_once(probe, jobs, ArtifactStore(tmp_path), batch_size=7, chunk_size=4,
+                        run_chunks=elsewhere, progress=False)
+    assert [p[:3] for p in plans] == [(0, 0, 4), (1, 4, 8), (2, 8, 10)]
+    assert {p[4] for p in plans} == {7}
+
+
 def test_ray_results_are_identical_to_in_process(in_process, ray_2_workers):
     store, expected = in_process
     cfg = nd.load_config("offline", dnd_overrides(store, "ray"))
