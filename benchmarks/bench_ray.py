@@ -32,14 +32,6 @@ def overrides(store: Path, neurons: int, layers: list[str]) -> list[str]:
     return [f"data_dir={store}", f"dnd.layers=[{', '.join(layers)}]", f"dnd.neurons={neurons}"]
 
 
-def outputs(store: Path) -> dict:
-    out = {}
-    for m in sorted(store.glob("artifacts/*/*/manifest.json")):
-        man = json.loads(m.read_text())
-        out[f"{man['stage']}/{man['key']}"] = {f: v["sha256"] for f, v in man["files"].items()}
-    return out
-
-
 def run_mode(args) -> None:
     """Child process: the DnD stages under one executor; prints one JSON line."""
     import nd_utils as nd
@@ -66,6 +58,7 @@ def main() -> None:
 
     import nd_utils as nd
     from nd_utils.image_features import image_feature_jobs_if_missing
+    from nd_utils.store import ArtifactStore
     from nd_utils.synthesis import cache_pool_features
 
     root = Path(tempfile.mkdtemp(prefix="nd-bench-ray-"))
@@ -90,7 +83,7 @@ def main() -> None:
         if done.returncode:
             sys.exit(f"{mode} failed:\n{done.stderr[-3000:]}")
         results[mode] = json.loads(done.stdout.strip().splitlines()[-1])
-        snaps[mode] = outputs(store)
+        snaps[mode] = ArtifactStore(store).file_hashes()
         r = results[mode]
         print(f"{mode:7s} {r['seconds']:7.1f} s  {60 * r['neurons'] / r['seconds']:5.2f} "
               f"neurons/min", flush=True)

@@ -80,7 +80,9 @@ def caption_batch(cfg: Config, backend_id: str, cache_path: str,
             images.append(im.convert("RGB"))
         if image_sha256(images[-1]) != digest:
             raise RuntimeError(f"{path} changed since the driver hashed it")
-    _caption_into(JsonlCache(cache_path), captioner, images, [d for _, d in batch])
+    # one cache object per worker process: a fresh one would parse the whole file per batch
+    cache = worker_model(f"caption cache {cache_path}", cfg, lambda: JsonlCache(cache_path))
+    _caption_into(cache, captioner, images, [d for _, d in batch])
     return len(batch)
 
 

@@ -298,6 +298,16 @@ class ArtifactStore:
                     found.append(Artifact(p))
         return sorted(found, key=lambda a: a.manifest.get("finished", 0), reverse=True)
 
+    def file_hashes(self) -> dict[str, dict[str, str]]:
+        """`{"stage/key": {file: sha256}}` of every finished output, from the manifests: two
+        stores hold the same results when these are equal (executors, reruns)."""
+        out = {}
+        for stage in sorted(p.name for p in (self.root / "artifacts").glob("*") if p.is_dir()):
+            for art in self.find(stage):
+                out[f"{stage}/{art.key}"] = {f: v["sha256"]
+                                             for f, v in art.manifest["files"].items()}
+        return out
+
     @contextlib.contextmanager
     def writer(self, stage: str, key: str, *, version: int = 0, params: "Mapping | None" = None,
                upstream: "Mapping | None" = None, inputs: "Mapping | None" = None,

@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 import nd_utils as nd
+from nd_utils.store import ArtifactStore
 from nd_utils import executors
 from nd_utils.errors import UnknownNameError
 from nd_utils.executors import ExecutorError, load_executor
@@ -33,15 +34,6 @@ def dnd_overrides(store: Path, executor: str) -> list[str]:
             "activations.top_k=8", "activations.chunk_size=16", "llm.summaries=2",
             "synthesis.images_per_concept=4", "synthesis.pool=[{name: offline-sample}]",
             f"executor.name={executor}", "executor.threads=1", "executor.num_cpus=2"]
-
-
-def outputs(store: Path) -> dict:
-    """{stage/key: {file: sha256}} of every published artifact (manifests hold the hashes)."""
-    out = {}
-    for m in sorted(store.glob("artifacts/*/*/manifest.json")):
-        man = json.loads(m.read_text())
-        out[f"{man['stage']}/{man['key']}"] = {f: v["sha256"] for f, v in man["files"].items()}
-    return out
 
 
 def run_dnd(cfg) -> dict:
@@ -71,7 +63,7 @@ def in_process(tmp_path_factory):
     kept = store.with_name("in-process")
     shutil.move(store, kept)
     executors._MODELS.clear()
-    return store, outputs(kept)
+    return store, ArtifactStore(kept).file_hashes()
 
 
 def test_local_executor_keeps_order_and_names_are_checked():
@@ -99,7 +91,6 @@ def test_chunks_sent_elsewhere_carry_the_callers_batch_size(tmp_path):
     worker must cut a chunk into the caller's batches, or its results differ in the last bits."""
     from nd_utils.activations import activation_jobs
     from nd_utils.decode_once import run_decode_once
-    from nd_utils.store import ArtifactStore
 
     cfg = nd.load_config("offline", [f"data_dir={tmp_path}", "device=cpu", "probe.limit=10",
                                      "target.layers=[fc]"])
@@ -123,7 +114,7 @@ def test_ray_results_are_identical_to_in_process(in_process, ray_2_workers):
     cfg = nd.load_config("offline", dnd_overrides(store, "ray"))
     assert executors.executor_from_config(cfg).name == "ray"
     run_dnd(cfg)
-    got = outputs(store)
+    got = ArtifactStore(store).file_hashes()
     assert set(got) == set(expected)        # the same keys ...
     assert got == expected                  # ... and the same bytes in every file
     stages = {k.split("/")[0] for k in got}
@@ -219,7 +210,7 @@ def test_killed_worker_is_retried_and_a_failed_run_resumes(in_process, ray_2_wor
     assert llm["hits"] >= kept and llm["model_calls"] == llm["misses"] > 0
     # 3. the rest of the run: every output equals the in-process one
     run_dnd(cfg)
-    got = outputs(store)
+    got = ArtifactStore(store).file_hashes()
     assert {k: v for k, v in got.items() if k in expected} == expected
     shutil.rmtree(store)
 
