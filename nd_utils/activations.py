@@ -28,7 +28,8 @@ from .probes import ProbeSet, load_probes
 from .machine import resolve_device
 from .stages import STAGES, StageOutput, stage_output
 from .store import Artifact, ArtifactStore
-from .backends.targets import Target, is_pinned, load_target
+from .backends.configured import load_target_from_config
+from .backends.targets import Target, is_pinned, is_random_init, random_init_id
 
 STAGE = STAGES["01_activation_caching"]
 
@@ -74,13 +75,16 @@ def target_identity(cfg: Config, target: "Target | None" = None) -> str:
     """What identifies the target's weights in cache keys.
 
     A registry name that pins its weights (`resnet50:IMAGENET1K_V1`, `efficientnet-lite0`) is
-    enough, so later stages find the cache without loading the model; any other target (a user
-    module, `arch:none`, bare `arch`) is identified by the hash of its weights, which needs the
-    Target itself.
+    enough, so later stages find the cache without loading the model; so is `arch:none` with the
+    config's `seed` (`random_init_id`). Any other target (a user module) is identified by the
+    hash of its weights, which needs the Target itself.
     """
     name = cfg["target.name"]
-    if is_pinned(name) and (target is None or target.name == name):
-        return name
+    if target is None or target.name == name:
+        if is_pinned(name):
+            return name
+        if is_random_init(name):
+            return random_init_id(name, cfg["seed"])
     if target is None:
         raise NdUtilsError(
             f"target {name!r} is not a registry name with pinned weights, so its caches are "
@@ -132,7 +136,7 @@ def cache_activations(cfg: Config, target: "Target | None" = None, probe: "Probe
                                "adding extra jobs for a split part")
         return cache_activations(cfg_for_root(cfg, probe), target, probe.root, force=force,
                                  progress=progress, stop_after_chunks=stop_after_chunks)
-    target = (target or load_target(cfg["target.name"])).to(device)
+    target = (target or load_target_from_config(cfg)).to(device)
     store = ArtifactStore(cfg.data_dir)
     jobs = activation_jobs(cfg, target, probe) + list(extra_jobs or [])
     if force:

@@ -225,7 +225,28 @@ def load_config(
             raise ConfigError(f"{cfg.source} lacks the required key {required!r}")
     validate_config(cfg._data, cfg.source)
     cfg.set("data_dir", str(cfg.data_dir))
+    cfg.set("target.name", resolve_target_name(cfg["target.name"]))
     return cfg
+
+
+def resolve_target_name(name: str) -> str:
+    """`target.name` as the name of the weights it means, so that cache keys name them.
+
+    A bare torchvision architecture (`resnet50`) or `<arch>:DEFAULT` becomes its DEFAULT weights'
+    name (`resnet50:IMAGENET1K_V2` with torchvision 0.29); every other name is kept. torchvision
+    is imported only for names that may need it.
+
+    >>> resolve_target_name("efficientnet-lite0")
+    'efficientnet-lite0'
+    """
+    name = str(name)
+    tag = name.partition(":")[2]
+    if name.startswith(("efficientnet-lite", "timm:")) or (tag and tag.upper() != "DEFAULT"
+                                                           and tag.lower() != "none"):
+        return name
+    from .backends.targets import canonical_target_name  # torchvision's weight enums
+
+    return canonical_target_name(name)
 
 
 def _read_yaml(path: Path) -> Any:

@@ -36,7 +36,7 @@ import pandas as pd
 import torch
 
 from .activations import cache_activations, load_activations, load_probe_from_config
-from .backends.configured import load_vlm_from_config
+from .backends.configured import load_target_from_config, load_vlm_from_config
 from .clip_dissect import cache_text_features, load_concepts_from_config
 from .image_features import image_feature_jobs_if_missing, load_image_features
 from .concept_sets import (PAPER_SETS, ConceptSet, _sha256_concepts, imagenet_label_lines,
@@ -47,7 +47,6 @@ from .backends.sentence_encoders import load_sentence_encoder as sentence_encode
 from .backends.sentence_models import MINILM
 from .similarity import get_similarity, top_concepts
 from .store import atomic_write_text
-from .backends.targets import load_target
 
 BASELINE_LABEL = "depiction"
 CLASS_NAME_SETS = ("imagenet_classes", "imagenet_labels", "cifar100_classes")
@@ -257,7 +256,7 @@ def cache_evaluation_inputs(ecfg: Config, concept_sets: "list[str] | None" = Non
     Cached inputs are not recomputed and models load only when something is missing, so a
     notebook can run the slow steps in separate cells (each within its own time limit).
     """
-    target = load_target(ecfg["target.name"])
+    target = load_target_from_config(ecfg, device="cpu")
     if activations:
         probe = load_probe_from_config(ecfg)
         jobs = image_feature_jobs_if_missing(ecfg, probe)
@@ -291,7 +290,7 @@ def evaluate_final_layer(ecfg: Config, similarities: "list[str] | None" = None,
     """
     layer = ecfg["evaluation.layer"]
     probe = load_probe_from_config(ecfg)
-    target = load_target(ecfg["target.name"])
+    target = load_target_from_config(ecfg, device="cpu")
     if not target.class_names:
         raise NdUtilsError(f"target {target.name!r} has no class names: the final-layer "
                            f"evaluation needs a classifier whose neuron k is class k")

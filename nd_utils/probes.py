@@ -23,6 +23,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import http.client
+import importlib.resources
 import importlib.util
 import inspect
 import io
@@ -328,8 +329,30 @@ def _load_folder(path=None, labels_csv=None, recursive: bool = True) -> ProbeSet
     return _build("folder", params, entries)
 
 
+def imagenet_wnids() -> list[str]:
+    """The 1,000 ImageNet-1k wnids in class-index order, from the list timm ships.
+
+    torchvision's weight metadata names the classes but not their wnids; timm (installed with
+    open_clip) ships the wnid list as package data. Empty when timm is absent.
+
+    >>> imagenet_wnids()[:2]
+    ['n01440764', 'n01443537']
+    """
+    try:
+        text = (importlib.resources.files("timm.data") / "_info" / "imagenet_synsets.txt"
+                ).read_text()
+    except (ModuleNotFoundError, FileNotFoundError):
+        return []
+    wnids = text.split()
+    return wnids if len(wnids) == 1000 and wnids == sorted(wnids) else []
+
+
 def _wnid_index(root: Path, present: list[str]) -> dict[str, int]:
-    """wnid -> class index: the sorted wnid list when all 1,000 are present, else a known full list."""
+    """wnid -> class index: the sorted wnid list when all 1,000 are present, else a full list.
+
+    A full list comes from the data set's own `LOC_synset_mapping.txt` (beside or above the
+    folder) or from the wnid list shipped with timm.
+    """
     if len(present) == 1000:
         return {w: i for i, w in enumerate(present)}
     for cand in (root / "LOC_synset_mapping.txt", root.parent / "LOC_synset_mapping.txt"):
@@ -337,11 +360,7 @@ def _wnid_index(root: Path, present: list[str]) -> dict[str, int]:
             wnids = [ln.split()[0] for ln in cand.read_text().splitlines() if ln.strip()]
             if len(wnids) == 1000:
                 return {w: i for i, w in enumerate(wnids)}
-    sample_csv = _default_sample_dir() / "labels.csv"
-    if sample_csv.is_file():
-        with open(sample_csv, newline="") as f:
-            return {r["wnid"]: int(r["class_index"]) for r in csv.DictReader(f)}
-    return {}
+    return {w: i for i, w in enumerate(imagenet_wnids())}
 
 
 def _load_imagenet_val(path=None) -> ProbeSet:
@@ -369,8 +388,9 @@ def _load_imagenet_val(path=None) -> ProbeSet:
     elif (root / "labels.csv").is_file():
         labels = _read_labels_csv(root / "labels.csv")
     if any(lab and ci is None and _WNID.fullmatch(lab) for lab, ci in labels.values()):
-        warnings.warn("imagenet-val: no full wnid list found (all 1,000 wnid folders, LOC_synset_mapping.txt "
-                      "or the shared imagenet-sample-1k); some labels are raw wnids.", stacklevel=3)
+        warnings.warn("imagenet-val: some wnids are not ImageNet-1k classes (checked against all "
+                      "1,000 wnid folders, LOC_synset_mapping.txt or timm's wnid list); their "
+                      "labels are the raw wnids.", stacklevel=3)
     entries = [(str(root / f), *labels.get(f, (None, None))) for f in files]
     return _build("imagenet-val", {"path": str(root)}, entries)
 

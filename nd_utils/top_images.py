@@ -31,7 +31,8 @@ from .probes import ProbeSet
 from .machine import resolve_device
 from .stages import STAGES, StageOutput, cached_stage, stage_output
 from .store import ArtifactStore, atomic_write_bytes, atomic_write_text, save_tensors
-from .backends.targets import Target, load_target
+from .backends.configured import load_target_from_config
+from .backends.targets import Target
 
 STAGE = STAGES["03_top_images"]
 
@@ -128,7 +129,7 @@ def build_top_images(cfg: Config, layer: str, neurons: "list[int] | None" = None
                            f"dnd.top_k is {k}: raise activations.top_k and rerun notebook 01")
 
     def build(tmp: Path) -> None:
-        model = (target or load_target(cfg["target.name"])).to(
+        model = (target or load_target_from_config(cfg)).to(
             resolve_device(cfg.get("device", "auto")))
         table = _compute(cfg, layer, neurons, probe, acts, model, tmp, progress)
         atomic_write_text(tmp / "items.csv", table.to_csv(index=False))

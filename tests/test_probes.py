@@ -178,9 +178,20 @@ def test_imagenet_val_wnid_folders(tmp_path, monkeypatch):
     assert ps.labels == ["tench", "goldfish"]
     assert [it.class_index for it in ps.items] == [0, 1]
     (tmp_path / "LOC_synset_mapping.txt").unlink()
-    monkeypatch.setattr(probes, "_default_sample_dir", lambda: tmp_path / "absent")
+    # no list beside the data (a user's copy of a few classes): timm's wnid list gives the
+    # indices, with no development folder (ND_SHARED_DIR) anywhere to be found
+    monkeypatch.setenv("ND_SHARED_DIR", str(tmp_path / "absent"))
+    _save(root / "n15075141" / "ILSVRC2012_val_3.JPEG", (9, 9, 9), "JPEG")  # the last class
+    ps = load_probe("imagenet-val", path=root)
+    assert ps.labels == ["tench", "goldfish", "toilet tissue"]
+    assert [it.class_index for it in ps.items] == [0, 1, 999]
+    # a wnid outside ImageNet-1k keeps its raw wnid, with a warning; so do all without timm
+    _save(root / "n99999999" / "x.JPEG", (9, 9, 9), "JPEG")
     with pytest.warns(UserWarning, match="raw wnids"):
-        assert load_probe("imagenet-val", path=root).labels == ["n01440764", "n01443537"]
+        assert load_probe("imagenet-val", path=root).labels[-1] == "n99999999"
+    monkeypatch.setattr(probes, "imagenet_wnids", lambda: [])
+    with pytest.warns(UserWarning, match="raw wnids"):
+        assert load_probe("imagenet-val", path=root).labels[:2] == ["n01440764", "n01443537"]
 
 
 def test_cifar100_offline(monkeypatch, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import subprocess
 import sys
 from urllib.error import URLError
 
@@ -127,9 +128,45 @@ def test_resnet18_random_init_offline(monkeypatch):
     assert "layer4" in names and "fc" in names and "layer4.1.conv2" in names
     assert not t.model.training
     assert t.preprocess(Image.new("RGB", (320, 240))).shape == (3, 224, 224)
-    # Two random inits are different models and must not share a cache key.
-    assert t.weights_id.startswith("resnet18:none:")
-    assert load_target("resnet18:none").weights_id != t.weights_id
+    # The draw is seeded: the same seed gives the same weights (and id), another seed others.
+    assert t.weights_id.startswith("resnet18:none:seed=0:torchvision=")
+    again, other = load_target("resnet18:none"), load_target("resnet18:none", seed=1)
+    assert again.weights_id == t.weights_id and again.metadata["state_dict_sha256"] == \
+        t.metadata["state_dict_sha256"]
+    assert other.weights_id != t.weights_id
+    assert other.metadata["state_dict_sha256"] != t.metadata["state_dict_sha256"]
+
+
+def test_random_init_is_the_same_in_another_process():
+    """`:none` keys name the seed, so another process must draw exactly the same weights."""
+    code = ("from nd_utils.backends.targets import load_target; "
+            "t = load_target('resnet18:none', seed=3); "
+            "print(t.weights_id, t.metadata['state_dict_sha256'])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.split()
+    here = load_target("resnet18:none", seed=3)
+    assert out == [here.weights_id, here.metadata["state_dict_sha256"]]
+
+
+def test_bare_architecture_resolves_to_its_default_weights_when_the_config_loads(monkeypatch):
+    import torchvision
+
+    from nd_utils.activations import target_identity
+    from nd_utils.config import load_config
+
+    default = torchvision.models.ResNet50_Weights.DEFAULT.name
+    for given in ("resnet50", "resnet50:DEFAULT", "resnet50:default"):
+        cfg = load_config("paper", [f"target.name={given}"])
+        assert cfg["target.name"] == f"resnet50:{default}"
+        assert target_identity(cfg) == f"resnet50:{default}"  # no Target needed: the key names it
+    # a saved effective config keeps the resolved name
+    assert load_config(cfg)["target.name"] == f"resnet50:{default}"
+    # `:none` is keyed by its seed, known without building the model, equal to the built one's
+    cfg = load_config("paper", ["target.name=resnet18:NONE", "seed=7"])
+    assert cfg["target.name"] == "resnet18:none"
+    assert target_identity(cfg) == load_target("resnet18:none", seed=7).weights_id
+    assert target_identity(cfg) != target_identity(load_config(cfg, ["seed=8"]))
+    assert load_config("offline")["target.name"] == "efficientnet-lite0"
 
 
 def test_failed_download_raises_offline_error_and_leaves_no_file(tmp_path, monkeypatch):

@@ -23,9 +23,10 @@ def _device(cfg: Config):
     return resolve_device(cfg.get("device", "auto"))
 
 
-def load_target_from_config(cfg: Config) -> Target:
-    """The network `target.name` on the configured device."""
-    return load_target(cfg["target.name"]).to(_device(cfg))
+def load_target_from_config(cfg: Config, device=None) -> Target:
+    """The network `target.name` on the configured device (or `device`); `seed` draws `:none`."""
+    return load_target(cfg["target.name"], seed=int(cfg.get("seed", 0))).to(
+        resolve_device(device) if device is not None else _device(cfg))
 
 
 def load_vlm_from_config(cfg: Config) -> VisionLanguageModel:

