@@ -69,7 +69,7 @@ def test_rerun_reads_everything_from_the_cache(small_cfg, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("a model was loaded although every stage is cached")
 
-    monkeypatch.setattr("nd_utils.top_images.load_target", boom)
+    monkeypatch.setattr("nd_utils.top_images.load_target_from_config", boom)
     monkeypatch.setattr("nd_utils.dnd.load_captioner_from_config", boom)
     monkeypatch.setattr("nd_utils.dnd.language_model_from_config", boom)
     first = nd.dnd_concepts(small_cfg, progress=False)
