@@ -170,19 +170,26 @@ def select_notebooks(notebooks: list[Path], stages: "Iterable[str] | str | None"
     return [p for p in notebooks if p.name[:2] in wanted]
 
 
+LANGUAGE_MODEL_STAGES = ("04", "08")  # the stages that may ask `llm.*` for concepts
+
+
 def preflight(cfg, stages: "Iterable[str]") -> None:
     """Fail before any work when a selected stage cannot run (e.g. no API key for `openai`)."""
     from .config import check_data_dir
 
     check_data_dir(cfg)
-    if "04" in set(stages) and cfg.get("llm.name") == "openai" and cfg.get("llm.mode") == "live":
+    # 04 proposes concepts; 08 proposes them again when it re-chooses labels on its select part
+    # (whenever the run's own labels are not held out), so both may call the language model.
+    calling = sorted(set(stages) & set(LANGUAGE_MODEL_STAGES))
+    if calling and cfg.get("llm.name") == "openai" and cfg.get("llm.mode") == "live":
         from .backends.openai_backend import MissingApiKeyError
 
         if not os.environ.get("OPENAI_API_KEY", "").strip():
             raise MissingApiKeyError(
-                "llm.name is openai but OPENAI_API_KEY is not set, so stage 04 would fail: "
-                "export OPENAI_API_KEY=... first, or use --set llm.name=transformers (offline) "
-                "or llm.mode=replay (answers from the cache)")
+                f"llm.name is openai but OPENAI_API_KEY is not set, so stage(s) "
+                f"{', '.join(calling)} would fail when they ask the language model: export "
+                f"OPENAI_API_KEY=... first, or use --set llm.name=transformers (offline) or "
+                f"llm.mode=replay (answers from the cache, no key needed)")
 
 
 @contextlib.contextmanager

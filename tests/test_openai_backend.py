@@ -291,3 +291,41 @@ def test_answers_are_cached_replayed_and_keyless_on_disk(server, sleeps, tmp_pat
     with pytest.raises(ReplayMissError):
         replay.ask(tpl, {"caption": "a blue car"}, seed=0)
     assert len(server.requests) == 2  # replay never called the server
+
+
+def test_replay_from_the_config_needs_no_key(server, env, tmp_path):
+    """llm.mode=replay with llm.name=openai: no OPENAI_API_KEY, no request, same answers."""
+    import nd_utils as nd
+    from nd_utils.backends.configured import language_model_from_config
+    from nd_utils.backends.language_models import ReplayMissError, load_template
+
+    env.setenv("OPENAI_BASE_URL", server.base_url)
+    tpl = load_template("simplify.v1")
+    cfg = nd.load_config("paper", [f"data_dir={tmp_path}", "llm.model=gpt-test"])
+    server.script((200, chat_body("red car"), {}))
+    assert language_model_from_config(cfg).ask(tpl, {"caption": "a red car"}, seed=0) == "red car"
+    env.delenv("OPENAI_API_KEY")
+    with pytest.raises(MissingApiKeyError, match="llm.mode=replay"):
+        language_model_from_config(cfg)  # live without a key: still the clear error
+    replay = language_model_from_config(nd.load_config(cfg, ["llm.mode=replay"]))
+    assert replay.ask(tpl, {"caption": "a red car"}, seed=0) == "red car"
+    with pytest.raises(ReplayMissError):
+        replay.ask(tpl, {"caption": "a blue car"}, seed=0)
+    assert len(server.requests) == 1
+    with pytest.raises(MissingApiKeyError):  # a request without a key says why
+        replay.backend.complete("x", temperature=0.0, seed=0)
+
+
+@pytest.mark.parametrize("stages, fails", [(["08"], True), (["04"], True), (["01", "02"], False)])
+def test_preflight_names_every_stage_that_asks_the_language_model(env, tmp_path, stages, fails):
+    import nd_utils as nd
+    from nd_utils.pipeline import preflight
+
+    env.delenv("OPENAI_API_KEY")
+    cfg = nd.load_config("paper", [f"data_dir={tmp_path}"])
+    if fails:
+        with pytest.raises(MissingApiKeyError, match=f"stage\\(s\\) {stages[0]} would fail"):
+            preflight(cfg, stages)
+    else:
+        preflight(cfg, stages)
+    preflight(nd.load_config(cfg, ["llm.mode=replay"]), stages)  # replay needs no key

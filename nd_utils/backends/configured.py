@@ -45,8 +45,9 @@ def load_captioner_from_config(cfg: Config) -> Captioner:
 
 def language_model_from_config(cfg: Config, backend=None) -> CachedLanguageModel:
     """The `llm.*` backend behind the answer cache at `<data_dir>/cache/llm_answers.jsonl`."""
+    extra = {"require_key": cfg["llm.mode"] != "replay"} if cfg["llm.name"] == "openai" else {}
     backend = backend or load_language_model(
         cfg["llm.name"], model=cfg["llm.model"], max_new_tokens=int(cfg["llm.max_new_tokens"]),
-        device=_device(cfg) if cfg["llm.name"] == "transformers" else "cpu")
+        device=_device(cfg) if cfg["llm.name"] == "transformers" else "cpu", **extra)
     return CachedLanguageModel(backend, Path(cfg.data_dir) / "cache" / "llm_answers.jsonl",
                                temperature=float(cfg["llm.temperature"]), mode=cfg["llm.mode"])

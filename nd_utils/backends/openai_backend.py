@@ -76,15 +76,19 @@ class OpenAIChat:
         timeout: float = 60.0,
         max_tokens: int = 64,
         sleep: Callable[[float], Any] = time.sleep,
+        require_key: bool = True,
     ) -> None:
         key = os.environ.get(api_key_env, "").strip()
-        if not key:
-            raise MissingApiKeyError(
-                f"the OpenAI backend needs an API key in the environment variable {api_key_env}, "
-                "which is unset or empty. Set it in the shell that starts Python or Jupyter "
-                f"(export {api_key_env}=sk-...), or run offline with the `transformers` or "
-                "`keywords` backend."
-            )
+        self._missing_key = None if key else (
+            f"the OpenAI backend needs an API key in the environment variable {api_key_env}, "
+            "which is unset or empty. Set it in the shell that starts Python or Jupyter "
+            f"(export {api_key_env}=sk-...), answer from the cache with llm.mode=replay, or run "
+            "offline with the `transformers` or `keywords` backend."
+        )
+        # Replaying answers from the cache needs the model's id, never the service: without a
+        # key (require_key=False) the backend is built, and only a request would fail.
+        if self._missing_key and require_key:
+            raise MissingApiKeyError(self._missing_key)
         if max_retries < 0:
             raise ConfigError(f"max_retries must be >= 0, got {max_retries}.")
         if backoff < 0 or max_backoff < 0:
@@ -101,7 +105,7 @@ class OpenAIChat:
         self._sleep = sleep
         # The key lives only inside the SDK client; this object never keeps its own copy.
         # max_retries=0 because the SDK would otherwise sleep on its own clock, invisible to tests.
-        self._client = openai.OpenAI(
+        self._client = None if not key else openai.OpenAI(
             api_key=key, base_url=self.base_url, max_retries=0, timeout=self.timeout
         )
 
@@ -119,6 +123,8 @@ class OpenAIChat:
     def complete(self, prompt: str, *, temperature: float, seed: int,
                  messages: "list[dict] | None" = None) -> str:
         """Send `messages` (default: `prompt` as one user message); return the reply text."""
+        if self._client is None:
+            raise MissingApiKeyError(self._missing_key)
         messages = messages or [{"role": "user", "content": prompt}]
         attempts = self.max_retries + 1
         last = "no response"
@@ -194,5 +200,5 @@ class OpenAIChat:
 
     def _scrub(self, text: str) -> str:
         """Replace the API key in `text`: servers sometimes echo a rejected key back."""
-        key = self._client.api_key
+        key = self._client.api_key if self._client is not None else None
         return text.replace(key, _REDACTED) if key else text
