@@ -21,8 +21,9 @@ reference implementation step by step, except for its uint8 overflow:
 
 Crops are resized back to `size`x`size`. D_top = the neuron's `top_k` highest items among
 originals and crops, all scored by the same forward pass at `size`. The maps are computed with a
-plain resize to the network's input side instead of its resize + centre crop, so that the map
-covers the whole image the boxes refer to (see `square_transform`).
+plain resize to the network's input side instead of its resize + centre crop (a Compose, timm's
+transforms or torchvision's `ImageClassification` preset alike), so that the map covers the whole
+image the boxes refer to (see `square_transform`).
 
 Vector layers (fc) get no crops: D_top is the cached top images. Token layers `[B, T, D]` (ViT)
 take their map from the patch tokens (token 0 = CLS is dropped), reshaped to the patch grid.
@@ -161,24 +162,59 @@ def crop_boxes(spatial_map: torch.Tensor, size: int = 375, max_per_image: int = 
     return select_boxes(external_boxes(mask), size, size, max_per_image, iou_max, image_iou_max)
 
 
-def square_transform(preprocess, size: "int | None" = None):
-    """The target's preprocessing with its resize + centre crop replaced by a plain resize.
+def _side(size) -> int:
+    return int(size[0] if isinstance(size, (tuple, list)) else size)
 
-    Spatial maps must cover the whole `size`x`size` image that the boxes refer to; a centre crop
-    would cut its border off. Transforms that are not a torchvision Compose are kept as they are.
+
+def square_transform(preprocess, size: "int | None" = None):
+    """The target's preprocessing with its resize + centre crop replaced by a plain square resize.
+
+    Spatial maps must cover the whole image the boxes refer to; a centre crop would cut its
+    border off. Understood: a torchvision `Compose` (also timm's, whose resize steps are its own
+    classes), and torchvision's `ImageClassification` preset of pretrained weights (resize 256,
+    crop 224, then to a float tensor and normalised). The side is the crop's (else `size`); the
+    resize keeps the original's interpolation and antialias. Any other callable is kept as it is:
+    it is assumed to show the whole image.
+
+    Example:
+        >>> from torchvision.models import ResNet50_Weights
+        >>> tf = square_transform(ResNet50_Weights.IMAGENET1K_V1.transforms())
+        >>> tf(Image.new("RGB", (375, 375))).shape     # the whole image, resized to 224x224
+        torch.Size([3, 224, 224])
     """
-    if not isinstance(preprocess, T.Compose):
-        return preprocess
-    steps, side = [], size
-    for t in preprocess.transforms:
-        if isinstance(t, T.CenterCrop):
-            side = t.size[0] if isinstance(t.size, (tuple, list)) else t.size
-        elif not isinstance(t, T.Resize):
-            steps.append(t)
-    if side is None:
-        return preprocess
-    return T.Compose([T.Resize((int(side), int(side)),
-                               interpolation=T.InterpolationMode.BILINEAR), *steps])
+    if isinstance(preprocess, T.Compose):
+        steps, side, resize = [], size, None
+        for t in preprocess.transforms:
+            kind = type(t).__name__
+            if isinstance(t, T.CenterCrop) or kind == "CenterCrop":
+                side = _side(t.size)
+            elif isinstance(t, T.Resize) or "Resize" in kind:  # timm's ResizeKeepRatio too
+                resize = resize or t
+            else:
+                steps.append(t)
+        if side is None:
+            return preprocess
+        return T.Compose([_square_resize(side, resize), *steps])
+    if all(hasattr(preprocess, a) for a in ("crop_size", "resize_size", "mean", "std")):
+        # torchvision.transforms._presets.ImageClassification (what `weights.transforms()` gives)
+        side = _side(preprocess.crop_size) if size is None else int(size)
+        return T.Compose([_square_resize(side, preprocess), T.PILToTensor(),
+                          T.ConvertImageDtype(torch.float),
+                          T.Normalize(mean=list(preprocess.mean), std=list(preprocess.std))])
+    return preprocess
+
+
+def _square_resize(side: int, like=None) -> T.Resize:
+    """`Resize((side, side))` with the interpolation and antialias of the resize it replaces."""
+    mode = getattr(like, "interpolation", T.InterpolationMode.BILINEAR)
+    if not isinstance(mode, T.InterpolationMode):  # timm may hold a PIL constant or a name
+        try:
+            mode = T.InterpolationMode(str(mode).lower())
+        except ValueError:
+            mode = T.InterpolationMode.BILINEAR
+    antialias = getattr(like, "antialias", True)
+    return T.Resize((int(side), int(side)), interpolation=mode,
+                    antialias=True if antialias is None else antialias)
 
 
 def spatial_maps(output: torch.Tensor, layer: str = "?") -> "torch.Tensor | None":

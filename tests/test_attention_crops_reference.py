@@ -229,3 +229,49 @@ def test_box_selection_rules():
     assert select_boxes([(0, 0, 100, 100), (0, 0, 100, 50)], 375, 375) == [(0, 0, 100, 100),
                                                                             (0, 0, 100, 50)]
     assert select_boxes([(0, 0, 100, 80), (0, 0, 10, 10)], 100, 100) == [(0, 0, 10, 10)]
+
+
+def _edge_hot_image(size: int = 375, strip: int = 24) -> Image.Image:
+    """Black, with a bright vertical strip along the left edge (outside ResNet's centre crop)."""
+    pixels = np.zeros((size, size, 3), np.uint8)
+    pixels[:, :strip] = 255
+    return Image.fromarray(pixels)
+
+
+def test_square_transform_of_torchvision_presets_keeps_the_edges():
+    """`weights.transforms()` is no Compose: its centre crop must go too (issue 20)."""
+    from torchvision.models import ResNet50_Weights
+
+    from nd_utils.attention_crops import square_transform
+
+    preset = ResNet50_Weights.IMAGENET1K_V1.transforms()
+    image = _edge_hot_image()
+    cropped, square = preset(image), square_transform(preset)(image)
+    assert cropped.shape == square.shape == (3, 224, 224)
+    bright = (1 - 0.485) / 0.229  # channel 0 of a white pixel after Normalize
+    assert float(cropped[0, :, :5].max()) < 0  # the centre crop cut the strip off
+    assert float(square[0, 100, :10].min()) > bright - 0.1  # the whole image is there
+    plain = T.Compose([T.Resize((224, 224), antialias=True), T.ToTensor(),
+                       T.Normalize(preset.mean, preset.std)])(image)
+    assert torch.allclose(square, plain, atol=1e-5)
+    # a Compose with a resize and a centre crop is rewritten the same way; one without is kept
+    compose = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(),
+                         T.Normalize(preset.mean, preset.std)])
+    assert torch.allclose(square_transform(compose)(image), plain, atol=1e-5)
+    whole = T.Compose([T.ToTensor()])
+    assert square_transform(whole) is whole
+
+
+def test_crop_box_finds_a_hot_spot_at_the_edge_with_the_resnet_preset():
+    """Through `forward_maps`: a map of brightness puts the box on the left strip."""
+    from torchvision.models import ResNet50_Weights
+
+    from nd_utils import from_module
+    from nd_utils.attention_crops import crop_boxes, forward_maps
+
+    # mean brightness over 32x32 cells: a 7x7 map of a 224 input
+    target = from_module(torch.nn.Sequential(torch.nn.AvgPool2d(32)),
+                         ResNet50_Weights.IMAGENET1K_V1.transforms(), name="brightness")
+    _, maps = forward_maps(target, "0", [_edge_hot_image()], pooling="avg")
+    boxes = crop_boxes(maps[0, 0], size=375)
+    assert boxes and boxes[0][0] == 0 and boxes[0][2] <= 120  # on the strip, at the left edge
