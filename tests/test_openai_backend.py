@@ -308,8 +308,9 @@ def test_replay_from_the_config_needs_no_key(server, env, tmp_path):
     with pytest.raises(MissingApiKeyError, match="llm.mode=replay"):
         language_model_from_config(cfg)  # live without a key: still the clear error
     replay = language_model_from_config(nd.load_config(cfg, ["llm.mode=replay"]))
+    assert replay.model_id == "openai:gpt-test"  # the id the live answer was cached under
     assert replay.ask(tpl, {"caption": "a red car"}, seed=0) == "red car"
-    with pytest.raises(ReplayMissError):
+    with pytest.raises(ReplayMissError, match="replay mode: no cached answer of openai:gpt-test"):
         replay.ask(tpl, {"caption": "a blue car"}, seed=0)
     assert len(server.requests) == 1
     with pytest.raises(MissingApiKeyError):  # a request without a key says why
@@ -329,3 +330,29 @@ def test_preflight_names_every_stage_that_asks_the_language_model(env, tmp_path,
     else:
         preflight(cfg, stages)
     preflight(nd.load_config(cfg, ["llm.mode=replay"]), stages)  # replay needs no key
+
+
+def test_preflight_flags_stage_08_only_when_it_asks_the_language_model(env, tmp_path):
+    """Offline probes: stage 08 judges the run's own labels, so it asks the language model only
+    when stage 04's concepts are missing (it computes them then) or when it re-chooses labels."""
+    import nd_utils as nd
+    from nd_utils.pipeline import preflight
+
+    env.delenv("OPENAI_API_KEY")
+    cfg = nd.load_config("offline", [f"data_dir={tmp_path}", "llm.name=openai"])
+    with pytest.raises(MissingApiKeyError,
+                       match=r"stage\(s\) 08 would fail .*computes the missing stage 04"):
+        preflight(cfg, ["08"])
+    done = tmp_path / "artifacts" / "04_concepts" / "0123456789abcdef"
+    done.mkdir(parents=True)
+    (done / "manifest.json").write_text(json.dumps(
+        {"key": done.name, "stage": "04_concepts", "files": {}}))
+    preflight(cfg, ["08"])  # its concepts are stored: stage 08 never asks, no key needed
+    with pytest.raises(MissingApiKeyError, match=r"stage\(s\) 04 would fail"):
+        preflight(cfg, ["04", "08"])
+    # labels chosen on the quality probe itself are not held out: 08 chooses them again
+    rechoose = nd.load_config(cfg, ["probe.sets=[{name: imagenet-sample-1k}]"])
+    with pytest.raises(MissingApiKeyError,
+                       match=r"stage\(s\) 08 would fail .*labels again on its select part"):
+        preflight(rechoose, ["08"])
+    preflight(nd.load_config(rechoose, ["llm.mode=replay"]), ["08"])  # replay needs no key
