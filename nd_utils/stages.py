@@ -56,7 +56,8 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
           reads=("clip_dissect.similarity", "clip_dissect.hyperparameters"),
           upstream=("01_activation_caching", "01_image_features", "02_text_features")),
     # Describe-and-Dissect (03-06); keys also carry the layer and the chosen neurons
-    Stage("03_top_images", "03_captions.ipynb", version=3,
+    # version 4: maps of torchvision-preset targets (ResNet-50) cover the whole image
+    Stage("03_top_images", "03_captions.ipynb", version=4,
           reads=("dnd.top_k", "dnd.crops", "target.pooling"),
           upstream=("01_activation_caching",)),
     Stage("03_captions", "03_captions.ipynb", version=1,
