@@ -83,8 +83,8 @@ def target_identity(cfg: Config, target: "Target | None" = None) -> str:
     if target is None or target.name == name:
         if is_pinned(name):
             return name
-        if is_random_init(name):
-            return random_init_id(name, cfg["seed"])
+        if is_random_init(name):  # a given Target names the seed it was drawn with
+            return target.weights_id if target is not None else random_init_id(name, cfg["seed"])
     if target is None:
         raise NdUtilsError(
             f"target {name!r} is not a registry name with pinned weights, so its caches are "
