@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image
 
-from .backends.captioners import Captioner, _checkpoint_file, file_sha256
+from .backends.captioners import Captioner, checkpoint_file, file_sha256
 from .backends.configured import load_captioner_from_config
 from .config import Config
 from .jsonl_cache import JsonlCache
@@ -110,7 +110,7 @@ def caption_cache(data_dir: "str | Path") -> JsonlCache:
 def caption_output(cfg: Config, top: TopImages) -> StageOutput:
     inputs = {}
     checkpoint = cfg.get("captioner.checkpoint") if cfg.get("captioner.name") == "blip" else None
-    weights_file = _checkpoint_file(checkpoint) if checkpoint else None
+    weights_file = checkpoint_file(checkpoint) if checkpoint else None
     if weights_file is not None:  # new bytes at the same path are other weights: another key
         inputs["checkpoint_sha256"] = file_sha256(weights_file)
     return stage_output(STAGE, {**cfg.select(STAGE.reads), "layer": top.layer}, inputs=inputs,

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 import shutil
 import threading
@@ -148,6 +149,21 @@ class ConceptServer:
         self.httpd.shutdown()
         self.httpd.server_close()
         self._thread.join(timeout=5)
+
+
+def standin_env(root: Path, concept_sets: Path, server: "ConceptServer") -> dict:
+    """This process's environment, pointed at the stand-ins under `root` and at `server`.
+
+    TORCH_HOME holds the placed ResNet-50 checkpoint (:func:`place_resnet50_checkpoint` on
+    `root / "torch"`); ND_DATA_DIR and OPENAI_ORG_ID are dropped so the user's own store and
+    organisation never leak into a stand-in run.
+    """
+    env = {k: v for k, v in os.environ.items() if k not in ("ND_DATA_DIR", "OPENAI_ORG_ID")}
+    env.update({"TORCH_HOME": str(root / "torch"), "ND_CONCEPT_DIR": str(concept_sets),
+                "ND_CONCEPT_CACHE": str(root / "concept-cache"),
+                "OPENAI_BASE_URL": server.base_url, "OPENAI_API_KEY": "sk-local-stand-in",
+                "NO_PROXY": "127.0.0.1,localhost"})
+    return env
 
 
 def paper_overrides(root: Path, shared: Path, blip: Path, sd: Path, n_images: int = 80,

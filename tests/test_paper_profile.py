@@ -22,7 +22,8 @@ import nd_utils as nd
 from nd_utils.config import REPO_ROOT
 from nd_utils.pipeline import list_notebooks
 
-from paper_standins import ConceptServer, paper_overrides, place_resnet50_checkpoint
+from paper_standins import (ConceptServer, paper_overrides, place_resnet50_checkpoint,
+                             standin_env)
 
 SHARED = Path(os.environ.get("ND_SHARED_DIR") or Path(nd.__file__).resolve().parents[2] / "shared")
 CONCEPT_SETS = SHARED / "data" / "reference" / "concept_sets"
@@ -43,15 +44,10 @@ def _run(args: list[str], env: dict) -> subprocess.CompletedProcess:
 def paper_run(tmp_path_factory, tiny_blip_dir, tiny_sd_dir):
     """One cold run of `python -m nd_utils run paper` on the stand-ins; its folder and server."""
     root = tmp_path_factory.mktemp("paper")
-    torch_home = root / "torch"
-    place_resnet50_checkpoint(torch_home)
+    place_resnet50_checkpoint(root / "torch")
     overrides = paper_overrides(root, SHARED, tiny_blip_dir, tiny_sd_dir, N_IMAGENET, N_BRODEN)
     with ConceptServer() as server:
-        env = {k: v for k, v in os.environ.items() if k not in ("ND_DATA_DIR", "OPENAI_ORG_ID")}
-        env.update({"TORCH_HOME": str(torch_home), "ND_CONCEPT_DIR": str(CONCEPT_SETS),
-                    "ND_CONCEPT_CACHE": str(root / "concept-cache"),
-                    "OPENAI_BASE_URL": server.base_url, "OPENAI_API_KEY": "sk-local-stand-in",
-                    "NO_PROXY": "127.0.0.1,localhost"})
+        env = standin_env(root, CONCEPT_SETS, server)
         proc = _run(["run", "paper", *sum((["--set", o] for o in overrides), [])], env)
         assert proc.returncode == 0, proc.stderr[-4000:]
         results = Path(proc.stdout.strip().splitlines()[-1])

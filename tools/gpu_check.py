@@ -29,7 +29,8 @@ sys.path.insert(0, str(REPO / "tests"))
 
 import pandas as pd  # noqa: E402
 
-from paper_standins import ConceptServer, paper_overrides, place_resnet50_checkpoint  # noqa: E402
+from paper_standins import (ConceptServer, paper_overrides,  # noqa: E402
+                             place_resnet50_checkpoint, standin_env)
 
 CPU_STAGES = "01,02,03,04,05,06"
 
@@ -136,11 +137,7 @@ def main() -> int:
     cpu_overrides = [o if not o.startswith("data_dir=") else f"data_dir={root / 'data-cpu'}"
                      for o in base]
     with ConceptServer() as server:
-        env = {k: v for k, v in os.environ.items() if k != "ND_DATA_DIR"}
-        env.update({"TORCH_HOME": str(root / "torch"), "ND_CONCEPT_DIR": str(concept_sets),
-                    "ND_CONCEPT_CACHE": str(root / "concept-cache"),
-                    "OPENAI_BASE_URL": server.base_url, "OPENAI_API_KEY": "sk-local-stand-in",
-                    "NO_PROXY": "127.0.0.1,localhost"})
+        env = standin_env(root, concept_sets, server)
         t = time.perf_counter()
         with GpuMemorySampler() as memory:
             cuda_run = run_paper(cuda_overrides, env)

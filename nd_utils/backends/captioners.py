@@ -98,7 +98,7 @@ class BlipCaptioner(Captioner):
         self.device = resolve_device(device)
         # A weights file (not a folder or hub name): checked before any hub look-up, so a
         # missing or unreadable file is reported as such, never as a network problem.
-        weights_file = _checkpoint_file(checkpoint) if checkpoint else None
+        weights_file = checkpoint_file(checkpoint) if checkpoint else None
         if weights_file is not None:
             state_dict = read_state_dict(weights_file)  # fail fast, before building the model
         try:
@@ -153,7 +153,7 @@ class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
     """`captioner.checkpoint` names a local file or folder that does not exist."""
 
 
-def _checkpoint_file(checkpoint: str) -> "Path | None":
+def checkpoint_file(checkpoint: str) -> "Path | None":
     """The weights file `checkpoint` names, or None for a folder / hub name (as before).
 
     A path that does not exist raises when it cannot be a hub name: a weights-file suffix, an
