@@ -8,6 +8,12 @@ minus the RSS right after the inputs were created (and a tiny warm-up call), "to
 "seconds" is the fastest of --repeat calls, "CPU seconds" the process CPU time of that call.
 
 Usage: python benchmarks/bench_similarity.py [--small] [--functions soft_wpmi wpmi] [--repeat 3]
+
+CUDA section (run when CUDA is available, else it says it was skipped): soft_wpmi at a paper-like
+shape (--cuda-n 113000 images, --cuda-m 20000 concepts, --cuda-k 2048 neurons, D=512 features),
+P given as `Cosines` as stage 02 passes it, on CUDA (`similarity_on_device`) and on the CPU:
+seconds, their ratio, torch.cuda.max_memory_allocated, and how far the two results differ.
+--cuda-only skips the CPU table above it.
 """
 from __future__ import annotations
 
@@ -53,6 +59,43 @@ def worker(name: str, n: int, m: int, k: int, repeat: int) -> dict:
             "peak_mb": round(peak - base), "total_mb": round(peak), "inputs_mb": round((P.numel() + A.numel()) * 4 / 2**20)}
 
 
+def cuda_section(n: int, m: int, k: int, d: int = 512) -> None:
+    """soft_wpmi on CUDA vs CPU at [n, m] x k (see the module docstring)."""
+    import torch
+
+    from nd_utils.similarity import Cosines, similarity_on_device, soft_wpmi
+
+    if not torch.cuda.is_available():
+        print("\nCUDA section skipped: CUDA is not available here")
+        return
+    g = torch.Generator().manual_seed(0)
+    I = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1)
+    T = torch.nn.functional.normalize(torch.randn(m, d, generator=g), dim=1)
+    A = torch.randn(n, k, generator=g)
+    P = Cosines(I, T)
+    dev = torch.device("cuda")
+    print(f"\nCUDA section: soft_wpmi, N={n}, M={m}, K={k}, D={d} (P as Cosines, never whole); "
+          f"{torch.cuda.get_device_name(dev)}, free "
+          f"{torch.cuda.mem_get_info(dev)[0] / 2**30:.1f} GiB", flush=True)
+    similarity_on_device(soft_wpmi, Cosines(I[:300], T[:70]), A[:300, :8], device=dev)  # warm-up
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats(dev)
+    t0 = time.perf_counter()
+    on_gpu = similarity_on_device(soft_wpmi, P, A, device=dev)   # returned on the CPU
+    torch.cuda.synchronize()
+    gpu_s = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated(dev)
+    print(f"  CUDA: {gpu_s:.2f} s, max_memory_allocated {peak / 2**30:.2f} GiB", flush=True)
+    t0 = time.perf_counter()
+    on_cpu = soft_wpmi(P, A)
+    cpu_s = time.perf_counter() - t0
+    diff = (on_gpu - on_cpu).abs().max().item()
+    same = (on_gpu.argmax(1) == on_cpu.argmax(1)).float().mean().item()
+    print(f"  CPU: {cpu_s:.2f} s ({torch.get_num_threads()} threads); CPU / CUDA = "
+          f"{cpu_s / gpu_s:.1f}x; max |CUDA - CPU| = {diff:.2e} (|sim| up to "
+          f"{on_cpu.abs().max().item():.0f}); same top concept for {100 * same:.2f} % of neurons")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--small", action="store_true", help="N=2000, M=3000, K=200: a quick run")
@@ -61,6 +104,10 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=1_000)
     ap.add_argument("--functions", nargs="+", default=list(FUNCTIONS), choices=FUNCTIONS)
     ap.add_argument("--repeat", type=int, default=1, help="calls per function; the fastest is shown")
+    ap.add_argument("--cuda-n", type=int, default=113_000)
+    ap.add_argument("--cuda-m", type=int, default=20_000)
+    ap.add_argument("--cuda-k", type=int, default=2_048)
+    ap.add_argument("--cuda-only", action="store_true", help="only the CUDA section")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.small:
@@ -70,6 +117,9 @@ def main() -> None:
         return
 
     import torch
+    if args.cuda_only:
+        cuda_section(args.cuda_n, args.cuda_m, args.cuda_k)
+        return
     print(f"N={args.n} images, M={args.m} concepts, K={args.k} neurons; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs, load average "
           f"{os.getloadavg()[0]:.2f} (other processes slow every number below)")
@@ -99,6 +149,7 @@ def main() -> None:
         print(f"\nsoft_wpmi vs the reference (~{ref['seconds']:.0f} s, ~{ref['peak_mb'] / 1000:.0f} GB): "
               f"{s['seconds'] / ref['seconds']:.2f}x the time, {s['peak_mb'] / ref['peak_mb']:.2f}x "
               f"the memory over inputs ({s['total_mb'] / ref['peak_mb']:.2f}x counting the inputs)")
+    cuda_section(args.cuda_n, args.cuda_m, args.cuda_k)
 
 
 if __name__ == "__main__":

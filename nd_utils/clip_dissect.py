@@ -25,9 +25,10 @@ from .activations import activation_key, load_activations, load_probe_from_confi
 from .concept_sets import ConceptSet, load_concept_set
 from .config import Config
 from .errors import ConfigError, DamagedArtifactError, MissingArtifactError
-from .image_features import image_feature_key, load_image_features
+from .image_features import image_feature_key, load_image_features, vlm_key_params
 from .probes import ProbeSet
-from .similarity import get_similarity, top_concepts
+from .machine import config_device
+from .similarity import get_similarity, image_concept_cosines, similarity_on_device, top_concepts
 from .stages import STAGES, StageOutput, cached_stage, stage_output
 from .store import ArtifactStore, atomic_write_text, save_tensors
 from .backends.configured import load_vlm_from_config
@@ -35,7 +36,9 @@ from .backends.vlm import VisionLanguageModel
 
 TEXT_STAGE = STAGES["02_text_features"]
 LABEL_STAGE = STAGES["02_clip_dissect"]
-TEXT_BATCH = 256  # texts per encoder call; whole batches of a cached list are reused as they are
+# texts per encoder call of artifacts that do not record theirs (written before
+# `vlm.batch_size` set it); whole batches of a cached list are reused as they are
+TEXT_BATCH = 256
 STORED_TOP = 20  # concepts kept per neuron in the artifact; tables show clip_dissect.top_n
 
 
@@ -46,7 +49,8 @@ def load_concepts_from_config(cfg: Config, name: "str | None" = None) -> Concept
 
 
 def text_feature_output(cfg: Config, concepts: ConceptSet) -> StageOutput:
-    params = {**cfg.select(TEXT_STAGE.reads), "clip_dissect.concept_set": concepts.name}
+    params = {**cfg.select(TEXT_STAGE.reads), "clip_dissect.concept_set": concepts.name,
+              **vlm_key_params(cfg)}
     return stage_output(TEXT_STAGE, params, inputs={"concepts_sha256": concepts.sha256})
 
 
@@ -57,43 +61,48 @@ def text_feature_key(cfg: Config, concepts: ConceptSet) -> str:
 def cache_text_features(cfg: Config, concepts: ConceptSet,
                         vlm: "VisionLanguageModel | None" = None, force: bool = False
                         ) -> torch.Tensor:
-    """Text features `[M, D]` of the concepts, computed once per (backend, concepts, template)."""
+    """Text features `[M, D]` of the concepts, computed once per (backend, concepts, template),
+    encoded `vlm.batch_size` texts at a time (the batch size is recorded, not keyed)."""
     store = ArtifactStore(cfg.data_dir)
+    batch = int(cfg["vlm.batch_size"])
 
     def build(tmp: Path) -> dict:
         nonlocal vlm
         vlm = vlm or load_vlm_from_config(cfg)
         texts = list(concepts)
-        reused = _reusable_text_batches(cfg, store, texts, vlm.backend_id)
+        reused = _reusable_text_batches(cfg, store, texts, vlm.backend_id, batch)
         rest = vlm.encode_texts(texts[len(reused):], template=cfg["clip_dissect.template"],
-                                batch_size=TEXT_BATCH)
+                                batch_size=batch)
         feats = torch.cat([reused.to(rest), rest]) if len(reused) else rest
         save_tensors({"text_features": feats.float().cpu()}, tmp / "text_features.safetensors")
         atomic_write_text(tmp / "concepts.txt", "\n".join(concepts) + "\n")
         return {"backend_id": vlm.backend_id, "n_concepts": len(concepts),
-                "concept_set": concepts.name, "concept_report": concepts.report}
+                "concept_set": concepts.name, "concept_report": concepts.report,
+                "text_batch_size": batch}
 
     art = cached_stage(store, text_feature_output(cfg, concepts), build, force=force)
     return load_file(str(art.file("text_features.safetensors")))["text_features"]
 
 
 def _reusable_text_batches(cfg: Config, store: ArtifactStore, texts: list[str],
-                           backend_id: str) -> torch.Tensor:
+                           backend_id: str, batch: int = TEXT_BATCH) -> torch.Tensor:
     """Rows of an already cached text-feature artifact (same backend and settings) whose concept
     list starts with the same whole batches as `texts`, e.g. words-10k's first 9,984 words
     inside words-20k's features; `[0, D]` when there is none.
 
-    Texts are encoded `TEXT_BATCH` at a time from the start of the list and a batch's rows
-    depend only on that batch's texts, so reusing whole aligned batches gives the same bits as
-    encoding them again.
+    Texts are encoded `batch` at a time from the start of the list and a batch's rows
+    depend only on that batch's texts, so reusing whole aligned batches of an artifact encoded
+    with the same batch size (`text_batch_size`; `TEXT_BATCH` when it records none) gives the
+    same bits as encoding them again.
     """
-    settings = {k: v for k, v in cfg.select(TEXT_STAGE.reads).items()
+    settings = {k: v for k, v in {**cfg.select(TEXT_STAGE.reads), **vlm_key_params(cfg)}.items()
                 if k != "clip_dissect.concept_set"}
     best, n_best = None, 0
     for art in store.find(TEXT_STAGE.name):
         m = art.manifest
         if (m.get("stage_version") != TEXT_STAGE.version
                 or m.get("backend_id") != backend_id
+                or int(m.get("text_batch_size", TEXT_BATCH)) != batch
                 or {k: v for k, v in m.get("params", {}).items()
                     if k != "clip_dissect.concept_set"} != settings):
             continue
@@ -102,9 +111,9 @@ def _reusable_text_batches(cfg: Config, store: ArtifactStore, texts: list[str],
         except (DamagedArtifactError, MissingArtifactError, OSError):
             continue
         same = 0
-        while (same + TEXT_BATCH <= min(len(cached), len(texts))
-               and cached[same:same + TEXT_BATCH] == texts[same:same + TEXT_BATCH]):
-            same += TEXT_BATCH
+        while (same + batch <= min(len(cached), len(texts))
+               and cached[same:same + batch] == texts[same:same + batch]):
+            same += batch
         if same > n_best:
             best, n_best = art, same
     if best is None:
@@ -116,7 +125,8 @@ def _reusable_text_batches(cfg: Config, store: ArtifactStore, texts: list[str],
 def concept_similarity(cfg: Config, probe: ProbeSet, concepts: ConceptSet,
                        vlm: "VisionLanguageModel | None" = None, force: bool = False
                        ) -> torch.Tensor:
-    """`P = I @ T.T`, the `[N, M]` image-concept cosine similarities."""
+    """`P = I @ T.T`, the `[N, M]` image-concept cosine similarities, formed whole (stage 02
+    itself passes `similarity.image_concept_cosines`, which never forms a large P)."""
     return load_image_features(cfg, probe) @ cache_text_features(cfg, concepts, vlm, force).T
 
 
@@ -148,9 +158,12 @@ def dissect_layer(cfg: Config, layer: str, probe: "ProbeSet | None" = None,
 
     def build(tmp: Path) -> dict:
         acts = load_activations(cfg, layer, probe=probe, target=target)
-        P = concept_similarity(cfg, probe, concepts, vlm, force=force)
+        device = config_device(cfg)
+        P = image_concept_cosines(load_image_features(cfg, probe),
+                                  cache_text_features(cfg, concepts, vlm, force), device)
         fn = get_similarity(cfg["clip_dissect.similarity"])
-        sim = fn(P, acts.activations, **similarity_hyperparameters(cfg, fn), layer=layer)
+        sim = similarity_on_device(fn, P, acts.activations, device=device,
+                                   **similarity_hyperparameters(cfg, fn), layer=layer)
         atomic_write_text(tmp / "labels.csv", label_table(sim, concepts, layer).to_csv(index=False))
         return {"layer": layer, "n_neurons": int(sim.shape[0]), "n_concepts": int(sim.shape[1]),
                 "concept_set": concepts.name}

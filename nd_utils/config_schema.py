@@ -198,6 +198,10 @@ class Vlm(_Section):
     name: Annotated[str, Field(pattern=r"^(conse|open_clip:[^:]+:[^:]+)$")] = _f(
         "conse or open_clip:<model>:<pretrained>, e.g. open_clip:ViT-B-16:openai")
     batch_size: PosInt = _f(_BATCH)
+    # a config written before the key existed means float32, as it computed then
+    dtype: Literal["float32", "float16", "bfloat16"] = _f(
+        "float32, float16 or bfloat16 (the VLM's compute precision; conse: float32 only)",
+        default="float32")
 
 
 class Clean(_Section):

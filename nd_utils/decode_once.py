@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .locks import wait_until_free
+from .machine import pins_memory
 from .store import Artifact, ArtifactStore, atomic_write_text, save_tensors
 
 if TYPE_CHECKING:
@@ -207,7 +208,7 @@ def compute_chunk(probe, need: list[CacheJob], stagings: dict, c: int, lo: int, 
     into its staging folder (`stagings[id(job)]`), atomically."""
     consumers = list({id(j.consumer): j.consumer for j in need}.values())
     loader = DataLoader(_DecodeOnce(probe, list(range(lo, hi)), [cn.preprocess for cn in consumers]),
-                        batch_size=batch_size, num_workers=num_workers, shuffle=False)
+                        **loader_kwargs(device, batch_size=batch_size, num_workers=num_workers))
     parts: dict[tuple[int, str], list[torch.Tensor]] = {}
     with torch.inference_mode():
         for batch in loader:
@@ -222,6 +223,17 @@ def compute_chunk(probe, need: list[CacheJob], stagings: dict, c: int, lo: int, 
         if got is None:
             raise RuntimeError(f"consumer {j.consumer.name!r} produced no output {j.output!r}")
         save_tensors({"values": torch.cat(got)}, _chunk_file(stagings[id(j)], c))
+
+
+def loader_kwargs(device, *, batch_size: int, num_workers: int) -> dict:
+    """The DataLoader settings of a decode pass feeding `device`: in order, and with pinned
+    batches only for CUDA, so that the `non_blocking=True` copies are asynchronous.
+
+    >>> loader_kwargs("cpu", batch_size=8, num_workers=0)["pin_memory"]
+    False
+    """
+    return {"batch_size": batch_size, "num_workers": num_workers, "shuffle": False,
+            "pin_memory": pins_memory(device)}
 
 
 def _publish(store, job: CacheJob, staging: Path, n_chunks: int, probe, timings, elapsed) -> None:

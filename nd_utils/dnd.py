@@ -124,7 +124,8 @@ def dnd_selection(cfg: Config, force: bool = False, progress: bool = True, synth
         lc = concepts[layer]
 
         def build(tmp: Path) -> None:
-            labels, cand = select_labels(cfg, layer, top, lc, cacts, _dtop_features(top, vlm))
+            labels, cand = select_labels(cfg, layer, top, lc, cacts, _dtop_features(
+                top, vlm, int(cfg["vlm.batch_size"])))
             atomic_write_text(tmp / "labels.csv", labels.to_csv(index=False))
             atomic_write_text(tmp / "candidates.csv", cand.to_csv(index=False))
 
@@ -141,13 +142,17 @@ def dnd_selection(cfg: Config, force: bool = False, progress: bool = True, synth
 
 
 @torch.no_grad()
-def _dtop_features(top: TopImages, vlm) -> dict[int, torch.Tensor]:
-    """Unit-norm VLM embeddings `[n_top, D]` of each neuron's D_top items."""
+def _dtop_features(top: TopImages, vlm, batch_size: "int | None" = None
+                   ) -> dict[int, torch.Tensor]:
+    """Unit-norm VLM embeddings `[n_top, D]` of each neuron's D_top items, at most
+    `batch_size` (`vlm.batch_size`) images per encoder call."""
+    from .backends.vlm import encode_images_in_batches
+
     out = {}
     for unit in top.neurons:
         files = list(top.d_top(unit).file)
         x = torch.stack([vlm.preprocess(top.image(f)) for f in files]).to(vlm.device)
-        out[unit] = vlm.encode_images(x).float().cpu()
+        out[unit] = encode_images_in_batches(vlm, x, batch_size).float().cpu()
     return out
 
 

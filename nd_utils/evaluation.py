@@ -45,7 +45,8 @@ from .config import Config
 from .errors import NdUtilsError, ProbeError
 from .backends.sentence_encoders import load_sentence_encoder as sentence_encoder
 from .backends.sentence_models import MINILM
-from .similarity import get_similarity, top_concepts
+from .machine import config_device
+from .similarity import image_concept_cosines, similarity_on_device, top_concepts
 from .store import atomic_write_text
 
 BASELINE_LABEL = "depiction"
@@ -115,13 +116,14 @@ def _with_quality_layers(ecfg: Config) -> Config:
     return ecfg.with_overrides({"target.layers": layers})
 
 
-def load_sentence_encoder(name: str):
-    """The evaluation's sentence model, offline (see `sentence_encoders.load_sentence_encoder`).
+def load_sentence_encoder(name: str, device="cpu"):
+    """The evaluation's sentence model, offline (see `sentence_encoders.load_sentence_encoder`),
+    on `device` (the evaluation passes the configured one).
 
-    Returns (texts -> embeddings `[M, D]`, name actually used): all-mpnet-base-v2 from its
-    verified PyPI parts, or all-MiniLM-L6-v2 with a warning when those are not installed.
+    Returns (texts -> embeddings `[M, D]` on the CPU, name actually used): all-mpnet-base-v2
+    from its verified PyPI parts, or all-MiniLM-L6-v2 with a warning when those are not installed.
     """
-    return sentence_encoder(name, device="cpu", batch_size=128)
+    return sentence_encoder(name, device=device, batch_size=128)
 
 
 def _imagenet_short_names() -> list[str]:
@@ -305,17 +307,18 @@ def evaluate_final_layer(ecfg: Config, similarities: "list[str] | None" = None,
                            f"final (logit) layer")
     truths, gt_info = ground_truth(target.class_names)
     image_features = load_image_features(ecfg, probe)
-    sentence, sentence_name = load_sentence_encoder(ecfg["evaluation.sentence_model"])
+    device = config_device(ecfg)
+    sentence, sentence_name = load_sentence_encoder(ecfg["evaluation.sentence_model"], device)
     vlm_enc = _EmbeddingCache(lambda texts: vlm.encode_texts(list(texts)))
     st_enc = _EmbeddingCache(sentence)
     common = {"sentence_model": sentence_name, "ground_truth": gt_info["ground_truth"]}
     rows, preds = [], {}
     for set_name in concept_sets or ecfg["evaluation.concept_sets"]:
         concepts = _concepts_for(ecfg, set_name, truths, gt_info)
-        P = image_features @ cache_text_features(ecfg, concepts, vlm).T
+        P = image_concept_cosines(image_features, cache_text_features(ecfg, concepts, vlm), device)
         aligned = set_name in CLASS_NAME_SETS and len(concepts) == len(truths)
         for fn_name in similarities or ecfg["evaluation.similarities"]:
-            sim = get_similarity(fn_name)(P, acts.activations, layer=layer)
+            sim = similarity_on_device(fn_name, P, acts.activations, device=device, layer=layer)
             labels = [concepts[int(i)] for i in top_concepts(sim, 1)[1][:, 0]]
             preds[(set_name, fn_name)] = labels
             row = {"concept_set": set_name, "similarity": fn_name, "n_concepts": len(concepts)}

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from .activations import cfg_for_root
-from .backends.configured import load_vlm_from_config
+from .backends.configured import load_vlm_from_config, vlm_dtype
 from .backends.vlm import VisionLanguageModel
 from .config import Config
 from .decode_once import CacheJob
@@ -27,8 +27,16 @@ from .store import ArtifactStore
 IMAGE_STAGE = STAGES["01_image_features"]
 
 
+def vlm_key_params(cfg: Config) -> dict:
+    """What the VLM settings add to a features key besides `vlm.name`: `vlm.dtype` when it is
+    not float32 (it changes the features), nothing otherwise, so float32 keys stay as they were.
+    `vlm.batch_size` is never in a key, as `activations.batch_size` is not."""
+    dtype = vlm_dtype(cfg)
+    return {} if dtype == "float32" else {"vlm.dtype": dtype}
+
+
 def image_feature_output(cfg: Config, probe: ProbeSet) -> StageOutput:
-    return stage_output(IMAGE_STAGE, cfg.select(IMAGE_STAGE.reads),
+    return stage_output(IMAGE_STAGE, {**cfg.select(IMAGE_STAGE.reads), **vlm_key_params(cfg)},
                         inputs={"probe_fingerprint": probe.fingerprint})
 
 
@@ -37,9 +45,10 @@ def image_feature_key(cfg: Config, probe: ProbeSet) -> str:
 
 
 def image_feature_job(cfg: Config, vlm: VisionLanguageModel, probe: ProbeSet) -> CacheJob:
-    """A decode-once job caching the probe set's L2-normalised image features `[N, D]`."""
-    return CacheJob.for_output(image_feature_output(cfg, probe), vlm.image_consumer(),
-                               "image_features",
+    """A decode-once job caching the probe set's L2-normalised image features `[N, D]`; the
+    encoder sees at most `vlm.batch_size` images per call (the pass cuts its own batches)."""
+    return CacheJob.for_output(image_feature_output(cfg, probe),
+                               vlm.image_consumer(int(cfg["vlm.batch_size"])), "image_features",
                                extra={"vlm": vlm.name, "backend_id": vlm.backend_id})
 
 

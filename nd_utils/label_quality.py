@@ -184,7 +184,8 @@ def _derangement(n: int, rng: np.random.Generator) -> np.ndarray:
             return perm
 
 
-def calibrate_simulator(calib: ProbeSet, feats: torch.Tensor, vlm) -> dict:
+def calibrate_simulator(calib: ProbeSet, feats: torch.Tensor, vlm,
+                        batch_size: int = 256) -> dict:
     """Fit the simulator's `(a, b)` on labelled calibration images (`label_metrics`).
 
     Concepts are the distinct labels of the whole probe set; image i is a positive of concept j
@@ -196,7 +197,7 @@ def calibrate_simulator(calib: ProbeSet, feats: torch.Tensor, vlm) -> dict:
     if len(concepts) < 2 or len(have) < 2:
         raise ConfigError(f"simulation: the calibration images of {calib.root.name!r} need class "
                           f"labels (found {len(have)} labelled, {len(concepts)} classes)")
-    text = vlm.encode_texts(concepts).float().cpu()
+    text = vlm.encode_texts(concepts, batch_size=batch_size).float().cpu()
     cos = (feats[have].float() @ text.T).numpy()
     pos = np.array([[calib.labels[i] == c for c in concepts] for i in have])
     a, b = lm.fit_sigmoid_calibration(cos, pos)
@@ -220,7 +221,8 @@ def score_labels(qcfg: Config, labels: pd.DataFrame, parts: dict[str, ProbeSet],
     test = parts["test"]
     acts = {layer: load_activations(qcfg, layer, probe=test).activations for layer in layers}
     feats = load_image_features(qcfg, test).float()
-    text = dict(zip(wanted, vlm.encode_texts(wanted).float().cpu())) if wanted else {}
+    text = dict(zip(wanted, vlm.encode_texts(wanted, batch_size=int(qcfg["vlm.batch_size"])
+                                             ).float().cpu())) if wanted else {}
     out = []
     for r in labels.itertuples(index=False):
         a0 = acts[r.layer][:, r.unit].numpy()
@@ -325,7 +327,7 @@ def evaluate_label_quality(cfg: Config, force: bool = False, progress: bool = Tr
     def build(tmp: Path) -> dict:
         try:
             calibration = calibrate_simulator(parts["calibrate"], load_image_features(
-                qcfg, parts["calibrate"]), vlm)
+                qcfg, parts["calibrate"]), vlm, batch_size=int(qcfg["vlm.batch_size"]))
         except ConfigError as exc:  # no class labels: CoSy still runs, simulation is NaN
             warnings.warn(str(exc), stacklevel=4)  # the caller of evaluate_label_quality
             calibration = {}

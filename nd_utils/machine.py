@@ -83,3 +83,54 @@ def keep_freed_memory() -> bool:
                            ((_M_MMAP_THRESHOLD, big), (_M_TRIM_THRESHOLD, big),
                             (_M_TOP_PAD, 256 * 2**20)))
     return _ALLOCATOR_TUNED
+
+
+def config_device(cfg) -> "torch.device":
+    """The device a config's stages compute on: its `device` key (auto/cpu/cuda) resolved."""
+    return resolve_device(cfg.get("device", "auto"))
+
+
+def pins_memory(device: "str | torch.device") -> bool:
+    """Whether a DataLoader feeding `device` should pin its batches: only for CUDA, where pinned
+    pages make `.to(device, non_blocking=True)` an asynchronous copy (for CPU work it is a copy
+    for nothing).
+
+    >>> pins_memory("cpu")
+    False
+    """
+    import torch
+
+    return torch.device(device).type == "cuda" and torch.cuda.is_available()
+
+
+def free_memory(device: "str | torch.device") -> "int | None":
+    """Bytes a new allocation on CUDA `device` can take: the driver's free memory plus what torch's
+    caching allocator holds unused. None for any other device (no figure is used there)."""
+    import torch
+
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return None
+    free = torch.cuda.mem_get_info(dev)[0]
+    return int(free + torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev))
+
+
+def fit_chunk(item_bytes: int, *, device: "str | torch.device", hi: int, fixed_bytes: int = 0,
+              lo: int = 1, margin: float = 0.5, free_bytes: "int | None" = None) -> int:
+    """Items per chunk so that `fixed_bytes + chunk * item_bytes <= margin * free memory`.
+
+    The free figure is `free_bytes`, else `free_memory(device)` (CUDA); the result lies in
+    [lo, hi] (`lo` even when not even that fits: the caller's out-of-memory handling takes over),
+    and is `hi` where there is no figure (CPU). The margin leaves room for the allocator's
+    fragmentation and the temporaries no estimate counts.
+
+    >>> fit_chunk(10**6, device="cuda", hi=4096, free_bytes=2 * 10**9)   # half of 2 GB / 1 MB
+    1000
+    >>> fit_chunk(10**6, device="cpu", hi=4096)
+    4096
+    """
+    free = free_bytes if free_bytes is not None else free_memory(device)
+    if free is None:
+        return max(lo, hi)
+    budget = margin * free - fixed_bytes
+    return int(min(hi, max(lo, budget // max(1, item_bytes))))

@@ -175,6 +175,7 @@ def concept_activation_unit(cfg: Config, layers: tuple, features: bool, files: l
     (None without `features`) of some concept image files, in order. Without `target`/`vlm`
     (a Ray worker) the configured ones are loaded once per process."""
     from .backends.configured import load_target_from_config, load_vlm_from_config
+    from .backends.vlm import encode_images_in_batches
     from .executors import worker_model
 
     target = target or worker_model("target", cfg, lambda: load_target_from_config(cfg))
@@ -184,7 +185,8 @@ def concept_activation_unit(cfg: Config, layers: tuple, features: bool, files: l
 
     def embed(pil: list) -> None:
         v = torch.stack([vlm.preprocess(im) for im in pil]).to(vlm.device)
-        feats.append(vlm.encode_images(v).float().cpu())
+        # the trace cuts batches of activations.batch_size; the VLM takes vlm.batch_size
+        feats.append(encode_images_in_batches(vlm, v, int(cfg["vlm.batch_size"])).float().cpu())
 
     traced = trace_images(target, list(layers), list(files), cfg["target.pooling"],
                           batch_size=int(cfg["activations.batch_size"]),

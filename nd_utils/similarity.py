@@ -14,6 +14,13 @@ and keyword names are the published ones; outputs match the reference's float32 
   as in the reference because sim = L - prior cancels |L| ~ 500 and float32 rounding shows.
 - rank_reorder sorts int32 keys (dense rank << bits | position) with NumPy's SIMD sort on CPU,
   far faster than torch.sort with indices.
+- P is read only by column blocks (and, for wpmi's normaliser, row blocks): pass a `Cosines`
+  (image features, text features) and each block is computed where it is read, so P [N, M] is
+  never formed whole (9 GB at the paper's N = 113,000, M = 20,000). A dense P on the CPU with a
+  CUDA `device` stays there and its blocks are copied to the device as read.
+- On CUDA, `neuron_chunk` sizes the chunks from the free memory; stages call the functions through
+  `similarity_on_device`, which halves the chunk on out-of-memory and finally falls back to the
+  CPU. On the CPU every default is the tuned one above, and the results do not change.
 Common keywords: chunk_size (neurons per chunk), device (default: clip_feats' device; the output
 lives there), layer (named in error messages), num_workers (default: torch.get_num_threads()).
 """
@@ -30,8 +37,10 @@ import torch
 import torch.nn.functional as F
 
 from .errors import NdUtilsError, unknown_name
+from .machine import fit_chunk, resolve_device
 
 _BLOCK = 256  # concepts per work item: a [K, 256] block of the output
+DENSE_P_BYTES = 2**31  # image_concept_cosines forms P whole on the CPU up to this size
 
 
 def _where(layer: "str | None") -> str:
@@ -44,9 +53,106 @@ def _finite(x: torch.Tensor) -> bool:
     return math.isfinite(lo) and math.isfinite(hi)
 
 
+class Cosines:
+    """P = image_feats @ text_feats.T `[N, M]` as the similarity functions read it: by blocks of
+    columns or rows, each computed when it is read, so that P is never formed whole.
+
+    On the CPU a block is bit-identical to the same block of the dense product (MKL computes each
+    entry alike whatever the shape), hence so are the similarities.
+    >>> I, T = torch.rand(6, 4), torch.rand(3, 4)
+    >>> torch.equal(Cosines(I, T).columns(1, 3), (I @ T.T)[:, 1:3])
+    True
+    """
+
+    def __init__(self, image_feats, text_feats):
+        I, T = torch.as_tensor(image_feats), torch.as_tensor(text_feats)
+        if I.dim() != 2 or T.dim() != 2 or I.shape[1] != T.shape[1]:
+            raise NdUtilsError(f"Cosines needs image features [N, D] and text features [M, D] of "
+                               f"one D, got {tuple(I.shape)} and {tuple(T.shape)}")
+        self.image_feats, self.text_feats = I, T.to(I.device)
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.image_feats.shape[0], self.text_feats.shape[0]))
+
+    @property
+    def device(self) -> torch.device:
+        return self.image_feats.device
+
+    def dim(self) -> int:
+        return 2
+
+    def to(self, device, dtype=torch.float32) -> "Cosines":
+        return Cosines(self.image_feats.detach().to(device, dtype),
+                       self.text_feats.detach().to(device, dtype))
+
+    # MKL rounds GEMMs of under 16 rows or 64 columns differently from the same entries of a
+    # large product: narrower blocks are computed inside a wider window and cut out of it
+    _ROWS, _COLS = 16, 64
+
+    def columns(self, m0: int, m1: int, rows: "torch.Tensor | None" = None) -> torch.Tensor:
+        """P[:, m0:m1], or P[rows, m0:m1]."""
+        I = self.image_feats if rows is None else self.image_feats.index_select(0, rows)
+        lo = max(0, min(m0, m1 - self._COLS))
+        return (I @ self.text_feats[lo:m1].T)[:, m0 - lo:]
+
+    def rows(self, i0: int, i1: int, rows: "torch.Tensor | None" = None) -> torch.Tensor:
+        """P[i0:i1], or P[rows[i0:i1]]."""
+        N = self.image_feats.shape[0]
+        sel = torch.arange(i0, min(i1, N), device=self.device) if rows is None else rows[i0:i1]
+        n = sel.numel()
+        if rows is None and n >= self._ROWS:
+            return self.image_feats[i0:i1] @ self.text_feats.T
+        if n < self._ROWS <= N:  # pad with copies of the first row, cut them off again
+            sel = torch.cat([sel, sel[:1].expand(self._ROWS - n)])
+        return (self.image_feats.index_select(0, sel) @ self.text_feats.T)[:n]
+
+    def dense(self) -> torch.Tensor:
+        return self.image_feats @ self.text_feats.T
+
+
+def image_concept_cosines(image_feats, text_feats, device=None,
+                          max_dense_bytes: int = DENSE_P_BYTES) -> "torch.Tensor | Cosines":
+    """P = image_feats @ text_feats.T for the similarity functions computing on `device`.
+
+    Dense (one GEMM, the fastest) on the CPU when P takes at most `max_dense_bytes`; otherwise,
+    and always on CUDA, a `Cosines` whose blocks are computed where they are read. Either gives
+    the same similarities on the CPU.
+    >>> type(image_concept_cosines(torch.rand(6, 4), torch.rand(3, 4), "cpu")).__name__
+    'Tensor'
+    """
+    dev = torch.device(device) if device is not None else torch.as_tensor(image_feats).device
+    n, m = len(image_feats), len(text_feats)
+    if dev.type == "cpu" and 4 * n * m <= max_dense_bytes:
+        return torch.as_tensor(image_feats) @ torch.as_tensor(text_feats).T
+    return Cosines(image_feats, text_feats)
+
+
+def _columns(P, m0, m1, dev, rows=None):
+    """P[:, m0:m1] (P[rows, m0:m1]) on dev: computed (a Cosines), a view (a dense P on dev) or
+    a copy (a dense P elsewhere; `rows` then lives with P)."""
+    if isinstance(P, Cosines):
+        return P.columns(m0, m1, rows)
+    x = P[:, m0:m1] if rows is None else P[:, m0:m1].index_select(0, rows)
+    return x.to(dev)
+
+
+def _rows(P, i0, i1, dev, rows=None):
+    """P[i0:i1] (P[rows[i0:i1]]) on dev, as `_columns`."""
+    if isinstance(P, Cosines):
+        return P.rows(i0, i1, rows)
+    return (P[i0:i1] if rows is None else P.index_select(0, rows[i0:i1])).to(dev)
+
+
 def _prepare(clip_feats, target_feats, device, layer):
-    """Validate both inputs and return float32 tensors on the compute device."""
-    P, A = torch.as_tensor(clip_feats), torch.as_tensor(target_feats)
+    """Validate both inputs; return float32 A and P for the compute device and that device.
+
+    A moves to the device; so does a Cosines (its two feature matrices) and a dense P when the
+    device is the CPU or P is there already (as before); a dense P elsewhere stays where it is
+    and is copied block by block (`_columns`, `_rows`)."""
+    lazy = isinstance(clip_feats, Cosines)
+    P = clip_feats if lazy else torch.as_tensor(clip_feats)
+    A = torch.as_tensor(target_feats)
     for name, x in (("clip_feats [N images, M concepts]", P), ("target_feats [N images, K neurons]", A)):
         if x.dim() != 2 or 0 in x.shape:
             raise NdUtilsError(f"{name} must be a non-empty 2-D tensor, got shape {tuple(x.shape)}")
@@ -54,14 +160,22 @@ def _prepare(clip_feats, target_feats, device, layer):
         raise NdUtilsError(f"image counts differ: clip_feats has {P.shape[0]} rows, target_feats"
                            f"{_where(layer)} has {A.shape[0]}; both must come from the same probe set")
     dev = torch.device(device) if device is not None else P.device
-    P, A = P.detach().to(dev, torch.float32), A.detach().to(dev, torch.float32)
+    if dev.type == "cuda" and dev.index is None:  # "cuda" -> "cuda:i", which tensors report
+        dev = torch.device("cuda", torch.cuda.current_device())
+    A = A.detach().to(dev, torch.float32)
+    if lazy:
+        P = P.to(dev)
+    elif dev.type == "cpu" or P.device == dev:
+        P = P.detach().to(dev, torch.float32)
+    else:
+        P = P.detach().float()
     if not _finite(A):
         units = (~torch.isfinite(A)).any(0).nonzero()[:, 0].tolist()
         raise NdUtilsError(f"target_feats{_where(layer)} has NaN/inf for neuron(s) {units[:10]}"
                            f"{' ...' if len(units) > 10 else ''} ({len(units)} of {A.shape[1]});"
                            f" recompute or drop those activations")
-    if not _finite(P):
-        cols = torch.cat([(~torch.isfinite(P[i:i + 1024])).any(0, keepdim=True)
+    if not (_finite(P.image_feats) and _finite(P.text_feats) if lazy else _finite(P)):
+        cols = torch.cat([(~torch.isfinite(_rows(P, i, i + 1024, P.device))).any(0, keepdim=True)
                           for i in range(0, P.shape[0], 1024)]).any(0).nonzero()[:, 0].tolist()
         raise NdUtilsError(f"clip_feats has NaN/inf for concept(s) {cols[:10]} ({len(cols)} of "
                            f"{P.shape[1]}); check the text/image features")
@@ -102,12 +216,12 @@ def _col_norm(x: torch.Tensor) -> torch.Tensor:
 
 def _matmul_sim(P, A, transform, chunk_size, device, layer):
     """Shared body of the two cosine functions: out = transform(A).T @ transform(P) by blocks."""
-    P, A, _ = _prepare(P, A, device, layer)
+    P, A, dev = _prepare(P, A, device, layer)
     At = transform(A).T.contiguous()
-    out = torch.empty(A.shape[1], P.shape[1], device=P.device)
+    out = torch.empty(A.shape[1], P.shape[1], device=dev)
     step = chunk_size or A.shape[1]
     for m0 in range(0, P.shape[1], 4 * _BLOCK):  # one transformed [N, 1024] slice of P at a time
-        Pb = transform(P[:, m0:m0 + 4 * _BLOCK])
+        Pb = transform(_columns(P, m0, min(m0 + 4 * _BLOCK, P.shape[1]), dev))
         for k0 in range(0, A.shape[1], step):
             torch.matmul(At[k0:k0 + step], Pb, out=out[k0:k0 + step, m0:m0 + Pb.shape[1]])
     return out
@@ -216,7 +330,8 @@ def rank_reorder(clip_feats, target_feats, *, p=3, top_fraction=0.05, scale_p=0.
                       f" top activations; their scores are 0 (RANK_REORDER_FLOOR for concepts"
                       f" with a mean cosine <= 0)", stacklevel=2)
     B = torch.where(B == 0, torch.ones_like(B), B)
-    c_max = chunk_size or max(1, 2048 // n)              # neurons per chunk: ~128k keys in L2
+    c_max = (chunk_size or neuron_chunk("rank_reorder", N, M, K, dev, top_fraction=top_fraction)
+             or max(1, 2048 // n))                     # neurons per chunk: ~128k keys in L2 (CPU)
     nbits, cbits = max(1, (N - 1).bit_length()), max(1, (c_max * n - 1).bit_length())
     kdt = torch.int32 if nbits + cbits <= 31 else torch.int64   # int32 keys sort ~3x faster
     out = torch.empty(K, M, device=dev)
@@ -225,7 +340,7 @@ def rank_reorder(clip_feats, target_feats, *, p=3, top_fraction=0.05, scale_p=0.
 
     def block(bounds):
         m0, m1 = bounds
-        Pb = P[:, m0:m1].contiguous()
+        Pb = _columns(P, m0, m1, dev).contiguous()
         cmean = F.embedding_bag(idx, Pb, mode="mean")   # [K, w]: mean of c over the top images
         # dense rank of every image per concept (equal values share a rank) so that ties are
         # broken by position among the neuron's top images, as the reference's stable sort does;
@@ -279,10 +394,14 @@ def _pmi(P, A, *, soft, top_k, a, lam, min_prob, p_start, p_end, prior, return_p
     mx, rinv = torch.empty(U, 1, device=dev), torch.empty(U, 1, device=dev)
 
     every = U == N  # rows = 0..N-1 (usual when K * top_k >> N): slice instead of gathering
+    local = isinstance(P, torch.Tensor) and P.device == dev   # else P's blocks are copied
+    src_rows = None if every else rows.to(P.device)
+    # 16 rows keep the temporaries in L2 (CPU); on CUDA as many as fit, a few [rows, M] buffers
+    rstep = 16 if dev.type == "cpu" else fit_chunk(16 * M, device=dev, hi=4096, lo=16)
 
-    def normaliser(i0):  # per image: max of a*P and softmax's 1/sum (= Q at the argmax, exactly);
-        i1 = i0 + 16     # 16 rows keep the temporaries in L2
-        x = torch.mul(P[i0:i1] if every else P.index_select(0, rows[i0:i1]), a)
+    def normaliser(i0):  # per image: max of a*P and softmax's 1/sum (= Q at the argmax, exactly)
+        i1 = i0 + rstep
+        x = torch.mul(_rows(P, i0, i1, dev, src_rows), a)
         mx[i0:i1], rinv[i0:i1] = x.amax(1, keepdim=True), torch.softmax(x, 1).amax(1, keepdim=True)
 
     if soft:
@@ -297,7 +416,8 @@ def _pmi(P, A, *, soft, top_k, a, lam, min_prob, p_start, p_end, prior, return_p
         ind = torch.stack([inv, torch.full_like(inv, U), torch.full_like(inv, U)], 2).view(-1)
         w = torch.stack([pr.expand(K, -1), torch.ones(K, top_k, device=dev),
                          torch.full((K, top_k), float(min_prob), device=dev)], 2).view(-1)
-    step = chunk_size or (16 if soft else 256)
+    step = (chunk_size or neuron_chunk(name, N, M, K, dev, top_k=top_k)
+            or (16 if soft else 256))
     offsets = torch.arange(0, 3 * step * top_k, 3, device=dev)  # bags of 3 (soft_wpmi)
     out = torch.empty(K, M, device=dev)
     prior_out = torch.empty(M, device=dev)
@@ -307,9 +427,11 @@ def _pmi(P, A, *, soft, top_k, a, lam, min_prob, p_start, p_end, prior, return_p
         table = torch.empty(U + soft, m1 - m0, device=dev)
         Q = table[:U]
         if every:
-            torch.mul(P[:, m0:m1], a, out=Q)
-        else:
+            torch.mul(_columns(P, m0, m1, dev), a, out=Q)
+        elif local:
             torch.index_select(P[:, m0:m1], 0, rows, out=Q).mul_(a)
+        else:
+            torch.mul(_columns(P, m0, m1, dev, src_rows), a, out=Q)
         Q.sub_(mx).exp_().mul_(rinv)                    # softmax(a*P)[rows, m0:m1], no [N, M]
         if soft:
             Q.sub_(1)
@@ -331,7 +453,7 @@ def _pmi(P, A, *, soft, top_k, a, lam, min_prob, p_start, p_end, prior, return_p
         out[:, m0:m1] = L.sub_(lam * pb)
 
     with torch.no_grad(), _pool(dev, num_workers) as pmap:
-        pmap(normaliser, range(0, U, 16))
+        pmap(normaliser, range(0, U, rstep))
         pmap(block, _blocks(M))
     return (out, prior_out) if return_prior else out
 
@@ -435,3 +557,79 @@ def get_similarity(name: str) -> Callable[..., torch.Tensor]:
         return SIMILARITY_FUNCTIONS[name]
     except (KeyError, TypeError):
         raise unknown_name("similarity function", str(name), SIMILARITY_FUNCTIONS) from None
+
+
+def _default(name: str, key: str, hyper: dict):
+    import inspect
+
+    if key in hyper:
+        return hyper[key]
+    return inspect.signature(SIMILARITY_FUNCTIONS[name]).parameters[key].default
+
+
+def neuron_chunk(name: str, n_images: int, n_concepts: int, n_neurons: int, device,
+                 **hyperparameters) -> "int | None":
+    """Neurons per chunk for similarity function `name` computing on `device`.
+
+    None on the CPU: each function keeps its own default there, tuned for the caches. On CUDA as
+    many neurons as fit in half the free memory (`machine.fit_chunk`) beside the call's fixed
+    working set: A [N, K] and its transposed copy, the output [K, M] and a few [N, block] slices
+    of P. Per neuron and concept block: soft_wpmi's embedding_bag terms [top_k, 256]; wpmi's
+    sums [256]; rank_reorder's int64 sort keys, torch.sort's values, indices and buffers and
+    the gathered activations [64, n]. The cosine functions have no per-neuron buffer: every neuron.
+    >>> neuron_chunk("soft_wpmi", 113_000, 20_000, 2048, "cpu") is None
+    True
+    """
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return None
+    N, M, K = int(n_images), int(n_concepts), int(n_neurons)
+    fixed = 4 * (2 * N * K + K * M + 4 * N * _BLOCK)
+    if name in ("wpmi", "soft_wpmi"):
+        t = min(int(_default(name, "top_k", hyperparameters)), N)
+        per = (2 * 4 * t * _BLOCK + 3 * 12 * t) if name == "soft_wpmi" else (8 * _BLOCK + 8 * t)
+    elif name == "rank_reorder":
+        n = max(2, int(N * float(_default(name, "top_fraction", hyperparameters))))
+        per = 64 * n * (6 * 8 + 2 * 4)             # keys, sort values/indices/buffers, d
+        fixed += 64 * N * 8 * 4                     # ranks, sorted keys, their transpose
+    else:
+        return K
+    return fit_chunk(per, device=dev, hi=K, fixed_bytes=fixed)
+
+
+def similarity_on_device(fn, clip_feats, target_feats, *, device=None, chunk_size=None,
+                         **hyperparameters) -> torch.Tensor:
+    """`fn(clip_feats, target_feats, **hyperparameters)` computed on `device` (a config's
+    `device`: auto/cpu/cuda; `machine.config_device`), returned on the CPU. How stages call the
+    similarity functions.
+
+    On CUDA the neurons per chunk come from the free memory (`neuron_chunk`, or `chunk_size`);
+    on torch.cuda.OutOfMemoryError the call is retried with half the chunk, down to one neuron,
+    then on the CPU with a warning (the same similarities up to float rounding). On the CPU it
+    is the plain call, with the functions' own defaults; so is any other device (mps), on
+    which these functions are not tested.
+    >>> P, A = torch.rand(40, 5), torch.rand(40, 3)
+    >>> torch.equal(similarity_on_device("wpmi", P, A, device="cpu"), wpmi(P, A))
+    True
+    """
+    fn = get_similarity(fn) if isinstance(fn, str) else fn
+    dev = resolve_device(device)
+    if dev.type != "cuda":
+        dev = torch.device("cpu")
+    else:
+        (N, M), K = clip_feats.shape, torch.as_tensor(target_feats).shape[1]
+        chunk = chunk_size or neuron_chunk(fn.__name__, N, M, K, dev, **hyperparameters) or K
+        while True:
+            try:
+                return fn(clip_feats, target_feats, device=dev, chunk_size=chunk,
+                          **hyperparameters).cpu()
+            except torch.cuda.OutOfMemoryError:
+                pass  # leaving the handler frees the failed call's tensors; then the cache
+            torch.cuda.empty_cache()
+            if chunk <= 1:
+                break
+            chunk = max(1, chunk // 2)
+        warnings.warn(f"{fn.__name__}{_where(hyperparameters.get('layer'))}: out of CUDA memory "
+                      f"even with one neuron per chunk; computing on the CPU", stacklevel=2)
+        dev = torch.device("cpu")
+    return fn(clip_feats, target_feats, device=dev, chunk_size=chunk_size, **hyperparameters)

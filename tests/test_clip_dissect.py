@@ -212,9 +212,112 @@ def test_text_features_reuse_whole_cached_batches_bit_for_bit(tmp_path):
     got = clip_dissect.cache_text_features(cfg, nd.load_concept_set(str(tmp_path / "short.txt")),
                                            vlm)
     assert encoded == [8]                                   # two whole batches were reused
-    assert torch.equal(got, real(short, batch_size=clip_dissect.TEXT_BATCH).float())
+    # encoded vlm.batch_size (64 here) at a time; a cached batch of 256 would reuse as much
+    assert torch.equal(got, real(short, batch_size=int(cfg["vlm.batch_size"])).float())
     # another template is another encoding: nothing is reused
     encoded.clear()
     clip_dissect.cache_text_features(cfg.with_overrides({"clip_dissect.template": "a photo of {}"}),
                                      nd.load_concept_set(str(tmp_path / "short.txt")), vlm)
     assert encoded == [len(short)]
+
+
+class SpyVLM(ColourVLM):
+    """ColourVLM through the base class's text batching, recording every encoder call's size."""
+
+    def __init__(self):
+        super().__init__()
+        self.image_batches, self.text_batches = [], []
+
+    def encode_images(self, batch):
+        self.image_batches.append(len(batch))
+        return super().encode_images(batch)
+
+    encode_texts = VisionLanguageModel.encode_texts
+
+    def _encode_texts(self, texts):
+        self.text_batches.append(len(texts))
+        return torch.tensor([[1.0, len(t), i] for i, t in enumerate(texts)])
+
+
+def test_vlm_batch_size_drives_text_and_image_encoder_calls(tmp_path, monkeypatch):
+    """vlm.batch_size sets the VLM's batches: texts of stage 02 and images of stage 01's shared
+    pass (cut by activations.batch_size, split again for the VLM), and of stage 06's pass
+    over concept images; it is in no key."""
+    from nd_utils.selection import concept_activation_unit
+
+    folder = make_folder(tmp_path / "imgs", n=12, corrupt=False)
+    words = ["red", "green", "blue", "cyan", "pink", "gold", "grey"]
+    (tmp_path / "words.txt").write_text("\n".join(words) + "\n")
+    cfg = nd.load_config("offline", [
+        f"data_dir={tmp_path / 'store'}", "target.layers=[act]", "device=cpu", "target.name=tiny",
+        f"probe.sets=[{{name: folder, path: {folder}}}]", "activations.top_k=4",
+        f"clip_dissect.concept_set={tmp_path / 'words.txt'}", "vlm.batch_size=3",
+        "activations.batch_size=32", "clip_dissect.hyperparameters={top_k: 3}"])
+    vlm = SpyVLM()
+    for module in (clip_dissect, image_features):
+        monkeypatch.setattr(module, "load_vlm_from_config", lambda cfg: vlm)
+    target = nd.from_module(Tiny(), PRE, name="tiny")
+    probe = nd.load_probe_from_config(cfg)
+    nd.cache_activations(cfg, target=target, probe=probe,
+                         extra_jobs=image_feature_jobs_if_missing(cfg, probe), progress=False)
+    assert vlm.image_batches == [3, 3, 3, 3]       # one pass batch of 12, encoded 3 at a time
+    nd.dissect_layer(cfg, "act", probe=probe, target=target)
+    assert vlm.text_batches == [3, 3, 1]
+    art = ArtifactStore(cfg.data_dir).find(clip_dissect.TEXT_STAGE.name)[0]
+    assert art.manifest["text_batch_size"] == 3
+    # the trace of stage 06 cuts activations.batch_size; the VLM takes at most vlm.batch_size
+    vlm.image_batches.clear()
+    files = [it.path for it in probe.items]
+    _, feats = concept_activation_unit(cfg.with_overrides({"activations.batch_size": 5}),
+                                       ("act",), True, files, target=target, vlm=vlm)
+    assert vlm.image_batches == [3, 2, 3, 2, 2] and feats.shape == (12, 3)
+    # a batch size changes no key (as activations.batch_size does not)
+    other = cfg.with_overrides({"vlm.batch_size": 256})
+    concepts = load_concepts_from_config(cfg)
+    assert image_features.image_feature_key(other, probe) == \
+        image_features.image_feature_key(cfg, probe)
+    assert clip_dissect.text_feature_key(other, concepts) == \
+        clip_dissect.text_feature_key(cfg, concepts)
+
+
+def test_vlm_dtype_enters_feature_keys_only_when_not_float32(wired):
+    from nd_utils.stages import stage_output
+
+    cfg, probe, _, target = wired
+    concepts = load_concepts_from_config(cfg)
+    # float32 keys are the keys computed before vlm.dtype existed
+    before = stage_output(image_features.IMAGE_STAGE, cfg.select(image_features.IMAGE_STAGE.reads),
+                          inputs={"probe_fingerprint": probe.fingerprint}).key
+    assert image_features.image_feature_key(cfg, probe) == before
+    legacy = cfg.to_dict()
+    del legacy["vlm"]["dtype"]  # a config written before the key existed
+    old_cfg = type(cfg)(legacy, cfg.source)
+    assert old_cfg.get("vlm.dtype") is None
+    assert image_features.image_feature_key(old_cfg, probe) == before
+    assert clip_dissect.text_feature_key(old_cfg, concepts) == \
+        clip_dissect.text_feature_key(cfg, concepts)
+    half = cfg.with_overrides({"vlm.dtype": "float16"})
+    assert image_features.image_feature_key(half, probe) != before
+    assert clip_dissect.text_feature_key(half, concepts) != \
+        clip_dissect.text_feature_key(cfg, concepts)
+    assert clip_dissect.label_key(half, "act", probe, concepts, target) != \
+        clip_dissect.label_key(cfg, "act", probe, concepts, target)
+
+
+def test_cached_text_batches_are_reused_only_at_the_same_batch_size(tmp_path):
+    words = ["red", "green", "blue", "cyan", "pink", "gold", "grey"]
+    (tmp_path / "long.txt").write_text("\n".join(words) + "\n")
+    (tmp_path / "short.txt").write_text("\n".join(words[:6] + ["teal"]) + "\n")
+    cfg = nd.load_config("offline", [f"data_dir={tmp_path / 'store'}", "vlm.batch_size=3"])
+    long, short = (nd.load_concept_set(str(tmp_path / f)) for f in ("long.txt", "short.txt"))
+    vlm = SpyVLM()
+    clip_dissect.cache_text_features(cfg, long, vlm)
+    vlm.text_batches.clear()
+    clip_dissect.cache_text_features(cfg.with_overrides({"vlm.batch_size": 2}), short, vlm)
+    assert vlm.text_batches == [2, 2, 2, 1]           # batches of 3 are not batches of 2
+    ArtifactStore(cfg.data_dir).remove(clip_dissect.TEXT_STAGE.name,
+                                       clip_dissect.text_feature_key(cfg, short))
+    vlm.text_batches.clear()
+    got = clip_dissect.cache_text_features(cfg, short, vlm)
+    assert vlm.text_batches == [1]                    # two whole batches of 3 reused
+    assert torch.equal(got, vlm.encode_texts(list(short), batch_size=3).float())

@@ -112,6 +112,7 @@ OTHER_BAD = [
     ("activations.num_workers=-1", "activations.num_workers: got -1; expected a whole number >= 0"),
     ("vlm.name=clip", "vlm.name: got 'clip'; expected conse or open_clip:<model>:<pretrained>"),
     ("vlm.batch_size=0", "vlm.batch_size: got 0"),
+    ("vlm.dtype=half", "vlm.dtype: got 'half'; expected float32, float16 or bfloat16"),
     ("clip_dissect.concept_set=null", "clip_dissect.concept_set: got null"),
     ("clip_dissect.clean.dedupe=maybe", "clip_dissect.clean.dedupe: got 'maybe'"),
     ("clip_dissect.clean.drop_stopwords=1", "clip_dissect.clean.drop_stopwords: got 1"),

@@ -183,12 +183,15 @@ def test_dtype_reaches_from_pretrained_as_torch_dtype(tiny_sd_dir, from_pretrain
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         synth = DiffusersSynthesizer(str(tiny_sd_dir), dtype=torch.float16)
+        assert from_pretrained_calls == []  # construction loads nothing ...
+        synth.pipe                          # ... the first use does
     # torch_dtype: the name diffusers 0.30 (our minimum) to 0.39 honour; 0.40+ accept it too
     assert from_pretrained_calls == [{"torch_dtype": torch.float16}]
     assert synth.pipe.unet.dtype == synth.pipe.text_encoder.dtype == torch.float16
     assert synth.pipe.vae.dtype == torch.float16
     assert not [w for w in seen if "torch_dtype" in str(w.message)]
     cpu = DiffusersSynthesizer(str(tiny_sd_dir))  # fp32 unless on CUDA
+    cpu.pipe
     assert from_pretrained_calls[-1] == {"torch_dtype": torch.float32}
     assert cpu.pipe.unet.dtype == torch.float32 and "cpu-seeds" in cpu.backend_id
 
@@ -224,3 +227,37 @@ def test_one_cpu_generator_per_image_whatever_the_device(tiny_sd_dir):
     assert [g.initial_seed() for g in gens] == [5, 6, 7]
     assert len({id(g) for g in gens}) == 3
     assert [info["seed"] for _, _, info in out] == [5, 6, 7]
+
+
+def test_stage_keys_name_the_diffusers_backend_without_loading_it(tiny_sd_dir, tmp_path,
+                                                                  monkeypatch):
+    """Stages 06 and 08 only look cached concept images up: the configured synthesizer names
+    its backend (the same id, so the same keys, as a loaded one) and never builds a pipeline."""
+    import diffusers
+
+    from nd_utils.backends.synthesizers import diffusers_backend_id
+    from nd_utils.synthesis import concept_image_key, concept_images, load_synthesizer_from_config
+
+    cfg = nd.load_config("offline", [
+        f"data_dir={tmp_path}", "device=cpu", "synthesis.name=diffusers",
+        f"synthesis.model={tiny_sd_dir}", "synthesis.steps=2", "synthesis.height=64",
+        "synthesis.width=64", "synthesis.images_per_concept=1"])
+    loaded = load_synthesizer_from_config(cfg)
+    loaded.pipe  # loads the pipeline
+    made, _ = concept_images(cfg, ["a dog"], loaded, progress=False)  # stage 05
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a diffusers pipeline was loaded to compute a key")
+
+    for cls in (diffusers.DiffusionPipeline, diffusers.StableDiffusionPipeline):
+        monkeypatch.setattr(cls, "from_pretrained", no_loading)
+    synth = load_synthesizer_from_config(cfg)
+    # the id of today's DiffusersSynthesizer on CPU, byte for byte
+    assert synth.backend_id == loaded.backend_id == (
+        f"diffusers:{tiny_sd_dir}:dpm-multistep:torch.float32:cpu-seeds")
+    assert diffusers_backend_id(str(tiny_sd_dir), "dpm-multistep", device="cpu") == \
+        synth.backend_id
+    assert concept_image_key(cfg, "a dog", synth.backend_id) == made["a dog"].key
+    found, stats = concept_images(cfg, ["a dog"], synth, progress=False)   # stage 06 / 08
+    assert found["a dog"].key == made["a dog"].key and stats["reused"] == 1
+    assert synth._pipe is None

@@ -177,6 +177,36 @@ def test_open_clip_random_weights_offline(random_clip):
     assert set(out) == {"image_features"} and torch.allclose(out["image_features"], images)
 
 
+def test_open_clip_reduced_precision(random_clip):
+    """vlm.dtype: the same seeded weights computing in bfloat16 (float16 is slow on CPU, the
+    same code path), inputs cast to the model, outputs float32; the dtype is in backend_id."""
+    half = load_vlm("open_clip:ViT-B-16:none", dtype="bfloat16")
+    assert half.backend_id == random_clip.backend_id + ":bfloat16"
+    assert half.model.visual.conv1.weight.dtype == torch.bfloat16
+    x = torch.rand(1, 3, 224, 224)
+    images, texts = half.encode_images(x), half.encode_texts(["a striped thing"])
+    assert images.dtype == texts.dtype == torch.float32
+    _assert_unit_rows(images)
+    ref_i, ref_t = random_clip.encode_images(x), random_clip.encode_texts(["a striped thing"])
+    assert (images * ref_i).sum(1).min() > 0.99 and (texts * ref_t).sum(1).min() > 0.99
+    assert not torch.equal(images, ref_i)
+
+
+def test_vlm_dtype_choices_and_conse_float32_only(tmp_path):
+    from nd_utils.backends.configured import load_vlm_from_config
+    from nd_utils.config import load_config
+    from nd_utils.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="float32"):
+        load_vlm("conse", dtype="float16")    # before any model is loaded
+    with pytest.raises(ConfigError, match="conse"):
+        load_vlm_from_config(load_config("offline", [f"data_dir={tmp_path}", "device=cpu",
+                                                     "vlm.dtype=bfloat16"]))
+    pytest.importorskip("open_clip")
+    with pytest.raises(ConfigError, match="bfloat16"):
+        load_vlm("open_clip:ViT-B-16:none", dtype="half")
+
+
 def test_open_clip_pretrained_offline_names_conse(monkeypatch):
     factory = pytest.importorskip("open_clip.factory")
 

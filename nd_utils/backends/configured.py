@@ -30,8 +30,17 @@ def load_target_from_config(cfg: Config, device=None) -> Target:
 
 
 def load_vlm_from_config(cfg: Config) -> VisionLanguageModel:
-    """The vision-language model named by `vlm.name`, on the configured device."""
-    return load_vlm(cfg["vlm.name"], device=_device(cfg))
+    """The vision-language model named by `vlm.name`, on the configured device, computing in
+    `vlm.dtype` (float32 when the config has none; only a backend that supports another dtype
+    is given one, so a registered backend without a `dtype` argument still loads)."""
+    dtype = vlm_dtype(cfg)
+    return load_vlm(cfg["vlm.name"], device=_device(cfg),
+                    **({} if dtype == "float32" else {"dtype": dtype}))
+
+
+def vlm_dtype(cfg: Config) -> str:
+    """`vlm.dtype` (`float32`, `float16` or `bfloat16`); `float32` when the config has none."""
+    return str(cfg.get("vlm.dtype", None) or "float32")
 
 
 def load_captioner_from_config(cfg: Config) -> Captioner:

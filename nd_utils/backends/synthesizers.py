@@ -19,6 +19,7 @@ Example:
 """
 from __future__ import annotations
 
+import threading
 import warnings
 
 import numpy as np
@@ -33,6 +34,7 @@ from .registry import Registry
 
 BLANK_STD = 2.0        # pixel std (0-255) below which an image counts as blank
 RETRIEVE_MAX_SIDE = 512
+_LOAD_LOCK = threading.Lock()  # threads of one process that share a synthesizer load it once
 
 
 def image_status(image: Image.Image, nsfw: bool = False) -> str:
@@ -44,7 +46,12 @@ def image_status(image: Image.Image, nsfw: bool = False) -> str:
 
 
 class DiffusersSynthesizer:
-    """Text-to-image through a diffusers pipeline (see the module docstring)."""
+    """Text-to-image through a diffusers pipeline (see the module docstring).
+
+    Constructing one loads nothing: `backend_id` (the cache keys' name of the backend) comes
+    from the arguments alone, and the pipeline is loaded on first use (`pipe`, `generate`), so
+    stages that only look cached concept images up (06, 08) never load Stable Diffusion.
+    """
 
     name = "diffusers"
 
@@ -52,14 +59,39 @@ class DiffusersSynthesizer:
                  guidance_scale: float = 7.5, height: "int | None" = None,
                  width: "int | None" = None, batch_size: int = 10,
                  dtype: "torch.dtype | None" = None):
-        from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler
-
         if not model:
             raise NdUtilsError("synthesis.model is empty: name a diffusers pipeline, e.g. "
                                "CompVis/stable-diffusion-v1-4")
+        if scheduler not in ("dpm-multistep", "default"):
+            raise NdUtilsError(f"synthesis.scheduler must be dpm-multistep or default, got "
+                               f"{scheduler!r}")
+        self.model, self.scheduler = model, scheduler
         self.device = resolve_device(device)
         if dtype is None:
             dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        self.steps, self.guidance_scale = int(steps), float(guidance_scale)
+        self.height, self.width, self.batch_size = height, width, int(batch_size)
+        self.dtype = dtype
+        self._pipe = None
+        self.backend_id = diffusers_backend_id(model, scheduler, dtype)
+
+    @property
+    def pipe(self):
+        """The diffusers pipeline, loaded (onto `device`, in `dtype`) on first access."""
+        if self._pipe is None:
+            with _LOAD_LOCK:
+                if self._pipe is None:
+                    self._pipe = self._load()
+        return self._pipe
+
+    @pipe.setter
+    def pipe(self, value) -> None:
+        self._pipe = value
+
+    def _load(self):
+        from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler
+
+        dtype = self.dtype
         try:
             # `torch_dtype` is the name every diffusers version from our minimum (0.30) on
             # honours; 0.30-0.39 ignore `dtype`, and 0.40+ take `dtype` but still accept
@@ -68,27 +100,19 @@ class DiffusersSynthesizer:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*torch_dtype.*",
                                         category=FutureWarning)
-                self.pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype)
+                pipe = DiffusionPipeline.from_pretrained(self.model, torch_dtype=dtype)
         except OSError as err:
             raise OfflineError(
-                f"could not load diffusers pipeline {model!r} ({type(err).__name__}): it needs the "
-                f"hub or a local folder. Offline, use synthesis.name: retrieve "
+                f"could not load diffusers pipeline {self.model!r} ({type(err).__name__}): it "
+                f"needs the hub or a local folder. Offline, use synthesis.name: retrieve "
                 f"(configs/offline.yaml)") from err
-        if scheduler == "dpm-multistep":
-            self.pipe.scheduler = DPMSolverMultistepScheduler.from_config(self.pipe.scheduler.config)
-        elif scheduler != "default":
-            raise NdUtilsError(f"synthesis.scheduler must be dpm-multistep or default, got "
-                               f"{scheduler!r}")
-        self.pipe.to(self.device)
-        if self.pipe.dtype != dtype:  # a diffusers release that ignored the dtype argument
-            self.pipe.to(dtype=dtype)
-        self.pipe.set_progress_bar_config(disable=True)
-        self.steps, self.guidance_scale = int(steps), float(guidance_scale)
-        self.height, self.width, self.batch_size = height, width, int(batch_size)
-        self.dtype = dtype
-        # cpu-seeds: the initial noise comes from CPU generators (images made before came from
-        # generators on the pipeline's device, which differ on CUDA)
-        self.backend_id = f"diffusers:{model}:{scheduler}:{dtype}:cpu-seeds"
+        if self.scheduler == "dpm-multistep":
+            pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+        pipe.to(self.device)
+        if pipe.dtype != dtype:  # a diffusers release that ignored the dtype argument
+            pipe.to(dtype=dtype)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
 
     def generate(self, prompt: str, seeds: list[int]) -> list[tuple[Image.Image, str, dict]]:
         """One image per seed: (image, status, info)."""
@@ -104,6 +128,21 @@ class DiffusersSynthesizer:
             out += [(im, image_status(im, bool(f)), {"seed": int(s)})
                     for im, f, s in zip(res.images, flags, chunk)]
         return out
+
+
+def diffusers_backend_id(model: str, scheduler: str = "dpm-multistep",
+                         dtype: "torch.dtype | None" = None, device="cpu") -> str:
+    """The `backend_id` a `DiffusersSynthesizer` of these settings has, computed without
+    loading anything (`dtype` None: float16 on CUDA, else float32, as the synthesizer picks).
+
+    >>> diffusers_backend_id("CompVis/stable-diffusion-v1-4")
+    'diffusers:CompVis/stable-diffusion-v1-4:dpm-multistep:torch.float32:cpu-seeds'
+    """
+    if dtype is None:
+        dtype = torch.float16 if resolve_device(device).type == "cuda" else torch.float32
+    # cpu-seeds: the initial noise comes from CPU generators (images made before came from
+    # generators on the pipeline's device, which differ on CUDA)
+    return f"diffusers:{model}:{scheduler}:{dtype}:cpu-seeds"
 
 
 class RetrieveSynthesizer:

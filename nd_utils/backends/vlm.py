@@ -35,32 +35,56 @@ from typing import Callable
 
 import torch
 
-from ..errors import OfflineError, unknown_name
+from ..errors import ConfigError, OfflineError, unknown_name
 from .registry import Registry
 from ..machine import resolve_device
 from .sentence_encoders import MeanPooledSentenceEncoder
 
-__all__ = ["VisionLanguageModel", "OpenClipVLM", "ConseVLM", "list_vlms", "load_vlm"]
+__all__ = ["VisionLanguageModel", "OpenClipVLM", "ConseVLM", "list_vlms", "load_vlm",
+           "encode_images_in_batches", "VLM_DTYPES"]
 
 DEFAULT_OPEN_CLIP = "open_clip:ViT-B-16:openai"
 _OFFLINE_HINT = ("Without network use the offline backend 'conse' (load_vlm('conse')), as the "
                  "offline profile configs/offline.yaml does.")
 
 
+# `vlm.dtype` -> the torch dtype the weights compute in; open_clip's mixed-precision name
+VLM_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_OPEN_CLIP_PRECISION = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+
+
 def _normalise(x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(x.float(), dim=-1)
 
 
+def encode_images_in_batches(vlm: "VisionLanguageModel", batch: torch.Tensor,
+                             batch_size: "int | None" = None) -> torch.Tensor:
+    """``vlm.encode_images`` on at most ``batch_size`` images at a time (None: all at once),
+    rows concatenated in order: how the pipeline applies ``vlm.batch_size`` to a batch another
+    loop cut (the decode-once pass, the target's trace)."""
+    step = int(batch_size or max(len(batch), 1))
+    if step < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size} (vlm.batch_size)")
+    if len(batch) <= step:
+        return vlm.encode_images(batch)
+    return torch.cat([vlm.encode_images(batch[i:i + step]) for i in range(0, len(batch), step)])
+
+
 class _ImageConsumer:
-    """Adapter that makes a VLM image encoder a consumer of the decode-once pass."""
+    """Adapter that makes a VLM image encoder a consumer of the decode-once pass.
+
+    The pass cuts batches of ``activations.batch_size`` (one loader feeds every consumer);
+    ``batch_size`` (``vlm.batch_size``) splits each into encoder calls of at most that many.
+    """
 
     outputs = ["image_features"]
 
-    def __init__(self, vlm: "VisionLanguageModel"):
+    def __init__(self, vlm: "VisionLanguageModel", batch_size: "int | None" = None):
         self.vlm, self.name, self.preprocess = vlm, f"vlm:{vlm.name}", vlm.preprocess
+        self.batch_size = batch_size
 
     def __call__(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"image_features": self.vlm.encode_images(batch)}
+        return {"image_features": encode_images_in_batches(self.vlm, batch, self.batch_size)}
 
     def __repr__(self) -> str:
         return f"_ImageConsumer({self.name!r})"
@@ -109,11 +133,14 @@ class VisionLanguageModel:
     def device(self) -> torch.device:
         raise NotImplementedError
 
-    def image_consumer(self) -> _ImageConsumer:
-        """A decode-once Consumer (``outputs=["image_features"]``); the same object on each call."""
-        if getattr(self, "_consumer", None) is None:
-            self._consumer = _ImageConsumer(self)
-        return self._consumer
+    def image_consumer(self, batch_size: "int | None" = None) -> _ImageConsumer:
+        """A decode-once Consumer (``outputs=["image_features"]``) encoding at most
+        ``batch_size`` images per call (None: the pass's whole batch); the same object on each
+        call with the same ``batch_size``."""
+        consumers = self.__dict__.setdefault("_consumers", {})
+        if batch_size not in consumers:
+            consumers[batch_size] = _ImageConsumer(self, batch_size)
+        return consumers[batch_size]
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r}, backend_id={self.backend_id!r})"
@@ -124,11 +151,22 @@ class OpenClipVLM(VisionLanguageModel):
 
     ``load_vlm("open_clip:ViT-B-16:openai")`` is the paper's encoder (D = 512). Texts are encoded
     raw, logit scale unused. ``pretrained="none"`` gives random weights drawn with ``seed``.
+
+    ``dtype`` (``vlm.dtype``): ``float32`` (default), ``float16`` (what the reference's
+    ``clip.load`` runs on CUDA) or ``bfloat16``, through open_clip's mixed precision (weights in
+    that dtype, LayerNorm in float32). Inputs are cast to it; outputs are float32 as always. A
+    dtype other than float32 is part of ``backend_id``. float16 runs on CPU too, but slowly
+    (bfloat16 is the fast reduced precision there).
     """
 
     def __init__(self, model_name: str, pretrained: str, device="cpu", seed: int = 0,
-                 cache_dir: str | None = None):
+                 cache_dir: str | None = None, dtype: str = "float32"):
         import open_clip  # slow import: only when this backend is used
+
+        if dtype not in VLM_DTYPES:
+            raise ConfigError(f"vlm.dtype must be one of {', '.join(VLM_DTYPES)}, got {dtype!r}")
+        # float32 keeps today's call exactly; the others use open_clip's mixed precision
+        precision = {} if dtype == "float32" else {"precision": _OPEN_CLIP_PRECISION[dtype]}
 
         if model_name not in open_clip.list_models():
             raise unknown_name("open_clip model", model_name, open_clip.list_models(),
@@ -144,10 +182,11 @@ class OpenClipVLM(VisionLanguageModel):
             if random_init:
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(seed)
-                    model, _, preprocess = open_clip.create_model_and_transforms(model_name)
+                    model, _, preprocess = open_clip.create_model_and_transforms(
+                        model_name, **precision)
             else:
                 model, _, preprocess = open_clip.create_model_and_transforms(
-                    model_name, pretrained=pretrained, cache_dir=cache_dir)
+                    model_name, pretrained=pretrained, cache_dir=cache_dir, **precision)
             self.tokenizer = open_clip.get_tokenizer(model_name, cache_dir=cache_dir)
         except (OSError, RuntimeError, http.client.HTTPException) as exc:
             # open_clip wraps hub/URL failures in RuntimeError("Failed to download weights ...").
@@ -161,14 +200,16 @@ class OpenClipVLM(VisionLanguageModel):
         self.preprocess = preprocess
         weights = f"random-seed{seed}" if random_init else (cfg.get("hf_hub") or cfg.get("url", ""))
         self.name = f"open_clip:{model_name}:{pretrained}"
-        self.backend_id = f"{self.name}:{weights}"
+        self.dtype_name, self.dtype = dtype, VLM_DTYPES[dtype]
+        # float32 adds nothing, so the ids (and keys) of float32 runs stay as they were
+        self.backend_id = f"{self.name}:{weights}" + ("" if dtype == "float32" else f":{dtype}")
         embed_dim = int(model.text_projection.shape[-1]) if hasattr(model, "text_projection") \
             and model.text_projection is not None else None
         if embed_dim is None:  # e.g. HF text towers: ask the model
             with torch.inference_mode():
                 embed_dim = int(model.encode_text(self.tokenizer(["x"]).to(self.device)).shape[-1])
         self.metadata = {"source": "open_clip", "model": model_name, "pretrained": pretrained,
-                         "weights": weights, "embed_dim": embed_dim,
+                         "weights": weights, "embed_dim": embed_dim, "dtype": dtype,
                          "num_params": sum(p.numel() for p in model.parameters())}
 
     @property
@@ -182,7 +223,7 @@ class OpenClipVLM(VisionLanguageModel):
     def encode_images(self, batch: torch.Tensor) -> torch.Tensor:
         """``[B, 3, H, W]`` -> ``[B, D]`` unit-norm image features."""
         with torch.inference_mode():
-            return _normalise(self.model.encode_image(batch.to(self.device)))
+            return _normalise(self.model.encode_image(batch.to(self.device, self.dtype)))
 
     def _encode_texts(self, texts: list[str]) -> torch.Tensor:
         return self.model.encode_text(self.tokenizer(texts).to(self.device))
@@ -222,7 +263,11 @@ class ConseVLM(VisionLanguageModel):
     CLASSIFIER = "efficientnet-lite2"
     SENTENCE_MODEL = "all-MiniLM-L6-v2"
 
-    def __init__(self, device="cpu", top_t: int = 10):
+    def __init__(self, device="cpu", top_t: int = 10, dtype: str = "float32"):
+        if dtype != "float32":
+            raise ConfigError(f"vlm.dtype={dtype} is not supported by the 'conse' backend (it "
+                              f"runs in float32 only): set vlm.dtype=float32, or use an open_clip "
+                              f"model for float16 / bfloat16")
         if not 1 <= int(top_t) <= 1000:
             raise ValueError(f"top_t must be in [1, 1000], got {top_t}")
         from .targets import load_target
@@ -309,7 +354,8 @@ def list_vlms() -> list[str]:
 def load_vlm(name: str, device="cpu", **kwargs) -> VisionLanguageModel:
     """Load a vision-language backend in eval mode on ``device`` (``"auto"`` = CUDA if present).
 
-    kwargs: ``top_t`` for ``conse``; ``seed`` (random init) and ``cache_dir`` for ``open_clip``.
+    kwargs: ``top_t`` for ``conse``; ``seed`` (random init), ``cache_dir`` and ``dtype``
+    (``float32``, ``float16``, ``bfloat16``) for ``open_clip``.
     Raises UnknownNameError (with the closest names) and OfflineError (naming ``conse``).
 
     Example:

@@ -1,0 +1,171 @@
+"""Where the similarities run (issue 20): device policy, chunks from free memory, OOM halving and
+CPU fallback, lazily computed P, pinned DataLoader batches. CUDA branches are tested by logic
+(torch.cuda.is_available / mem_get_info monkeypatched); nothing here needs a GPU."""
+import warnings
+
+import pytest
+import torch
+
+from nd_utils import clip_dissect, decode_once, machine, similarity
+from nd_utils.machine import config_device, fit_chunk, pins_memory
+from nd_utils.similarity import (SIMILARITY_FUNCTIONS, Cosines, image_concept_cosines,
+                                 neuron_chunk, similarity_on_device)
+from test_clip_dissect import wired  # noqa: F401  (the stage-02 fixture)
+
+GiB = 2**30
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """CUDA 'present' with `free[0]` bytes free; no CUDA call reaches the driver."""
+    free = [80 * GiB]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free[0], 141 * GiB))
+    return free
+
+
+def test_device_policy_follows_config_and_availability(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert config_device({"device": "auto"}).type == "cpu"
+    assert config_device({}).type == "cpu"
+    with pytest.raises(RuntimeError, match="CUDA is not available"):
+        config_device({"device": "cuda"})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert config_device({"device": "auto"}).type == "cuda"
+    assert config_device({"device": "cuda"}).type == "cuda"
+    assert config_device({"device": "cpu"}).type == "cpu"
+
+
+def test_chunk_from_free_memory_is_bounded_and_fits(fake_cuda):
+    item, fixed = 3 * 2**20, GiB
+    for free in (64 * GiB, 8 * GiB, 3 * GiB, GiB // 2):
+        fake_cuda[0] = free
+        c = fit_chunk(item, device="cuda", hi=2048, fixed_bytes=fixed)
+        assert 1 <= c <= 2048
+        if c > 1:  # 1 is the floor even when nothing fits; OOM handling takes over then
+            assert fixed + c * item <= 0.5 * free
+            assert fixed + (c + 1) * item > 0.5 * free or c == 2048
+    fake_cuda[0] = 64 * GiB
+    assert fit_chunk(item, device="cuda", hi=2048, fixed_bytes=fixed) == 2048
+    assert fit_chunk(item, device="cpu", hi=77) == 77  # no figure on the CPU: the whole range
+    # the paper's shape: every neuron at once on a big GPU, fewer on a small one, never 0
+    paper = dict(n_images=113_000, n_concepts=20_000, n_neurons=2048)
+    assert neuron_chunk("soft_wpmi", **paper, device="cpu") is None  # CPU keeps its defaults
+    fake_cuda[0] = 80 * GiB
+    assert neuron_chunk("soft_wpmi", **paper, device="cuda") == 2048
+    fake_cuda[0] = 4 * GiB
+    small = neuron_chunk("soft_wpmi", **paper, device="cuda")
+    assert 1 <= small < 2048
+    fake_cuda[0] = 24 * GiB
+    rr = neuron_chunk("rank_reorder", **paper, device="cuda")
+    assert 1 <= rr < neuron_chunk("rank_reorder", **paper, device="cuda", top_fraction=0.01)
+
+
+def test_oom_halves_the_chunk_then_falls_back_to_cpu(fake_cuda):
+    calls = []
+
+    def fake(P, A, *, device, chunk_size, layer=None):
+        calls.append((torch.device(device).type, chunk_size))
+        if torch.device(device).type == "cuda":
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (fake)")
+        return torch.zeros(A.shape[1], P.shape[1])
+
+    P, A = torch.rand(10, 3), torch.rand(10, 8)
+    with pytest.warns(UserWarning, match="out of CUDA memory.*CPU"):
+        out = similarity_on_device(fake, P, A, device="cuda", layer="fc")
+    assert out.shape == (8, 3)
+    assert calls == [("cuda", 8), ("cuda", 4), ("cuda", 2), ("cuda", 1), ("cpu", None)]
+
+    calls.clear()
+
+    def fits_at_2(P, A, *, device, chunk_size):
+        calls.append(chunk_size)
+        if chunk_size > 2:
+            raise torch.cuda.OutOfMemoryError("fake")
+        return torch.ones(A.shape[1], P.shape[1])
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback warning when a smaller chunk fits
+        assert similarity_on_device(fits_at_2, P, A, device="cuda", chunk_size=6).sum() == 24
+    assert calls == [6, 3, 1]
+
+
+def test_first_cuda_chunk_comes_from_free_memory(fake_cuda):
+    seen = []
+
+    def soft_wpmi(P, A, *, device, chunk_size, top_k=100):
+        seen.append(chunk_size)
+        return torch.zeros(A.shape[1], P.shape[1])
+
+    fake_cuda[0] = 2 * GiB
+    P = Cosines(torch.rand(3000, 4), torch.rand(700, 4))
+    similarity_on_device(soft_wpmi, P, torch.rand(3000, 50), device="cuda", top_k=100)
+    assert seen == [neuron_chunk("soft_wpmi", 3000, 700, 50, "cuda", top_k=100)]
+    assert 1 <= seen[0] <= 50
+
+
+@pytest.mark.parametrize("name", list(SIMILARITY_FUNCTIONS))
+def test_lazy_cosines_give_the_dense_results_bit_for_bit(name):
+    # shapes with tails: 16 + 3 rows of the normaliser, a last cosine slice 6 wide, U < N
+    g = torch.Generator().manual_seed(0)
+    for n, m, k in ((403, 1030, 21), (1001, 301, 3)):
+        img = torch.nn.functional.normalize(torch.randn(n, 32, generator=g), dim=1)
+        txt = torch.nn.functional.normalize(torch.randn(m, 32, generator=g), dim=1)
+        A = torch.randn(n, k, generator=g)
+        f = SIMILARITY_FUNCTIONS[name]
+        assert torch.equal(f(Cosines(img, txt), A), f(img @ txt.T, A))
+        assert torch.equal(similarity_on_device(name, Cosines(img, txt), A, device="cpu"),
+                           f(img @ txt.T, A))
+
+
+def test_large_p_is_never_formed_whole():
+    img, txt = torch.rand(50, 8), torch.rand(40, 8)
+    assert isinstance(image_concept_cosines(img, txt, "cpu"), torch.Tensor)
+    assert isinstance(image_concept_cosines(img, txt, "cpu", max_dense_bytes=4 * 50 * 40 - 1),
+                      Cosines)
+    assert isinstance(image_concept_cosines(img, txt, "cuda"), Cosines)  # built lazily, no GPU
+    bad = txt.clone()
+    bad[7, 0] = float("nan")
+    with pytest.raises(similarity.NdUtilsError, match=r"concept\(s\) \[7\]"):
+        similarity.wpmi(Cosines(img, bad), torch.rand(50, 3))
+
+
+def test_pin_memory_only_for_cuda(monkeypatch):
+    seen = []
+
+    class SpyLoader:
+        def __init__(self, dataset, **kwargs):
+            seen.append(kwargs)
+
+        def __iter__(self):
+            return iter(())
+
+    monkeypatch.setattr(decode_once, "DataLoader", SpyLoader)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert not pins_memory("cuda")  # no CUDA here: pinning would only warn
+    decode_once.compute_chunk(None, [], {}, 0, 0, 0, batch_size=4, num_workers=0, device="cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    decode_once.compute_chunk(None, [], {}, 0, 0, 0, batch_size=4, num_workers=0,
+                              device=torch.device("cuda"))
+    assert [kw["pin_memory"] for kw in seen] == [False, True]
+    assert decode_once.loader_kwargs("cpu", batch_size=4, num_workers=2) == {
+        "batch_size": 4, "num_workers": 2, "shuffle": False, "pin_memory": False}
+    assert machine.pins_memory("cuda:1")
+
+
+def test_stage_02_passes_the_configured_device(wired, monkeypatch):  # noqa: F811
+    cfg, probe, _, target = wired
+    real, seen = similarity_on_device, []
+
+    def spy(fn, P, A, *, device, **kw):
+        seen.append((fn.__name__, torch.device(device).type, type(P).__name__, kw.get("layer")))
+        return real(fn, P, A, device="cpu", **kw)
+
+    monkeypatch.setattr(clip_dissect, "similarity_on_device", spy)
+    table = clip_dissect.dissect_layer(cfg, "act", probe=probe, target=target)
+    assert seen == [("soft_wpmi", "cpu", "Tensor", "act")]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    auto = cfg.with_overrides({"device": "auto"})
+    again = clip_dissect.dissect_layer(auto, "act", probe=probe, target=target, force=True)
+    assert seen[1] == ("soft_wpmi", "cuda", "Cosines", "act")  # P blocks computed on the device
+    assert list(again.description) == list(table.description)
