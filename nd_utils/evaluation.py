@@ -309,7 +309,8 @@ def evaluate_final_layer(ecfg: Config, similarities: "list[str] | None" = None,
     image_features = load_image_features(ecfg, probe)
     device = config_device(ecfg)
     sentence, sentence_name = load_sentence_encoder(ecfg["evaluation.sentence_model"], device)
-    vlm_enc = _EmbeddingCache(lambda texts: vlm.encode_texts(list(texts)))
+    text_batch = int(ecfg["vlm.batch_size"])
+    vlm_enc = _EmbeddingCache(lambda texts: vlm.encode_texts(list(texts), batch_size=text_batch))
     st_enc = _EmbeddingCache(sentence)
     common = {"sentence_model": sentence_name, "ground_truth": gt_info["ground_truth"]}
     rows, preds = [], {}
