@@ -31,7 +31,7 @@ help:
 	@echo "make demo    - install, run the whole pipeline on configs/$(CONFIG).yaml, print the results folder"
 	@echo "make test    - install, run unit tests and every notebook under nbval"
 	@echo "make gpu-check - the paper-profile smoke on CUDA and on CPU: stage times, peak GPU memory, label agreement (needs a GPU)"
-	@echo "make bench   - install, print activation-caching, similarity-function, DnD, store and language-model speed and memory, DnD neurons/min on 1 and 2 Ray workers"
+	@echo "make bench   - install, print activation-caching, similarity-function (10k and paper scale: dense, factorized, reference), paper-scale stage-01 streaming, DnD, store and language-model speed and memory, DnD neurons/min on 1 and 2 Ray workers"
 
 # Nothing is resolved here: pip installs exactly the locked files (--require-hashes), then the
 # project itself without dependencies. The stamp records the lock files' sha256 (tests compare).
@@ -61,6 +61,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_activations.py
 	$(PY) benchmarks/bench_similarity.py
+	$(PY) benchmarks/bench_paper_activations.py
 	$(PY) benchmarks/bench_dnd.py
 	$(PY) benchmarks/bench_store.py
 	$(PY) benchmarks/bench_llm.py

@@ -2,7 +2,8 @@
 
 Pipeline (METHODS.md section 2): image features `I [N, D]` of the probe set (cached in stage
 01's decode-once pass), text features `T [M, D]` of the concept set, `P = I @ T.T [N, M]` (plain
-cosines), `sim = f(P, activations [N, K]) [K, M]`, label of neuron k = `argmax_m sim[k, m]`.
+cosines, passed as its factors and computed block by block: never whole),
+`sim = f(P, activations [N, K]) [K, M]`, label of neuron k = `argmax_m sim[k, m]`.
 
 Every step is an artifact keyed by content: image features by (vlm, probe content), text
 features by (vlm, concept list hash, template, cleaning), labels by (similarity function,
@@ -28,7 +29,8 @@ from .errors import ConfigError, DamagedArtifactError, MissingArtifactError
 from .image_features import image_feature_key, load_image_features, vlm_key_params
 from .probes import ProbeSet
 from .machine import config_device
-from .similarity import get_similarity, image_concept_cosines, similarity_on_device, top_concepts
+from .cosines import Cosines, factorized
+from .similarity import get_similarity, similarity_on_device, top_concepts
 from .stages import STAGES, StageOutput, cached_stage, stage_output
 from .store import ArtifactStore, atomic_write_text, save_tensors
 from .backends.configured import load_vlm_from_config
@@ -124,10 +126,14 @@ def _reusable_text_batches(cfg: Config, store: ArtifactStore, texts: list[str],
 
 def concept_similarity(cfg: Config, probe: ProbeSet, concepts: ConceptSet,
                        vlm: "VisionLanguageModel | None" = None, force: bool = False
-                       ) -> torch.Tensor:
-    """`P = I @ T.T`, the `[N, M]` image-concept cosine similarities, formed whole (stage 02
-    itself passes `similarity.image_concept_cosines`, which never forms a large P)."""
-    return load_image_features(cfg, probe) @ cache_text_features(cfg, concepts, vlm, force).T
+                       ) -> Cosines:
+    """`P = I @ T.T`, the `[N, M]` image-concept cosines, as its factors
+    (`similarity.factorized`): what the similarity functions take, as stage 02 passes it.
+
+    `.columns(m0, m1)` / `.rows(i0, i1)` give blocks; `.dense()` forms P whole (N x M x 4 bytes:
+    9 GB at the paper's 113,000 images and 20,000 concepts).
+    """
+    return factorized(load_image_features(cfg, probe), cache_text_features(cfg, concepts, vlm, force))
 
 
 def label_output(cfg: Config, layer: str, probe: ProbeSet, concepts: ConceptSet,
@@ -159,8 +165,8 @@ def dissect_layer(cfg: Config, layer: str, probe: "ProbeSet | None" = None,
     def build(tmp: Path) -> dict:
         acts = load_activations(cfg, layer, probe=probe, target=target)
         device = config_device(cfg)
-        P = image_concept_cosines(load_image_features(cfg, probe),
-                                  cache_text_features(cfg, concepts, vlm, force), device)
+        P = factorized(load_image_features(cfg, probe),
+                       cache_text_features(cfg, concepts, vlm, force))   # never [N, M] whole
         fn = get_similarity(cfg["clip_dissect.similarity"])
         sim = similarity_on_device(fn, P, acts.activations, device=device,
                                    **similarity_hyperparameters(cfg, fn), layer=layer)

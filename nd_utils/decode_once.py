@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Protocol
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
@@ -23,6 +24,7 @@ from tqdm.auto import tqdm
 from .locks import wait_until_free
 from .machine import pins_memory
 from .store import Artifact, ArtifactStore, atomic_write_text, save_tensors
+from .tensor_stream import RunningTopK, SafetensorsStream
 
 if TYPE_CHECKING:
     from .stages import StageOutput
@@ -237,27 +239,44 @@ def loader_kwargs(device, *, batch_size: int, num_workers: int) -> dict:
 
 
 def _publish(store, job: CacheJob, staging: Path, n_chunks: int, probe, timings, elapsed) -> None:
-    """Concatenate a job's chunks, add top ids, write the artifact and publish it atomically."""
-    values = torch.cat([load_file(str(_chunk_file(staging, c)))["values"]
-                        for c in range(n_chunks)])
-    if values.shape[0] != len(probe):
-        raise RuntimeError(f"{job.output}: {values.shape[0]} rows for {len(probe)} images")
-    tensors = {"activations": values}
-    if job.top_k:
-        k = min(job.top_k, values.shape[0])
-        top = torch.topk(values, k, dim=0)          # over images, per neuron
-        tensors["top_ids"] = top.indices.T.contiguous().to(torch.int64)    # [K, k]
-        tensors["top_values"] = top.values.T.contiguous()                  # [K, k]
-    nonfinite = int((~torch.isfinite(values)).sum())
+    """Stream a job's chunks into the artifact's one file, add top ids, publish it atomically.
+
+    Memory is one chunk (plus the [K, top_k] top lists), not the layer: the file is written
+    block by block (`tensor_stream.SafetensorsStream`) and the top images merged per chunk
+    (`RunningTopK`: equal values by ascending image index)."""
+    files = [_chunk_file(staging, c) for c in range(n_chunks)]
+    shapes = []
+    for f in files:  # headers only: the row counts must add up before anything is written
+        with safe_open(str(f), framework="pt") as fh:
+            shapes.append(tuple(fh.get_slice("values").get_shape()))
+    n, width = sum(s[0] for s in shapes), (shapes[0][1:] if shapes else ())
+    if n != len(probe) or any(s[1:] != width for s in shapes):
+        raise RuntimeError(f"{job.output}: chunks hold {n} rows of shapes {sorted(set(shapes))} "
+                           f"for {len(probe)} images")
+    specs = {"activations": (torch.float32, (n, *width))}
+    k = min(job.top_k, n) if job.top_k else 0
+    if k:
+        specs["top_ids"] = (torch.int64, (width[0], k))
+        specs["top_values"] = (torch.float32, (width[0], k))
+    top, nonfinite = RunningTopK(k), 0
+    # read by the writer when the block ends, so the count below reaches the manifest
+    extra = {**job.extra, "output": job.output, "consumer": job.consumer.name,
+             "shape": [n, *width], "nonfinite_values": 0, "top_k": k, "probe": probe.describe(),
+             "skipped_images": [list(s) for s in probe.skipped],
+             "timings": {**timings, "pass_seconds": round(elapsed, 3)}}
     with store.writer(job.stage, job.key, version=job.version, params=job.params,
-                      inputs=job.inputs, upstream=job.upstream, resume=True,
-                      extra={**job.extra, "output": job.output, "consumer": job.consumer.name,
-                             "shape": list(values.shape), "nonfinite_values": nonfinite,
-                             "top_k": int(tensors["top_ids"].shape[1]) if job.top_k else 0,
-                             "probe": probe.describe(),
-                             "skipped_images": [list(s) for s in probe.skipped],
-                             "timings": {**timings, "pass_seconds": round(elapsed, 3)}}) as tmp:
-        save_tensors(tensors, tmp / "activations.safetensors")
+                      inputs=job.inputs, upstream=job.upstream, resume=True, extra=extra) as tmp:
+        with SafetensorsStream(tmp / "activations.safetensors", specs) as out:
+            for f in files:
+                values = load_file(str(f))["values"]
+                out.write("activations", values)
+                nonfinite += int((~torch.isfinite(values)).sum())
+                if k:
+                    top.update(values)
+            if k:
+                out.write("top_ids", top.indices())
+                out.write("top_values", top.values())
+        extra["nonfinite_values"] = nonfinite
         _write_image_table(probe, tmp / "images.csv")
         shutil.rmtree(tmp / "chunks", ignore_errors=True)
         (tmp / "plan.json").unlink(missing_ok=True)

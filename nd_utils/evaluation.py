@@ -46,7 +46,8 @@ from .errors import NdUtilsError, ProbeError
 from .backends.sentence_encoders import load_sentence_encoder as sentence_encoder
 from .backends.sentence_models import MINILM
 from .machine import config_device
-from .similarity import image_concept_cosines, similarity_on_device, top_concepts
+from .cosines import factorized
+from .similarity import similarity_on_device, top_concepts
 from .store import atomic_write_text
 
 BASELINE_LABEL = "depiction"
@@ -316,7 +317,7 @@ def evaluate_final_layer(ecfg: Config, similarities: "list[str] | None" = None,
     rows, preds = [], {}
     for set_name in concept_sets or ecfg["evaluation.concept_sets"]:
         concepts = _concepts_for(ecfg, set_name, truths, gt_info)
-        P = image_concept_cosines(image_features, cache_text_features(ecfg, concepts, vlm), device)
+        P = factorized(image_features, cache_text_features(ecfg, concepts, vlm))
         aligned = set_name in CLASS_NAME_SETS and len(concepts) == len(truths)
         for fn_name in similarities or ecfg["evaluation.similarities"]:
             sim = similarity_on_device(fn_name, P, acts.activations, device=device, layer=layer)

@@ -14,10 +14,12 @@ and keyword names are the published ones; outputs match the reference's float32 
   as in the reference because sim = L - prior cancels |L| ~ 500 and float32 rounding shows.
 - rank_reorder sorts int32 keys (dense rank << bits | position) with NumPy's SIMD sort on CPU,
   far faster than torch.sort with indices.
-- P is read only by column blocks (and, for wpmi's normaliser, row blocks): pass a `Cosines`
-  (image features, text features) and each block is computed where it is read, so P [N, M] is
-  never formed whole (9 GB at the paper's N = 113,000, M = 20,000). A dense P on the CPU with a
-  CUDA `device` stays there and its blocks are copied to the device as read.
+- P is read only by column blocks (and, for wpmi's normaliser, row blocks): pass
+  `factorized(image_features, text_features)` (a `Cosines`) and each block is computed where it
+  is read, so P [N, M] is never formed whole (9 GB at the paper's N = 113,000, M = 20,000); on
+  the CPU the results equal the dense call's bit for bit. Nor is A copied whole (top images are
+  found by neuron chunks; the cosine functions read A through a transposed view). A dense P on
+  the CPU with a CUDA `device` stays there and its blocks are copied to the device as read.
 - On CUDA, `neuron_chunk` sizes the chunks from the free memory; stages call the functions through
   `similarity_on_device`, which halves the chunk on out-of-memory and finally falls back to the
   CPU. On the CPU every default is the tuned one above, and the results do not change.
@@ -36,11 +38,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .cosines import Cosines, factorized, read_columns, read_rows
 from .errors import NdUtilsError, unknown_name
 from .machine import fit_chunk, resolve_device
 
 _BLOCK = 256  # concepts per work item: a [K, 256] block of the output
-DENSE_P_BYTES = 2**31  # image_concept_cosines forms P whole on the CPU up to this size
+_TRANSFORMED_A_BYTES = 2**29  # cos_similarity_cubed's cubed A is built in parts of this size
 
 
 def _where(layer: "str | None") -> str:
@@ -53,103 +56,12 @@ def _finite(x: torch.Tensor) -> bool:
     return math.isfinite(lo) and math.isfinite(hi)
 
 
-class Cosines:
-    """P = image_feats @ text_feats.T `[N, M]` as the similarity functions read it: by blocks of
-    columns or rows, each computed when it is read, so that P is never formed whole.
-
-    On the CPU a block is bit-identical to the same block of the dense product (MKL computes each
-    entry alike whatever the shape), hence so are the similarities.
-    >>> I, T = torch.rand(6, 4), torch.rand(3, 4)
-    >>> torch.equal(Cosines(I, T).columns(1, 3), (I @ T.T)[:, 1:3])
-    True
-    """
-
-    def __init__(self, image_feats, text_feats):
-        I, T = torch.as_tensor(image_feats), torch.as_tensor(text_feats)
-        if I.dim() != 2 or T.dim() != 2 or I.shape[1] != T.shape[1]:
-            raise NdUtilsError(f"Cosines needs image features [N, D] and text features [M, D] of "
-                               f"one D, got {tuple(I.shape)} and {tuple(T.shape)}")
-        self.image_feats, self.text_feats = I, T.to(I.device)
-
-    @property
-    def shape(self) -> torch.Size:
-        return torch.Size((self.image_feats.shape[0], self.text_feats.shape[0]))
-
-    @property
-    def device(self) -> torch.device:
-        return self.image_feats.device
-
-    def dim(self) -> int:
-        return 2
-
-    def to(self, device, dtype=torch.float32) -> "Cosines":
-        return Cosines(self.image_feats.detach().to(device, dtype),
-                       self.text_feats.detach().to(device, dtype))
-
-    # MKL rounds GEMMs of under 16 rows or 64 columns differently from the same entries of a
-    # large product: narrower blocks are computed inside a wider window and cut out of it
-    _ROWS, _COLS = 16, 64
-
-    def columns(self, m0: int, m1: int, rows: "torch.Tensor | None" = None) -> torch.Tensor:
-        """P[:, m0:m1], or P[rows, m0:m1]."""
-        I = self.image_feats if rows is None else self.image_feats.index_select(0, rows)
-        lo = max(0, min(m0, m1 - self._COLS))
-        return (I @ self.text_feats[lo:m1].T)[:, m0 - lo:]
-
-    def rows(self, i0: int, i1: int, rows: "torch.Tensor | None" = None) -> torch.Tensor:
-        """P[i0:i1], or P[rows[i0:i1]]."""
-        N = self.image_feats.shape[0]
-        sel = torch.arange(i0, min(i1, N), device=self.device) if rows is None else rows[i0:i1]
-        n = sel.numel()
-        if rows is None and n >= self._ROWS:
-            return self.image_feats[i0:i1] @ self.text_feats.T
-        if n < self._ROWS <= N:  # pad with copies of the first row, cut them off again
-            sel = torch.cat([sel, sel[:1].expand(self._ROWS - n)])
-        return (self.image_feats.index_select(0, sel) @ self.text_feats.T)[:n]
-
-    def dense(self) -> torch.Tensor:
-        return self.image_feats @ self.text_feats.T
-
-
-def image_concept_cosines(image_feats, text_feats, device=None,
-                          max_dense_bytes: int = DENSE_P_BYTES) -> "torch.Tensor | Cosines":
-    """P = image_feats @ text_feats.T for the similarity functions computing on `device`.
-
-    Dense (one GEMM, the fastest) on the CPU when P takes at most `max_dense_bytes`; otherwise,
-    and always on CUDA, a `Cosines` whose blocks are computed where they are read. Either gives
-    the same similarities on the CPU.
-    >>> type(image_concept_cosines(torch.rand(6, 4), torch.rand(3, 4), "cpu")).__name__
-    'Tensor'
-    """
-    dev = torch.device(device) if device is not None else torch.as_tensor(image_feats).device
-    n, m = len(image_feats), len(text_feats)
-    if dev.type == "cpu" and 4 * n * m <= max_dense_bytes:
-        return torch.as_tensor(image_feats) @ torch.as_tensor(text_feats).T
-    return Cosines(image_feats, text_feats)
-
-
-def _columns(P, m0, m1, dev, rows=None):
-    """P[:, m0:m1] (P[rows, m0:m1]) on dev: computed (a Cosines), a view (a dense P on dev) or
-    a copy (a dense P elsewhere; `rows` then lives with P)."""
-    if isinstance(P, Cosines):
-        return P.columns(m0, m1, rows)
-    x = P[:, m0:m1] if rows is None else P[:, m0:m1].index_select(0, rows)
-    return x.to(dev)
-
-
-def _rows(P, i0, i1, dev, rows=None):
-    """P[i0:i1] (P[rows[i0:i1]]) on dev, as `_columns`."""
-    if isinstance(P, Cosines):
-        return P.rows(i0, i1, rows)
-    return (P[i0:i1] if rows is None else P.index_select(0, rows[i0:i1])).to(dev)
-
-
 def _prepare(clip_feats, target_feats, device, layer):
     """Validate both inputs; return float32 A and P for the compute device and that device.
 
     A moves to the device; so does a Cosines (its two feature matrices) and a dense P when the
     device is the CPU or P is there already (as before); a dense P elsewhere stays where it is
-    and is copied block by block (`_columns`, `_rows`)."""
+    and is copied block by block (`read_columns`, `read_rows`)."""
     lazy = isinstance(clip_feats, Cosines)
     P = clip_feats if lazy else torch.as_tensor(clip_feats)
     A = torch.as_tensor(target_feats)
@@ -175,7 +87,7 @@ def _prepare(clip_feats, target_feats, device, layer):
                            f"{' ...' if len(units) > 10 else ''} ({len(units)} of {A.shape[1]});"
                            f" recompute or drop those activations")
     if not (_finite(P.image_feats) and _finite(P.text_feats) if lazy else _finite(P)):
-        cols = torch.cat([(~torch.isfinite(_rows(P, i, i + 1024, P.device))).any(0, keepdim=True)
+        cols = torch.cat([(~torch.isfinite(read_rows(P, i, i + 1024, P.device))).any(0, keepdim=True)
                           for i in range(0, P.shape[0], 1024)]).any(0).nonzero()[:, 0].tolist()
         raise NdUtilsError(f"clip_feats has NaN/inf for concept(s) {cols[:10]} ({len(cols)} of "
                            f"{P.shape[1]}); check the text/image features")
@@ -211,19 +123,57 @@ def _blocks(M: int, width: int = _BLOCK) -> list[tuple[int, int]]:
 def _col_norm(x: torch.Tensor) -> torch.Tensor:
     """L2 norm of each column: sqrt(sum of squares) is ~4x faster than torch.norm(dim=0) here and
     more accurate (1e-7 vs 2e-6 relative at N = 10,000, which is all it changes)."""
+    if x.shape[1] > _BLOCK:  # by column chunks: the squares of a large A [N, K] are never whole
+        return torch.cat([_col_norm(x[:, k:k + _BLOCK]) for k in range(0, x.shape[1], _BLOCK)], 1)
     return x.square().sum(0, keepdim=True).sqrt_()
 
 
-def _matmul_sim(P, A, transform, chunk_size, device, layer):
-    """Shared body of the two cosine functions: out = transform(A).T @ transform(P) by blocks."""
+def _slice_width(n_images: int) -> int:
+    """Concepts per transformed slice of P in the cosine functions: 1024, fewer for large N so
+    that a slice [N, w] stays near 64 MB (w = 128 at the paper's N = 113,000)."""
+    return max(64, min(4 * _BLOCK, (2**24 // max(n_images, 1)) // 64 * 64))
+
+
+def _top_images(A: torch.Tensor, k: int, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each neuron's k highest activations and their images, (values, indices) `[K, k]`,
+    descending; A `[N, K]` is read by neuron chunks, never copied whole as A.T `[K, N]`."""
+    parts = [A[:, k0:k0 + chunk].T.contiguous().topk(k, dim=1) for k0 in range(0, A.shape[1], chunk)]
+    return torch.cat([v for v, _ in parts]), torch.cat([i for _, i in parts])
+
+
+def _matmul_sim(P, A, transform, chunk_size, device, layer, column_scale=None):
+    """Shared body of the two cosine functions: out = transform(A).T @ transform(P) by slices.
+
+    `column_scale(A)` [1, K], when given, replaces transform(A) by A scaled afterwards (cosine:
+    a column scaling), so no copy of A is made; otherwise transform(A).T is one [K, N] copy,
+    filled by neuron chunks."""
     P, A, dev = _prepare(P, A, device, layer)
-    At = transform(A).T.contiguous()
-    out = torch.empty(A.shape[1], P.shape[1], device=dev)
-    step = chunk_size or A.shape[1]
-    for m0 in range(0, P.shape[1], 4 * _BLOCK):  # one transformed [N, 1024] slice of P at a time
-        Pb = transform(_columns(P, m0, min(m0 + 4 * _BLOCK, P.shape[1]), dev))
-        for k0 in range(0, A.shape[1], step):
-            torch.matmul(At[k0:k0 + step], Pb, out=out[k0:k0 + step, m0:m0 + Pb.shape[1]])
+    (N, M), K = P.shape, A.shape[1]
+    # transform(A).T [K, N] is built in parts of at most _TRANSFORMED_A_BYTES (one part below
+    # 134 M entries; two at the paper's 113,000 x 2,048), P's slices recomputed for each part
+    part = K if column_scale else -(-K // -(-4 * K * N // _TRANSFORMED_A_BYTES))
+    out = torch.empty(K, M, device=dev)
+    step, width = chunk_size or K, _slice_width(N)
+    # one buffer for every part: a fresh one per part may not reuse the last one's memory
+    buffer = None if column_scale else torch.empty(part, N, device=dev)
+    for p0 in range(0, K, part):
+        p1 = min(K, p0 + part)
+        if column_scale:
+            At = A.T
+        else:  # transform is per column: filled by neuron chunks, one chunk's temporaries
+            At = buffer[:p1 - p0]
+            for k0 in range(p0, p1, 64):   # 64 neurons: temporaries of 29 MB at N = 113,000
+                k1 = min(p1, k0 + 64)
+                At[k0 - p0:k1 - p0] = transform(A[:, k0:k1], inplace=False).T
+        for m0 in range(0, M, width):  # one transformed [N, width] slice of P at a time
+            cols = read_columns(P, m0, min(m0 + width, M), dev)
+            # a computed (factorized) or copied slice is ours to overwrite; a view of P is not
+            Pb = transform(cols, inplace=isinstance(P, Cosines) or P.device != dev)
+            for k0 in range(p0, p1, step):
+                k1 = min(p1, k0 + step)
+                torch.matmul(At[k0 - p0:k1 - p0], Pb, out=out[k0:k1, m0:m0 + Pb.shape[1]])
+    if column_scale:
+        out.mul_(column_scale(A).T)
     return out
 
 
@@ -234,9 +184,13 @@ def cos_similarity(clip_feats, target_feats, *, chunk_size=None, device=None, la
     >>> cos_similarity(torch.rand(10, 3), torch.rand(10, 2)).shape
     torch.Size([2, 3])
     """
-    def unit(x):  # a zero norm (dead neuron) keeps its zeros instead of 0/0 = NaN
-        return x / _col_norm(x).clamp_min(torch.finfo(x.dtype).tiny)
-    return _matmul_sim(clip_feats, target_feats, unit, chunk_size, device, layer)
+    def inverse_norm(x):  # a zero norm (dead neuron) keeps its zeros instead of 0/0 = NaN
+        return _col_norm(x).clamp_min(torch.finfo(x.dtype).tiny).reciprocal_()
+
+    def unit(x, inplace):
+        return x.mul_(inverse_norm(x)) if inplace else x * inverse_norm(x)
+    return _matmul_sim(clip_feats, target_feats, unit, chunk_size, device, layer,
+                       column_scale=inverse_norm)
 
 
 def cos_similarity_cubed(clip_feats, target_feats, *, min_norm=1e-3, chunk_size=None, device=None,
@@ -246,9 +200,9 @@ def cos_similarity_cubed(clip_feats, target_feats, *, min_norm=1e-3, chunk_size=
     >>> cos_similarity_cubed(torch.rand(10, 3), torch.rand(10, 2)).shape
     torch.Size([2, 3])
     """
-    def cube(x):
-        x = (x - x.mean(dim=0, keepdim=True)) ** 3
-        return x / _col_norm(x).clamp_min(min_norm)
+    def cube(x, inplace):  # in place: no [N, w] temporaries beside the slice itself
+        x = (x.sub_ if inplace else x.sub)(x.mean(dim=0, keepdim=True)).pow_(3)
+        return x.div_(_col_norm(x).clamp_min(min_norm))
     return _matmul_sim(clip_feats, target_feats, cube, chunk_size, device, layer)
 
 
@@ -266,6 +220,19 @@ def _orderable(x: torch.Tensor) -> torch.Tensor:
 
 RANK_REORDER_FLOOR = float(torch.finfo(torch.float32).min)  # -3.4028235e38
 _ABOVE_FLOOR = float(np.nextafter(np.float32(RANK_REORDER_FLOOR), np.float32(0)))
+
+
+RANK_BLOCK_ELEMENTS = 2**20  # rank_reorder: concepts per block x images, about (see below)
+
+
+def _rank_block_width(n_images: int) -> int:
+    """Concepts per rank_reorder block: 64, fewer for large N (8 at the paper's 113,000), as each
+    block sorts and ranks int64 keys [w, N] several times over (~20 x 8 bytes per entry, on each
+    thread). The scores do not depend on it."""
+    w = 64
+    while w > 8 and w * n_images > RANK_BLOCK_ELEMENTS:
+        w //= 2
+    return w
 
 
 def _floor_invalid(score: torch.Tensor, cmean: torch.Tensor, scale_p) -> torch.Tensor:
@@ -319,12 +286,16 @@ def rank_reorder(clip_feats, target_feats, *, p=3, top_fraction=0.05, scale_p=0.
         warnings.warn(f"rank_reorder{_where(layer)}: int(N * top_fraction) = {n} for N = {N};"
                       f" using the top 2 images", stacklevel=2)
         n = 2
-    vals, idx = A.T.contiguous().topk(n, dim=1)         # [K, n], descending
+    vals, idx = _top_images(A, n)                       # [K, n], descending
     asc = vals.flip(1)
     gen = generator or torch.Generator().manual_seed(seed)
-    perms = torch.stack([torch.randperm(n, generator=gen) for _ in range(5 * K)]).to(dev)
-    asc5 = asc.repeat_interleave(5, 0)                  # row 5k + j: neuron k, permutation j
-    B = (asc5 - asc5.gather(1, perms)).abs_().pow_(p).view(K, 5 * n).mean(1)
+    B = torch.empty(K, device=dev)
+    for k0 in range(0, K, 64):  # by neuron chunks, drawing the permutations in neuron order
+        k1 = min(K, k0 + 64)
+        perms = torch.stack([torch.randperm(n, generator=gen)
+                             for _ in range(5 * (k1 - k0))]).to(dev)
+        asc5 = asc[k0:k1].repeat_interleave(5, 0)       # row 5k + j: neuron k, permutation j
+        B[k0:k1] = (asc5 - asc5.gather(1, perms)).abs_().pow_(p).view(k1 - k0, 5 * n).mean(1)
     if (B == 0).any():  # constant top activations: every re-ordering has zero error
         warnings.warn(f"rank_reorder{_where(layer)}: {int((B == 0).sum())} neuron(s) have constant"
                       f" top activations; their scores are 0 (RANK_REORDER_FLOOR for concepts"
@@ -338,9 +309,15 @@ def rank_reorder(clip_feats, target_feats, *, p=3, top_fraction=0.05, scale_p=0.
     pos = torch.arange(N, device=dev)
     chunk_pos = torch.arange(c_max * n, dtype=kdt, device=dev)
 
-    def block(bounds):
-        m0, m1 = bounds
-        Pb = _columns(P, m0, m1, dev).contiguous()
+    sub = _rank_block_width(N)
+
+    def block(bounds):  # P's columns 64 at a time (one GEMM), ranked `sub` at a time
+        b0, b1 = bounds
+        Pw = read_columns(P, b0, b1, dev)
+        for m0 in range(b0, b1, sub):
+            ranked(Pw[:, m0 - b0:min(b1, m0 + sub) - b0].contiguous(), m0, min(b1, m0 + sub))
+
+    def ranked(Pb, m0, m1):
         cmean = F.embedding_bag(idx, Pb, mode="mean")   # [K, w]: mean of c over the top images
         # dense rank of every image per concept (equal values share a rank) so that ties are
         # broken by position among the neuron's top images, as the reference's stable sort does;
@@ -381,7 +358,7 @@ def _pmi(P, A, *, soft, top_k, a, lam, min_prob, p_start, p_end, prior, return_p
         top_k = N
     if top_k < 1 or min_prob < 0:
         raise NdUtilsError(f"{name}: need top_k >= 1 and min_prob >= 0, got {top_k}, {min_prob}")
-    idx = A.T.contiguous().topk(top_k, dim=1).indices  # [K, top_k], descending activations
+    idx = _top_images(A, top_k)[1]                     # [K, top_k], descending activations
     if prior is not None:
         prior = torch.as_tensor(prior, dtype=torch.float32, device=dev).reshape(-1)
         if prior.numel() != M:
@@ -393,15 +370,20 @@ def _pmi(P, A, *, soft, top_k, a, lam, min_prob, p_start, p_end, prior, return_p
     U = rows.numel()
     mx, rinv = torch.empty(U, 1, device=dev), torch.empty(U, 1, device=dev)
 
-    every = U == N  # rows = 0..N-1 (usual when K * top_k >> N): slice instead of gathering
+    lazy = isinstance(P, Cosines)
+    if lazy and U < N:  # factors of the used rows only, gathered once (not once per block)
+        P = Cosines(P.image_feats.index_select(0, rows), P.text_feats)
+    every = lazy or U == N  # rows = 0..N-1 (usual when K * top_k >> N): slice, do not gather
     local = isinstance(P, torch.Tensor) and P.device == dev   # else P's blocks are copied
     src_rows = None if every else rows.to(P.device)
-    # 16 rows keep the temporaries in L2 (CPU); on CUDA as many as fit, a few [rows, M] buffers
-    rstep = 16 if dev.type == "cpu" else fit_chunk(16 * M, device=dev, hi=4096, lo=16)
+    # 16 rows keep the temporaries in L2 (CPU; a computed block: 64, a more efficient GEMM); on
+    # CUDA as many as fit, a few [rows, M] buffers
+    rstep = ((64 if lazy else 16) if dev.type == "cpu"
+             else fit_chunk(16 * M, device=dev, hi=4096, lo=16))
 
     def normaliser(i0):  # per image: max of a*P and softmax's 1/sum (= Q at the argmax, exactly)
         i1 = i0 + rstep
-        x = torch.mul(_rows(P, i0, i1, dev, src_rows), a)
+        x = torch.mul(read_rows(P, i0, i1, dev, src_rows), a)
         mx[i0:i1], rinv[i0:i1] = x.amax(1, keepdim=True), torch.softmax(x, 1).amax(1, keepdim=True)
 
     if soft:
@@ -427,11 +409,11 @@ def _pmi(P, A, *, soft, top_k, a, lam, min_prob, p_start, p_end, prior, return_p
         table = torch.empty(U + soft, m1 - m0, device=dev)
         Q = table[:U]
         if every:
-            torch.mul(_columns(P, m0, m1, dev), a, out=Q)
+            torch.mul(read_columns(P, m0, m1, dev), a, out=Q)
         elif local:
             torch.index_select(P[:, m0:m1], 0, rows, out=Q).mul_(a)
         else:
-            torch.mul(_columns(P, m0, m1, dev, src_rows), a, out=Q)
+            torch.mul(read_columns(P, m0, m1, dev, src_rows), a, out=Q)
         Q.sub_(mx).exp_().mul_(rinv)                    # softmax(a*P)[rows, m0:m1], no [N, M]
         if soft:
             Q.sub_(1)

@@ -41,7 +41,9 @@ class Stage:
 
 
 STAGES: dict[str, Stage] = {s.name: s for s in [
-    Stage("01_activation_caching", "01_activation_caching.ipynb", version=1,
+    # v2: top images merged chunk by chunk, equal activations by ascending image index and NaN
+    # last (torch.topk over the whole layer left ties unspecified and put NaN first)
+    Stage("01_activation_caching", "01_activation_caching.ipynb", version=2,
           reads=("target.name", "target.pooling", "probe.sets", "probe.limit",
                  "activations.top_k")),
     # the vision-language image features share stage 01's decode-once pass over the probe set

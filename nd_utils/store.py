@@ -59,7 +59,7 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
-def _temp_name(path: Path) -> Path:
+def temp_path(path: Path) -> Path:
     # unique per process and call: concurrent writers of one file never share a temporary
     return path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
@@ -68,7 +68,7 @@ def atomic_write_bytes(path: "str | Path", data: bytes) -> Path:
     """Write `data` to `path` through a temporary file and a rename (no torn files)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_name(path)
+    tmp = temp_path(path)
     try:
         with open(tmp, "wb") as fh:
             fh.write(data)
@@ -91,7 +91,7 @@ def save_tensors(tensors: dict, path: "str | Path") -> Path:
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_name(path)
+    tmp = temp_path(path)
     try:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
         os.replace(tmp, path)

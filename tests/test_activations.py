@@ -68,7 +68,11 @@ def test_cache_shapes_top_ids_and_skipped(setup):
         x = torch.stack([PRE(probe.load_image(i)) for i in range(10)])
         ref = target.model.act(target.model.conv(x)).mean((2, 3))
     assert torch.allclose(a.activations, ref, atol=1e-6)
-    assert torch.equal(a.top_ids, torch.topk(ref, 5, dim=0).indices.T)
+    # top images: descending activation, equal ones (a dead unit's zeros) by ascending image
+    order = torch.sort(a.activations, dim=0, descending=True, stable=True).indices[:5].T
+    assert torch.equal(a.top_ids, order)
+    assert torch.equal(a.top_values, a.activations.gather(0, order.T).T)
+    assert torch.allclose(torch.topk(ref, 5, dim=0).values.T, a.top_values, atol=1e-6)
     assert "broken.jpg" in str(a.manifest["skipped_images"])
     assert a.manifest["weights_id"] == target.weights_id
     assert count_hooks(target.model) == 0

@@ -7,7 +7,8 @@ import importlib
 import pytest
 
 # modules whose examples need no model weights, network or artifact store
-PURE = ["stages", "errors", "backends.registry", "machine", "hooks", "similarity",
+PURE = ["stages", "errors", "backends.registry", "machine", "hooks", "similarity", "cosines",
+        "tensor_stream",
         "label_metrics", "probe_split", "config", "evaluation", "concept_sets"]
 
 

@@ -8,7 +8,7 @@ import torch
 
 from nd_utils import clip_dissect, decode_once, machine, similarity
 from nd_utils.machine import config_device, fit_chunk, pins_memory
-from nd_utils.similarity import (SIMILARITY_FUNCTIONS, Cosines, image_concept_cosines,
+from nd_utils.similarity import (SIMILARITY_FUNCTIONS, Cosines, factorized,
                                  neuron_chunk, similarity_on_device)
 from test_clip_dissect import wired  # noqa: F401  (the stage-02 fixture)
 
@@ -118,12 +118,13 @@ def test_lazy_cosines_give_the_dense_results_bit_for_bit(name):
                            f(img @ txt.T, A))
 
 
-def test_large_p_is_never_formed_whole():
+def test_factorized_p_is_the_lazy_cosines():
     img, txt = torch.rand(50, 8), torch.rand(40, 8)
-    assert isinstance(image_concept_cosines(img, txt, "cpu"), torch.Tensor)
-    assert isinstance(image_concept_cosines(img, txt, "cpu", max_dense_bytes=4 * 50 * 40 - 1),
-                      Cosines)
-    assert isinstance(image_concept_cosines(img, txt, "cuda"), Cosines)  # built lazily, no GPU
+    P = factorized(img, txt)
+    assert isinstance(P, Cosines) and P.shape == (50, 40)
+    assert torch.equal(P.dense(), img @ txt.T)
+    with pytest.raises(similarity.NdUtilsError, match="one D"):
+        factorized(img, torch.rand(40, 7))
     bad = txt.clone()
     bad[7, 0] = float("nan")
     with pytest.raises(similarity.NdUtilsError, match=r"concept\(s\) \[7\]"):
@@ -163,9 +164,80 @@ def test_stage_02_passes_the_configured_device(wired, monkeypatch):  # noqa: F81
 
     monkeypatch.setattr(clip_dissect, "similarity_on_device", spy)
     table = clip_dissect.dissect_layer(cfg, "act", probe=probe, target=target)
-    assert seen == [("soft_wpmi", "cpu", "Tensor", "act")]
+    assert seen == [("soft_wpmi", "cpu", "Cosines", "act")]   # P by its factors, never whole
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     auto = cfg.with_overrides({"device": "auto"})
     again = clip_dissect.dissect_layer(auto, "act", probe=probe, target=target, force=True)
     assert seen[1] == ("soft_wpmi", "cuda", "Cosines", "act")  # P blocks computed on the device
     assert list(again.description) == list(table.description)
+
+
+class _LargestOutput:
+    """Records the largest tensor any aten op produces while active (a TorchDispatchMode)."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        record = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for t in out if isinstance(out, (tuple, list)) else (out,):
+                    if isinstance(t, torch.Tensor):
+                        record.largest = max(record.largest, t.numel())
+                return out
+
+        self.largest, self.mode = 0, Mode()
+
+    def __enter__(self):
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)
+
+
+@pytest.mark.parametrize("name", list(SIMILARITY_FUNCTIONS))
+def test_factorized_p_is_computed_in_blocks_never_whole(name):
+    # N x M = 2.4 M entries; the blocks read are at most N x 1024 (cosines' slices) or 64 x M
+    g = torch.Generator().manual_seed(0)
+    n, m, k = 400, 6000, 6
+    img = torch.nn.functional.normalize(torch.randn(n, 16, generator=g), dim=1)
+    txt = torch.nn.functional.normalize(torch.randn(m, 16, generator=g), dim=1)
+    A = torch.randn(n, k, generator=g)
+    with _LargestOutput() as seen:
+        sim = SIMILARITY_FUNCTIONS[name](factorized(img, txt), A)
+    assert sim.shape == (k, m)
+    assert seen.largest <= n * m // 4, (name, seen.largest)
+    with _LargestOutput() as dense:  # the check sees a whole P where one is formed
+        SIMILARITY_FUNCTIONS[name](img @ txt.T, A)
+    assert dense.largest >= n * m
+
+
+
+def test_rank_reorder_scores_do_not_depend_on_its_block_width(monkeypatch):
+    g = torch.Generator().manual_seed(3)
+    img = torch.nn.functional.normalize(torch.randn(300, 16, generator=g), dim=1)
+    txt = torch.nn.functional.normalize(torch.randn(150, 16, generator=g), dim=1)
+    A = torch.randn(300, 5, generator=g)
+    wide = similarity.rank_reorder(factorized(img, txt), A)
+    monkeypatch.setattr(similarity, "RANK_BLOCK_ELEMENTS", 300 * 8)   # 8 concepts per block
+    assert similarity._rank_block_width(300) == 8
+    narrow = similarity.rank_reorder(factorized(img, txt), A)
+    # embedding_bag's mean over 8 columns rounds a few sums differently from 64: ~1e-6 relative
+    assert torch.allclose(narrow, wide, rtol=1e-5, atol=0)
+    assert torch.equal(narrow.argmax(1), wide.argmax(1))
+    assert torch.equal(similarity.rank_reorder(img @ txt.T, A), narrow)   # dense = factorized
+
+
+def test_cubed_in_parts_of_neurons_agrees_with_one_part(monkeypatch):
+    g = torch.Generator().manual_seed(4)
+    img = torch.nn.functional.normalize(torch.randn(500, 16, generator=g), dim=1)
+    txt = torch.nn.functional.normalize(torch.randn(300, 16, generator=g), dim=1)
+    A = torch.randn(500, 40, generator=g)
+    whole = similarity.cos_similarity_cubed(factorized(img, txt), A)
+    monkeypatch.setattr(similarity, "_TRANSFORMED_A_BYTES", 4 * 500 * 16)   # 3 parts
+    parts = similarity.cos_similarity_cubed(factorized(img, txt), A)
+    assert torch.allclose(parts, whole, rtol=0, atol=1e-6)   # GEMMs of 14 vs 40 rows round apart
+    assert torch.equal(similarity.cos_similarity_cubed(img @ txt.T, A), parts)

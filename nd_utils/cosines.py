@@ -1,0 +1,108 @@
+"""P = I @ T.T `[N, M]` by its factors: blocks of image-concept cosines computed as they are read.
+
+The similarity functions (`nd_utils.similarity`) read P only by column blocks (and row blocks
+for wpmi's normaliser). `factorized(image_features, text_features)` hands them a `Cosines`, whose
+blocks are computed where they are read, so P is never formed whole (9 GB at the paper's
+113,000 images and 20,000 concepts); `read_columns` / `read_rows` read a block of either
+kind of P.
+
+Example:
+    >>> I, T = torch.rand(6, 4), torch.rand(3, 4)
+    >>> factorized(I, T).shape
+    torch.Size([6, 3])
+"""
+from __future__ import annotations
+
+import torch
+
+from .errors import NdUtilsError
+
+
+class Cosines:
+    """P = image_feats @ text_feats.T `[N, M]` as the similarity functions read it: by blocks of
+    columns or rows, each computed when it is read, so that P is never formed whole.
+
+    On the CPU a block is bit-identical to the same block of the dense product (MKL computes each
+    entry alike whatever the shape), hence so are the similarities.
+    >>> I, T = torch.rand(6, 4), torch.rand(3, 4)
+    >>> torch.equal(Cosines(I, T).columns(1, 3), (I @ T.T)[:, 1:3])
+    True
+    """
+
+    def __init__(self, image_feats, text_feats):
+        I, T = torch.as_tensor(image_feats), torch.as_tensor(text_feats)
+        if I.dim() != 2 or T.dim() != 2 or I.shape[1] != T.shape[1]:
+            raise NdUtilsError(f"Cosines needs image features [N, D] and text features [M, D] of "
+                               f"one D, got {tuple(I.shape)} and {tuple(T.shape)}")
+        self.image_feats, self.text_feats = I, T.to(I.device)
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.image_feats.shape[0], self.text_feats.shape[0]))
+
+    @property
+    def device(self) -> torch.device:
+        return self.image_feats.device
+
+    def dim(self) -> int:
+        return 2
+
+    def to(self, device, dtype=torch.float32) -> "Cosines":
+        return Cosines(self.image_feats.detach().to(device, dtype),
+                       self.text_feats.detach().to(device, dtype))
+
+    # MKL rounds GEMMs of under 16 rows or 64 columns differently from the same entries of a
+    # large product: narrower blocks are computed inside a wider window and cut out of it
+    _ROWS, _COLS = 16, 64
+
+    def columns(self, m0: int, m1: int, rows: "torch.Tensor | None" = None) -> torch.Tensor:
+        """P[:, m0:m1], or P[rows, m0:m1]."""
+        I = self.image_feats if rows is None else self.image_feats.index_select(0, rows)
+        lo = max(0, min(m0, m1 - self._COLS))            # widen to the left, else to the right
+        hi = min(self.text_feats.shape[0], max(m1, lo + self._COLS))
+        return (I @ self.text_feats[lo:hi].T)[:, m0 - lo:m1 - lo]
+
+    def rows(self, i0: int, i1: int, rows: "torch.Tensor | None" = None) -> torch.Tensor:
+        """P[i0:i1], or P[rows[i0:i1]]."""
+        N = self.image_feats.shape[0]
+        sel = torch.arange(i0, min(i1, N), device=self.device) if rows is None else rows[i0:i1]
+        n = sel.numel()
+        if rows is None and n >= self._ROWS:
+            return self.image_feats[i0:i1] @ self.text_feats.T
+        if n < self._ROWS <= N:  # pad with copies of the first row, cut them off again
+            sel = torch.cat([sel, sel[:1].expand(self._ROWS - n)])
+        return (self.image_feats.index_select(0, sel) @ self.text_feats.T)[:n]
+
+    def dense(self) -> torch.Tensor:
+        return self.image_feats @ self.text_feats.T
+
+
+def factorized(image_features, text_features) -> Cosines:
+    """P = image_features @ text_features.T `[N, M]`, given by its factors: what every similarity
+    function accepts in place of a dense P, computing the blocks it reads on its own device.
+
+    image_features [N, D], text_features [M, D] (L2-normalised rows for cosines). The result is
+    the same as with the dense P on the CPU (bit for bit) and never holds more than a block:
+    the pipeline's stages 02, 07 and 08 pass P this way.
+    >>> from nd_utils.similarity import soft_wpmi
+    >>> I, T, A = torch.rand(60, 8), torch.rand(5, 8), torch.rand(60, 3)
+    >>> torch.equal(soft_wpmi(factorized(I, T), A, top_k=10), soft_wpmi(I @ T.T, A, top_k=10))
+    True
+    """
+    return Cosines(image_features, text_features)
+
+
+def read_columns(P, m0, m1, dev, rows=None):
+    """P[:, m0:m1] (P[rows, m0:m1]) on dev: computed (a Cosines), a view (a dense P on dev) or
+    a copy (a dense P elsewhere; `rows` then lives with P)."""
+    if isinstance(P, Cosines):
+        return P.columns(m0, m1, rows)
+    x = P[:, m0:m1] if rows is None else P[:, m0:m1].index_select(0, rows)
+    return x.to(dev)
+
+
+def read_rows(P, i0, i1, dev, rows=None):
+    """P[i0:i1] (P[rows[i0:i1]]) on dev, as `read_columns`."""
+    if isinstance(P, Cosines):
+        return P.rows(i0, i1, rows)
+    return (P[i0:i1] if rows is None else P.index_select(0, rows[i0:i1])).to(dev)
