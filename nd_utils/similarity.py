@@ -145,8 +145,8 @@ def _matmul_sim(P, A, transform, chunk_size, device, layer, column_scale=None):
     """Shared body of the two cosine functions: out = transform(A).T @ transform(P) by slices.
 
     `column_scale(A)` [1, K], when given, replaces transform(A) by A scaled afterwards (cosine:
-    a column scaling), so no copy of A is made; otherwise transform(A).T is one [K, N] copy,
-    filled by neuron chunks."""
+    a column scaling), so no copy of A is made; otherwise transform(A).T [K, N] is built in
+    parts of neurons (one buffer, filled by neuron chunks)."""
     P, A, dev = _prepare(P, A, device, layer)
     (N, M), K = P.shape, A.shape[1]
     # transform(A).T [K, N] is built in parts of at most _TRANSFORMED_A_BYTES (one part below
