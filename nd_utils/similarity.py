@@ -38,7 +38,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .cosines import Cosines, factorized, read_columns, read_rows
+from .cosines import Cosines, read_columns, read_rows
+from .cosines import factorized  # noqa: F401  (nd_utils.similarity.factorized, the public name)
 from .errors import NdUtilsError, unknown_name
 from .machine import fit_chunk, resolve_device
 
