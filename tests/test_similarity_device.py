@@ -198,14 +198,19 @@ class _LargestOutput:
         self.mode.__exit__(*exc)
 
 
+def _unit_factors(seed: int, n: int, m: int, k: int, d: int = 16):
+    """Seeded unit image features [n, d], text features [m, d] and activations [n, k]."""
+    g = torch.Generator().manual_seed(seed)
+    img = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1)
+    txt = torch.nn.functional.normalize(torch.randn(m, d, generator=g), dim=1)
+    return img, txt, torch.randn(n, k, generator=g)
+
+
 @pytest.mark.parametrize("name", list(SIMILARITY_FUNCTIONS))
 def test_factorized_p_is_computed_in_blocks_never_whole(name):
     # N x M = 2.4 M entries; the blocks read are at most N x 1024 (cosines' slices) or 64 x M
-    g = torch.Generator().manual_seed(0)
     n, m, k = 400, 6000, 6
-    img = torch.nn.functional.normalize(torch.randn(n, 16, generator=g), dim=1)
-    txt = torch.nn.functional.normalize(torch.randn(m, 16, generator=g), dim=1)
-    A = torch.randn(n, k, generator=g)
+    img, txt, A = _unit_factors(0, n, m, k)
     with _LargestOutput() as seen:
         sim = SIMILARITY_FUNCTIONS[name](factorized(img, txt), A)
     assert sim.shape == (k, m)
@@ -215,12 +220,8 @@ def test_factorized_p_is_computed_in_blocks_never_whole(name):
     assert dense.largest >= n * m
 
 
-
 def test_rank_reorder_scores_do_not_depend_on_its_block_width(monkeypatch):
-    g = torch.Generator().manual_seed(3)
-    img = torch.nn.functional.normalize(torch.randn(300, 16, generator=g), dim=1)
-    txt = torch.nn.functional.normalize(torch.randn(150, 16, generator=g), dim=1)
-    A = torch.randn(300, 5, generator=g)
+    img, txt, A = _unit_factors(3, 300, 150, 5)
     wide = similarity.rank_reorder(factorized(img, txt), A)
     monkeypatch.setattr(similarity, "RANK_BLOCK_ELEMENTS", 300 * 8)   # 8 concepts per block
     assert similarity._rank_block_width(300) == 8
@@ -232,10 +233,7 @@ def test_rank_reorder_scores_do_not_depend_on_its_block_width(monkeypatch):
 
 
 def test_cubed_in_parts_of_neurons_agrees_with_one_part(monkeypatch):
-    g = torch.Generator().manual_seed(4)
-    img = torch.nn.functional.normalize(torch.randn(500, 16, generator=g), dim=1)
-    txt = torch.nn.functional.normalize(torch.randn(300, 16, generator=g), dim=1)
-    A = torch.randn(500, 40, generator=g)
+    img, txt, A = _unit_factors(4, 500, 300, 40)
     whole = similarity.cos_similarity_cubed(factorized(img, txt), A)
     monkeypatch.setattr(similarity, "_TRANSFORMED_A_BYTES", 4 * 500 * 16)   # 3 parts
     parts = similarity.cos_similarity_cubed(factorized(img, txt), A)
