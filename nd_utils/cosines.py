@@ -54,13 +54,35 @@ class Cosines:
     # MKL rounds GEMMs of under 16 rows or 64 columns differently from the same entries of a
     # large product: narrower blocks are computed inside a wider window and cut out of it
     _ROWS, _COLS = 16, 64
+    # On the CPU, MKL packs the long operand of a GEMM whole, per call: 200+ MB at 100,000
+    # concepts or images, on each thread. Products are formed _CHUNK rows of it at a time
+    # (same entries, bit for bit), which bounds the packing to ~32 MB.
+    _CHUNK = 16384
+
+    def _product(self, X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+        """X @ Y.T `[n, m]` for X [n, D], Y [m, D], by chunks of the longer one's rows (CPU)."""
+        n, m = X.shape[0], Y.shape[0]
+        if X.device.type != "cpu" or max(n, m) <= self._CHUNK:
+            return X @ Y.T
+        out = torch.empty(n, m, dtype=torch.result_type(X, Y), device=X.device)
+        by_rows = n >= m
+        length, least = (n, self._ROWS) if by_rows else (m, self._COLS)
+        starts = list(range(0, length, self._CHUNK))
+        if len(starts) > 1 and length - starts[-1] < least:  # a short tail joins its neighbour
+            starts.pop()
+        for s0, s1 in zip(starts, starts[1:] + [length]):
+            if by_rows:
+                torch.mm(X[s0:s1], Y.T, out=out[s0:s1])
+            else:
+                torch.mm(X, Y[s0:s1].T, out=out[:, s0:s1])
+        return out
 
     def columns(self, m0: int, m1: int, rows: "torch.Tensor | None" = None) -> torch.Tensor:
         """P[:, m0:m1], or P[rows, m0:m1]."""
         I = self.image_feats if rows is None else self.image_feats.index_select(0, rows)
         lo = max(0, min(m0, m1 - self._COLS))            # widen to the left, else to the right
         hi = min(self.text_feats.shape[0], max(m1, lo + self._COLS))
-        return (I @ self.text_feats[lo:hi].T)[:, m0 - lo:m1 - lo]
+        return self._product(I, self.text_feats[lo:hi])[:, m0 - lo:m1 - lo]
 
     def rows(self, i0: int, i1: int, rows: "torch.Tensor | None" = None) -> torch.Tensor:
         """P[i0:i1], or P[rows[i0:i1]]."""
@@ -68,10 +90,10 @@ class Cosines:
         sel = torch.arange(i0, min(i1, N), device=self.device) if rows is None else rows[i0:i1]
         n = sel.numel()
         if rows is None and n >= self._ROWS:
-            return self.image_feats[i0:i1] @ self.text_feats.T
+            return self._product(self.image_feats[i0:i1], self.text_feats)
         if n < self._ROWS <= N:  # pad with copies of the first row, cut them off again
             sel = torch.cat([sel, sel[:1].expand(self._ROWS - n)])
-        return (self.image_feats.index_select(0, sel) @ self.text_feats.T)[:n]
+        return self._product(self.image_feats.index_select(0, sel), self.text_feats)[:n]
 
     def dense(self) -> torch.Tensor:
         return self.image_feats @ self.text_feats.T

@@ -118,6 +118,20 @@ def test_lazy_cosines_give_the_dense_results_bit_for_bit(name):
                            f(img @ txt.T, A))
 
 
+@pytest.mark.parametrize("name", list(SIMILARITY_FUNCTIONS))
+def test_cosine_blocks_by_chunks_of_the_long_factor_are_bit_identical(name, monkeypatch):
+    # chunks of 100: 403 rows end in a 3-row tail, 1030 concepts in a 30-column one (both join
+    # their neighbour); the products are still the dense P's entries, bit for bit
+    monkeypatch.setattr(Cosines, "_CHUNK", 100)
+    img, txt, A = _unit_factors(5, 403, 1030, 7, d=32)
+    P = Cosines(img, txt)
+    dense = img @ txt.T
+    assert torch.equal(P.columns(0, 64), dense[:, :64])
+    assert torch.equal(P.rows(0, 64), dense[:64])
+    f = SIMILARITY_FUNCTIONS[name]
+    assert torch.equal(f(P, A), f(dense, A))
+
+
 def test_factorized_p_is_the_lazy_cosines():
     img, txt = torch.rand(50, 8), torch.rand(40, 8)
     P = factorized(img, txt)
