@@ -42,12 +42,13 @@ from .image_features import image_feature_jobs_if_missing, load_image_features
 from .concept_sets import (PAPER_SETS, ConceptSet, _sha256_concepts, imagenet_label_lines,
                        load_concept_set)
 from .config import Config
-from .errors import NdUtilsError, ProbeError
+from .errors import NdUtilsError, OfflineError, ProbeError
 from .backends.sentence_encoders import load_sentence_encoder as sentence_encoder
 from .backends.sentence_models import MINILM
 from .machine import config_device
 from .cosines import factorized
 from .similarity import similarity_on_device, top_concepts
+from .pipeline import record_notice
 from .store import atomic_write_text
 
 BASELINE_LABEL = "depiction"
@@ -93,19 +94,56 @@ def published_table() -> pd.DataFrame:
 def evaluation_config(cfg: Config) -> Config:
     """The config of the evaluation run: `evaluation.probe_sets`, the final layer only.
 
-    When the evaluation probe is absent (e.g. `imagenet-sample-1k` outside CI), falls back to
-    `probe.sets` with a warning, so the notebook still runs in a user's clone.
+    When the evaluation probe cannot be had (e.g. `imagenet-sample-1k` offline, with no copy),
+    falls back to `probe.sets` with a warning, so the notebook still runs; the table's `probe`
+    column and `evaluation_banner` then say so (`is_fallback(ecfg)`).
     """
     over = {"probe.sets": cfg["evaluation.probe_sets"], "probe.limit": None,
             "target.layers": [cfg["evaluation.layer"]]}
     ecfg = cfg.with_overrides(over)
     try:
         load_probe_from_config(ecfg)
-    except ProbeError as exc:
+    except (ProbeError, OfflineError) as exc:
         warnings.warn(f"evaluation probe unavailable ({exc}); evaluating on probe.sets instead",
                       stacklevel=2)
         ecfg = cfg.with_overrides({"target.layers": [cfg["evaluation.layer"]]})
     return ecfg
+
+
+def is_fallback(ecfg: Config) -> bool:
+    """Whether `ecfg` evaluates on `probe.sets` because `evaluation.probe_sets` was unavailable."""
+    return ecfg["probe.sets"] != ecfg["evaluation.probe_sets"]
+
+
+def _set_names(specs) -> str:
+    return " + ".join(str(s["name"]) for s in specs)
+
+
+def evaluation_banner(table: pd.DataFrame, wanted: str) -> "str | None":
+    """The line shown above the evaluation's tables when they are not on the probe `wanted`
+    (the configured `evaluation.probe_sets`) or count fewer neurons than the layer has; None
+    when neither. `table` is `07_evaluation.csv` (columns probe, n_images, n_neurons,
+    n_classes).
+
+    >>> t = pd.DataFrame({"probe": ["offline-sample"], "n_images": [78], "n_neurons": [43],
+    ...                   "n_classes": [1000]})
+    >>> print(evaluation_banner(t, "imagenet-sample-1k"))  # doctest: +ELLIPSIS
+    Evaluated on offline-sample (78 images), not imagenet-sample-1k, ...
+    """
+    needed = {"probe", "n_images", "n_neurons", "n_classes"}
+    if table is None or table.empty or not needed <= set(table.columns):
+        return None
+    row = table.iloc[0]
+    probe, n_img, n_neu, n_cls = (row["probe"], int(row["n_images"]), int(row["n_neurons"]),
+                                  int(row["n_classes"]))
+    if probe == wanted and n_neu == n_cls:
+        return None
+    where = (f"Evaluated on {probe} ({n_img:,} images), not {wanted}, which was unavailable"
+             if probe != wanted else f"Evaluated on {probe} ({n_img:,} images)")
+    return (f"{where}: top-1, top-5 and the cosines count the {n_neu:,} of {n_cls:,} final-layer "
+            f"neurons whose class has an image in it. These numbers are not comparable with the "
+            f"published ones (ImageNet val, 50,000 images). To evaluate on {wanted}, allow its "
+            f"download or give its folder (see the README, 'Two commands').")
 
 
 def _with_quality_layers(ecfg: Config) -> Config:
@@ -161,20 +199,36 @@ def ground_truth(class_names: Sequence[str], *, allow_download: bool = True
                    "sha256": PAPER_SETS["imagenet_labels"][0]}
 
 
-def topk_accuracy(sim: torch.Tensor, k: int) -> float:
+def topk_accuracy(sim: torch.Tensor, k: int, neurons: "torch.Tensor | None" = None) -> float:
     """% of rows i (neurons) whose own index i is among the k best columns (concepts) of row i.
 
     As in the reference (`torch.topk` of each row, hit when the neuron's class is in it), with
     ties broken by index and NaN ranked last (`top_concepts`). Needs concept i = class i.
+    `neurons` (indices): count only these rows (e.g. the classes the probe has images of).
 
     Example:
         >>> sim = torch.tensor([[0.9, 0.1, 0.0], [0.8, 0.5, 0.1], [0.0, 0.3, 0.2]])
         >>> round(topk_accuracy(sim, 1), 2), topk_accuracy(sim, 2)
         (33.33, 100.0)
+        >>> topk_accuracy(sim, 1, neurons=torch.tensor([0, 2]))
+        50.0
     """
-    idx = top_concepts(sim, k)[1]
-    own = torch.arange(idx.shape[0]).unsqueeze(1)
-    return float((idx == own).any(dim=1).double().mean() * 100)
+    own = torch.arange(sim.shape[0]) if neurons is None else torch.as_tensor(neurons).long()
+    idx = top_concepts(sim[own], k)[1]
+    return float((idx == own.unsqueeze(1)).any(dim=1).double().mean() * 100)
+
+
+def covered_neurons(probe, n_classes: int) -> torch.Tensor:
+    """Indices of the final-layer neurons (classes) with at least one image in `probe`; all of
+    them when no image has a class index (the coverage is then unknown).
+
+    >>> from types import SimpleNamespace as NS
+    >>> covered_neurons(NS(items=[NS(class_index=2), NS(class_index=None), NS(class_index=2)]), 4)
+    tensor([2])
+    """
+    seen = sorted({it.class_index for it in probe.items
+                   if it.class_index is not None and 0 <= it.class_index < n_classes})
+    return torch.tensor(seen, dtype=torch.long) if seen else torch.arange(n_classes)
 
 
 class _EmbeddingCache:
@@ -287,8 +341,9 @@ def evaluate_final_layer(ecfg: Config, similarities: "list[str] | None" = None,
     """Score every (concept set, similarity function) on the final layer; returns (table, extras).
 
     Table columns: concept_set, similarity, n_concepts, top1, top5 (class-name sets only),
-    vlm_cos, sentence_cos, sentence_model, ground_truth; plus one constant-`depiction` baseline
-    row. `extras`: predicted labels per setting, ground-truth lines and their record, the
+    vlm_cos, sentence_cos, sentence_model, ground_truth, probe, n_images, n_neurons (the neurons
+    counted: those whose class has an image in the probe), n_classes; plus one
+    constant-`depiction` baseline row. `extras["banner"]`: `evaluation_banner`'s line, or None. `extras`: predicted labels per setting, ground-truth lines and their record, the
     models used, the protocol and the caveats (`caveat`) that apply to this run.
     """
     layer = ecfg["evaluation.layer"]
@@ -313,7 +368,13 @@ def evaluate_final_layer(ecfg: Config, similarities: "list[str] | None" = None,
     text_batch = int(ecfg["vlm.batch_size"])
     vlm_enc = _EmbeddingCache(lambda texts: vlm.encode_texts(list(texts), batch_size=text_batch))
     st_enc = _EmbeddingCache(sentence)
-    common = {"sentence_model": sentence_name, "ground_truth": gt_info["ground_truth"]}
+    K = len(truths)
+    covered = covered_neurons(probe, K)
+    keep = covered.tolist()
+    truths_kept = [truths[i] for i in keep]
+    common = {"sentence_model": sentence_name, "ground_truth": gt_info["ground_truth"],
+              "probe": probe.name, "n_images": len(probe), "n_neurons": len(keep),
+              "n_classes": K}
     rows, preds = [], {}
     for set_name in concept_sets or ecfg["evaluation.concept_sets"]:
         concepts = _concepts_for(ecfg, set_name, truths, gt_info)
@@ -325,14 +386,16 @@ def evaluate_final_layer(ecfg: Config, similarities: "list[str] | None" = None,
             preds[(set_name, fn_name)] = labels
             row = {"concept_set": set_name, "similarity": fn_name, "n_concepts": len(concepts)}
             if aligned:
-                row["top1"], row["top5"] = topk_accuracy(sim, 1), topk_accuracy(sim, 5)
-            row["vlm_cos"] = mean_pair_cosine(vlm_enc, labels, truths)
-            row["sentence_cos"] = mean_pair_cosine(st_enc, labels, truths)
+                row["top1"] = topk_accuracy(sim, 1, covered)
+                row["top5"] = topk_accuracy(sim, 5, covered)
+            kept = [labels[i] for i in keep]
+            row["vlm_cos"] = mean_pair_cosine(vlm_enc, kept, truths_kept)
+            row["sentence_cos"] = mean_pair_cosine(st_enc, kept, truths_kept)
             rows.append({**row, **common})
-    base = [BASELINE_LABEL] * len(truths)
+    base = [BASELINE_LABEL] * len(keep)
     rows.append({"concept_set": "(none)", "similarity": f"constant '{BASELINE_LABEL}'",
-                 "n_concepts": 1, "vlm_cos": mean_pair_cosine(vlm_enc, base, truths),
-                 "sentence_cos": mean_pair_cosine(st_enc, base, truths), **common})
+                 "n_concepts": 1, "vlm_cos": mean_pair_cosine(vlm_enc, base, truths_kept),
+                 "sentence_cos": mean_pair_cosine(st_enc, base, truths_kept), **common})
     table = pd.DataFrame(rows)
     for col in ("top1", "top5"):  # present (NaN) even when no class-name set was evaluated
         if col not in table:
@@ -341,7 +404,11 @@ def evaluate_final_layer(ecfg: Config, similarities: "list[str] | None" = None,
               "probe": probe.describe(), "target": target.name,
               "class_names": list(target.class_names), "ground_truth_lines": truths,
               "ground_truth": gt_info, "protocol": PROTOCOL,
-              "caveat": reading_notes(ecfg["vlm.name"], sentence_name, gt_info)}
+              "caveat": reading_notes(ecfg["vlm.name"], sentence_name, gt_info),
+              "banner": evaluation_banner(table, _set_names(ecfg["evaluation.probe_sets"]))}
+    if extras["banner"]:
+        warnings.warn(extras["banner"], stacklevel=2)
+        record_notice("evaluation_probe", extras["banner"], stage="07")
     return table, extras
 
 

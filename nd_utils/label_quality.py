@@ -47,12 +47,13 @@ from .clip_dissect import dissect_layer, load_concepts_from_config
 from .image_features import image_feature_jobs_if_missing, load_image_features
 from .config import Config
 from .dnd import dnd_selection
-from .errors import ConfigError, ProbeError
+from .errors import ConfigError, OfflineError, ProbeError
 from .probe_split import split_part, split_table
 from .probes import ProbeSet, load_probes
 from .machine import seed_everything
 from .selection import concept_activations
 from .stages import STAGES, cached_stage, stage_output
+from .pipeline import record_notice
 from .store import ArtifactStore, atomic_write_text
 from .synthesis import concept_images, load_pool, load_synthesizer_from_config
 
@@ -70,7 +71,7 @@ def quality_config(cfg: Config) -> Config:
     are not held out, see `labelling_config`).
 
     Falls back to `probe.sets` (with a warning) when the quality probe is unavailable, e.g.
-    `imagenet-sample-1k` outside CI.
+    `imagenet-sample-1k` offline with no copy; `QualityResult.note` then says so.
     """
     specs = cfg["quality.probe_sets"]
     if len(specs) != 1:
@@ -78,7 +79,7 @@ def quality_config(cfg: Config) -> Config:
                           f"{', '.join(PARTS)}), got {len(specs)}")
     try:
         load_probes([specs[0]])
-    except ProbeError as exc:
+    except (ProbeError, OfflineError) as exc:
         if len(cfg["probe.sets"]) != 1:
             raise
         warnings.warn(f"quality probe unavailable ({exc}); splitting probe.sets instead",
@@ -302,6 +303,7 @@ class QualityResult:
     calibration: dict
     labels_from: str           # "run": the run's own labels; "select": chosen again on select
     key: str
+    note: str                  # which probe and how many held-out images (`quality_note`)
     manifest: dict
 
 
@@ -344,11 +346,35 @@ def evaluate_label_quality(cfg: Config, force: bool = False, progress: bool = Tr
                         na_values={m: [""] for m in (*METRICS, "p_value")})
     n_boot = int(cfg["quality.bootstrap"])
     summary = summarise_quality(table, n_boot, int(cfg["seed"]))
+    probe_name = whole.name
+    summary.insert(0, "probe", probe_name)
+    summary.insert(1, "n_images", len(whole))
+    summary.insert(2, "n_test_images", len(parts["test"]))
+    wanted = " + ".join(str(x["name"]) for x in cfg["quality.probe_sets"])
+    note = quality_note(probe_name, wanted, len(parts["test"]), len(whole))
+    if probe_name != wanted:
+        warnings.warn(note, stacklevel=2)
+        record_notice("quality_probe", note, stage="08")
     return QualityResult(table, summary, compare_methods(table, n_boot, int(cfg["seed"])),
                          sanity_checks(summary),
                          pd.read_csv(art.file("split.csv"), keep_default_na=False),
                          json.loads(art.file("calibration.json").read_text()), labels_from,
-                         art.key, art.manifest)
+                         art.key, art.manifest, note)
+
+
+def quality_note(probe: str, wanted: str, n_test: int, n_images: int) -> str:
+    """What stage 08 judged on, and, when `probe` is not the configured `wanted`, that its
+    numbers are not comparable with a run on `wanted`.
+
+    >>> quality_note("imagenet-sample-1k", "imagenet-sample-1k", 100, 1000)
+    'Judged on 100 held-out test images of imagenet-sample-1k (1,000 images).'
+    """
+    line = f"Judged on {n_test:,} held-out test images of {probe} ({n_images:,} images)."
+    if probe != wanted:
+        line += (f" {wanted} was unavailable, so these scores are not comparable with a run on "
+                 f"it; to use it, allow its download or give its folder (see the README, "
+                 f"'Two commands').")
+    return line
 
 
 def _sha(text: str) -> str:

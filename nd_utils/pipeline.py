@@ -50,6 +50,8 @@ class Run:
 
 
 NOTICES = "notices.jsonl"
+# notices that change how a run's numbers read: the runner repeats them at the end of the run
+END_OF_RUN_NOTICES = ("evaluation_probe", "quality_probe")
 _CURRENT_RUN: "Path | None" = None     # the run folder notebooks of this process write into
 
 
@@ -330,6 +332,9 @@ def _run_pipeline(cfg: Config, stages, force: bool, notebook_dir, kernel_name, l
                 kernel.close(now=True)
     record.update(status="ok", finished=time.time())
     save_record()
+    for notice in record["notices"]:  # said after its stage; repeated where the run ends
+        if notice.get("kind") in END_OF_RUN_NOTICES:
+            log(f"note [{notice['stage']}]: {notice['message']}", flush=True)
     return run
 
 

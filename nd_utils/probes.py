@@ -11,7 +11,8 @@ Registered sets (``list_probes()``) and their parameters:
   broden(path)            index.csv ('image' column) + images/
   cifar100(root="~/.cache/nd_utils/cifar100", train=False)   downloads; in-memory items
   offline-sample()        photos shipped in scikit-image, scikit-learn and foolbox wheels
-  imagenet-sample-1k(path=$ND_SHARED_DIR/data/imagenet-sample-1k or ../shared/...)
+  imagenet-sample-1k(path=None, download=True)   one photo per ImageNet class, pinned by sha256
+                          (a local copy, else downloaded once; see nd_utils.imagenet_sample)
 
 >>> ps = load_probe("offline-sample")
 >>> ps.load_image(0).mode, ps.labels[0]
@@ -300,12 +301,6 @@ def _imagenet_categories() -> list[str]:
     return list(ResNet50_Weights.IMAGENET1K_V1.meta["categories"])
 
 
-def _default_sample_dir() -> Path:
-    shared = os.environ.get("ND_SHARED_DIR")
-    base = Path(shared) if shared else Path(__file__).resolve().parents[2] / "shared"
-    return base / "data" / "imagenet-sample-1k"
-
-
 def _load_folder(path=None, labels_csv=None, recursive: bool = True) -> ProbeSet:
     hint = "Pass path= pointing at a directory of images, e.g. load_probe('folder', path='~/probe_images')."
     root = _require_dir(path, "folder", hint)
@@ -465,19 +460,16 @@ def _load_offline_sample() -> ProbeSet:
     return _build("offline-sample", {}, entries)
 
 
-def _load_imagenet_sample_1k(path=None) -> ProbeSet:
-    root = Path(path).expanduser().resolve() if path is not None else _default_sample_dir()
-    if not root.is_dir():
-        raise ProbeError(f"probe set 'imagenet-sample-1k': {root} does not exist. The data lives in "
-                         "../shared/data/imagenet-sample-1k next to the repository (present in CI, absent "
-                         "in a user's clone); set ND_SHARED_DIR=<shared dir> or pass path=<folder with "
-                         "the 1,000 JPEGs and labels.csv>.")
-    table = _read_labels_csv(root / "labels.csv")
-    files = _scan_images(root, recursive=False)
-    if not files:
-        raise _no_images(root, False)
-    entries = [(str(root / f), *table.get(f, (None, None))) for f in files]
-    return _build("imagenet-sample-1k", {"path": str(root)}, entries)
+def _load_imagenet_sample_1k(path=None, download: bool = True) -> ProbeSet:
+    from .imagenet_sample import locate_imagenet_sample, sample_class_index, sample_pins
+    root = locate_imagenet_sample(path, download=download)
+    cats, index = _imagenet_categories(), sample_class_index()
+    entries = []
+    for name in sample_pins():
+        ci = index[name.split("_", 1)[0]]
+        entries.append((str(root / name), cats[ci], ci))
+    return _build("imagenet-sample-1k", {"path": None if path is None else str(root),
+                                         "download": download}, entries)
 
 
 _REGISTRY: dict[str, Callable[..., ProbeSet]] = {

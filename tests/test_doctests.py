@@ -8,7 +8,7 @@ import pytest
 
 # modules whose examples need no model weights, network or artifact store
 PURE = ["stages", "errors", "backends.registry", "machine", "hooks", "similarity", "cosines",
-        "tensor_stream",
+        "tensor_stream", "imagenet_sample",
         "label_metrics", "probe_split", "config", "evaluation", "concept_sets"]
 
 

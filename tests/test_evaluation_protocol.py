@@ -174,3 +174,56 @@ def test_imagenet_labels_as_concept_set_works_offline_and_equals_the_paper_set()
     paper = concept_sets.load_concept_set("imagenet_labels", local_dir=REF_FILE.parent)
     assert offline.concepts == paper.concepts and offline.sha256 == paper.sha256
     assert offline.concepts[0] == "tench, Tinca tinca" and len(offline) == 1000
+
+
+# ------------------------------------------------------------------- the probe the numbers are on
+
+def test_topk_accuracy_counts_only_the_covered_neurons():
+    sim = torch.tensor([[0.9, 0.1, 0.0], [0.8, 0.5, 0.1], [0.0, 0.3, 0.2]])
+    assert topk_accuracy(sim, 1, torch.tensor([0, 1])) == 50.0     # neuron 2 (a miss) not counted
+    assert topk_accuracy(sim, 1, torch.tensor([1, 2])) == 0.0
+    assert topk_accuracy(sim, 1, torch.arange(3)) == topk_accuracy(sim, 1)
+
+
+def test_covered_neurons_are_the_classes_with_an_image():
+    from types import SimpleNamespace as Item
+    probe = Item(items=[Item(class_index=c) for c in (4, 1, None, 4, 1000, -1)])
+    assert evaluation.covered_neurons(probe, 1000).tolist() == [1, 4]
+    unlabelled = Item(items=[Item(class_index=None)] * 3)   # coverage unknown: every neuron
+    assert evaluation.covered_neurons(unlabelled, 5).tolist() == [0, 1, 2, 3, 4]
+
+
+def _table(probe, n_images, n_neurons, n_classes=1000):
+    import pandas as pd
+    return pd.DataFrame({"probe": [probe] * 2, "n_images": n_images, "n_neurons": n_neurons,
+                         "n_classes": n_classes})
+
+
+def test_the_banner_names_the_probe_its_size_and_the_fix():
+    banner = evaluation.evaluation_banner(_table("offline-sample", 78, 43), "imagenet-sample-1k")
+    assert "offline-sample (78 images), not imagenet-sample-1k" in banner
+    assert "43 of 1,000" in banner and "not comparable with the published" in banner
+    assert "allow its download" in banner and "CI" not in banner and "shared" not in banner
+    part = evaluation.evaluation_banner(_table("imagenet-sample-1k", 900, 900), "imagenet-sample-1k")
+    assert part.startswith("Evaluated on imagenet-sample-1k (900 images): ") and "900 of 1,000" in part
+    assert evaluation.evaluation_banner(_table("imagenet-sample-1k", 1000, 1000),
+                                        "imagenet-sample-1k") is None
+    assert evaluation.evaluation_banner(_table("x", 1, 1).drop(columns="probe"), "x") is None
+
+
+def test_an_unavailable_evaluation_probe_falls_back_and_says_so(monkeypatch):
+    from nd_utils.errors import OfflineError
+
+    cfg = nd_utils.load_config("offline")
+    real = evaluation.load_probe_from_config
+
+    def offline(c):
+        if c["probe.sets"] == c["evaluation.probe_sets"]:
+            raise OfflineError("the ImageNet sample is not available: no network")
+        return real(c)
+
+    monkeypatch.setattr(evaluation, "load_probe_from_config", offline)
+    with pytest.warns(UserWarning, match="evaluation probe unavailable.*no network"):
+        ecfg = evaluation.evaluation_config(cfg)
+    assert evaluation.is_fallback(ecfg) and ecfg["probe.sets"] == cfg["probe.sets"]
+    assert ecfg["target.layers"] == [cfg["evaluation.layer"]]

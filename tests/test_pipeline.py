@@ -39,9 +39,19 @@ def pipeline(tmp_path):
 
 
 def test_runs_in_order_into_a_run_folder(pipeline, tmp_path):
+    notebook(pipeline / "01_first.ipynb",   # and tells the runner two things, one to repeat
+             "import nd_utils as nd, pathlib\nrun = nd.open_run(config, overrides, run_dir)\n"
+             "(run.results / 'first.txt').write_text(run.cfg['target.name'])\n"
+             "from nd_utils.pipeline import record_notice\n"
+             "record_notice('evaluation_probe', 'Evaluated on offline-sample (78 images)', stage='07')\n"
+             "record_notice('probe_skipped', 'one image unreadable')")
     sources = {p: p.read_bytes() for p in pipeline.iterdir()}
+    lines = []
     run = nd.run_pipeline("offline", [f"data_dir={tmp_path / 'd'}", "target.name=resnet18:none"],
-                          notebook_dir=pipeline, log=lambda *a, **k: None)
+                          notebook_dir=pipeline, log=lambda *a, **k: lines.append(" ".join(a)))
+    # a notice that changes how the numbers read is said after its stage and again at the end
+    assert lines[-1] == "note [07]: Evaluated on offline-sample (78 images)"
+    assert sum("one image unreadable" in line for line in lines) == 1
     assert run.path.parent == tmp_path / "d" / "runs"
     assert (run.results / "first.txt").read_text() == "resnet18:none"
     assert (run.results / "second.txt").read_text() == "ok"

@@ -207,16 +207,20 @@ def test_cifar100_offline(monkeypatch, tmp_path):
 
 
 def test_imagenet_sample_1k():
-    if not probes._default_sample_dir().is_dir():
-        pytest.skip(f"shared data absent: {probes._default_sample_dir()} (present in CI only)")
-    ps = load_probe("imagenet-sample-1k")
+    from nd_utils.imagenet_sample import local_copy_dir
+    if not local_copy_dir().is_dir():
+        pytest.skip(f"no local copy of the ImageNet sample at {local_copy_dir()} (set "
+                    f"ND_SHARED_DIR to the folder holding data/imagenet-sample-images)")
+    ps = load_probe("imagenet-sample-1k", download=False)
     assert len(ps) == 1000 and not ps.skipped
     first = ps.items[0]
     assert first.class_index == 0 and first.label == "tench"
+    assert first.path.endswith("/n01440764_tench.JPEG")
     assert sorted(it.class_index for it in ps.items) == list(range(1000))
+    assert ps.items[949].label == "strawberry" and ps.items[949].path.endswith("n07745940_strawberry.JPEG")
     assert ps.load_image(999).mode == "RGB"
 
 
 def test_imagenet_sample_1k_missing(tmp_path):
-    with pytest.raises(ProbeError, match="shared.*path="):
+    with pytest.raises(ProbeError, match="not a folder.*1,000 JPEGs"):
         load_probe("imagenet-sample-1k", path=tmp_path / "missing")

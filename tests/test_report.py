@@ -355,6 +355,31 @@ def test_report_label_quality_section_and_card_line(tmp_path):
     assert "qc" in (index.parent / "index.html").read_text()  # card code reads the data
 
 
+def test_evaluation_page_banners_a_fallback_probe(tmp_path):
+    run = make_run(tmp_path)
+    ev_page = lambda: (write_report(run, progress=False).parent / "evaluation.html").read_text()
+    assert 'class="notices banner"' not in ev_page()     # no probe columns (an older run)
+    rows = pd.read_csv(run / "results" / "07_evaluation.csv")
+    rows = rows.assign(probe="offline-sample", n_images=78, n_neurons=43, n_classes=1000)
+    rows.to_csv(run / "results" / "07_evaluation.csv", index=False)
+    add_label_quality(run)
+    summary = pd.read_csv(run / "results" / "08_quality_summary.csv")
+    summary.insert(0, "probe", "offline-sample")
+    summary.insert(1, "n_images", 78)
+    summary.insert(2, "n_test_images", 24)
+    summary.to_csv(run / "results" / "08_quality_summary.csv", index=False)
+    page = ev_page()
+    banner = page[page.index('class="notices banner"'):page.index("07_evaluation.csv)")]
+    assert "Evaluated on offline-sample (78 images), not imagenet-sample-1k" in banner
+    assert "43 of 1,000" in banner and "not comparable with the published" in banner
+    assert "Judged on 24 held-out test images of offline-sample (78 images)" in banner
+    rows.assign(probe="imagenet-sample-1k", n_images=1000, n_neurons=1000).to_csv(
+        run / "results" / "07_evaluation.csv", index=False)
+    summary.assign(probe="imagenet-sample-1k").to_csv(run / "results" / "08_quality_summary.csv",
+                                                      index=False)
+    assert 'class="notices banner"' not in ev_page()     # the configured probe, every class
+
+
 def test_absent_label_quality_changes_nothing(tmp_path):
     run = make_run(tmp_path)
     view = open_run_folder(run)

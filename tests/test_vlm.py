@@ -84,11 +84,11 @@ def test_conse_shipped_photos_score_their_concept_above_bicycle(conse, photos):
 
 
 def test_conse_imagenet_sample_strawberry(conse):
-    shared = os.environ.get("ND_SHARED_DIR")
-    base = Path(shared) if shared else Path(__file__).resolve().parents[2] / "shared"
-    hits = sorted((base / "data" / "imagenet-sample-1k").glob("949_*.jpg"))
+    from nd_utils.imagenet_sample import local_copy_dir
+    hits = sorted(local_copy_dir().glob("n07745940_strawberry.JPEG"))
     if not hits:
-        pytest.skip("imagenet-sample-1k strawberry (949_*.jpg) not present")
+        pytest.skip(f"the ImageNet sample's strawberry is not in {local_copy_dir()} (set "
+                    f"ND_SHARED_DIR to the folder holding data/imagenet-sample-images)")
     image = conse.encode_images(_batch(conse, hits[:1]))
     s = (image @ conse.encode_texts(["strawberry", "bicycle"]).T)[0]
     assert s[0] > s[1]

@@ -242,6 +242,29 @@ def quality_html(view: RunView) -> str:
     return "\n".join(parts) + "\n</section>"
 
 
+def probe_banners(view: RunView) -> list[str]:
+    """The lines shown above the evaluation tables: 07's and 08's probe when it is not the
+    configured one (or, for 07, when some classes have no image), as the stages printed them."""
+    from ..evaluation import evaluation_banner
+    from ..label_quality import quality_note
+
+    def names(key):
+        return " + ".join(str(s["name"]) for s in view.cfg.get(key) or [])
+
+    out = []
+    banner = evaluation_banner(view.evaluation(), names("evaluation.probe_sets"))
+    if banner:
+        out.append(banner)
+    summary = view.quality_summary()
+    if (summary is not None and len(summary)
+            and {"probe", "n_images", "n_test_images"} <= set(summary.columns)):
+        first, wanted = summary.iloc[0], names("quality.probe_sets")
+        if str(first["probe"]) != wanted:
+            out.append(quality_note(str(first["probe"]), wanted, int(first["n_test_images"]),
+                                    int(first["n_images"])))
+    return out
+
+
 def evaluation_html(view: RunView, figures: list[str], css: str) -> str:
     """The evaluation page: stages, missing notes, evaluation tables, figures (server-escaped)."""
     import pandas as pd
@@ -255,6 +278,10 @@ def evaluation_html(view: RunView, figures: list[str], css: str) -> str:
     stages = pd.DataFrame([{k: s.get(k, "") for k in ("notebook", "status", "seconds", "error")}
                            for s in view.stages])
     parts.append(_table_html(stages if len(stages) else None, "Stages"))
+    banners = probe_banners(view)
+    if banners:
+        parts.append('<ul class="notices banner">' + "".join(f"<li>{e(b)}</li>" for b in banners)
+                     + "</ul>")
     parts.append(_table_html(view.evaluation(), "Final-layer evaluation (07_evaluation.csv)"))
     parts.append(_table_html(view.published(), "Published numbers (07_published.csv)"))
     parts.append(quality_html(view))
