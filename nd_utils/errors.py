@@ -50,6 +50,11 @@ class ProbeError(NdUtilsError, ValueError):
     """A probe set is missing, empty or unreadable."""
 
 
+class ProbeUnavailableError(ProbeError, OfflineError):
+    """A probe set's files are neither here nor downloadable now (offline, a full disk): a
+    ProbeError, so the stages that fall back on a missing probe set do so, and an OfflineError."""
+
+
 def closest(name: str, choices: Iterable[str], n: int = 5) -> list[str]:
     """Return up to `n` entries of `choices` closest to `name` (difflib ratio).
 

@@ -343,8 +343,9 @@ def evaluate_final_layer(ecfg: Config, similarities: "list[str] | None" = None,
     Table columns: concept_set, similarity, n_concepts, top1, top5 (class-name sets only),
     vlm_cos, sentence_cos, sentence_model, ground_truth, probe, n_images, n_neurons (the neurons
     counted: those whose class has an image in the probe), n_classes; plus one
-    constant-`depiction` baseline row. `extras["banner"]`: `evaluation_banner`'s line, or None. `extras`: predicted labels per setting, ground-truth lines and their record, the
-    models used, the protocol and the caveats (`caveat`) that apply to this run.
+    constant-`depiction` baseline row. `extras`: predicted labels per setting, ground-truth
+    lines and their record, the models used, the protocol, the caveats (`caveat`) that apply
+    to this run and `banner` (`evaluation_banner`'s line, or None).
     """
     layer = ecfg["evaluation.layer"]
     probe = load_probe_from_config(ecfg)

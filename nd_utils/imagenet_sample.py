@@ -34,7 +34,7 @@ from urllib.request import urlopen
 
 from tqdm.auto import tqdm
 
-from .errors import OfflineError, ProbeError
+from .errors import ProbeError, ProbeUnavailableError
 from .locks import process_lock
 from .store import atomic_write_bytes, sha256_file
 
@@ -110,9 +110,10 @@ def locate_imagenet_sample(path=None, *, download: bool = True, cache_dir=None,
                            progress: bool = True) -> Path:
     """The folder holding all 1,000 verified files of the sample (see the module docstring).
 
-    Raises ProbeError for a configured folder that is incomplete or damaged, and OfflineError
-    when no complete copy exists and the download is off or fails (the message says what to
-    set); a failed download keeps the files it verified, so the next call resumes.
+    Raises ProbeError for a configured folder that is incomplete or damaged, and
+    ProbeUnavailableError (a ProbeError and an OfflineError) when no complete copy exists and
+    the download is off or fails (the message says what to set); a failed download keeps the
+    files it verified, so the next call resumes.
     """
     pins = sample_pins()
     if path is not None:
@@ -135,11 +136,12 @@ def locate_imagenet_sample(path=None, *, download: bool = True, cache_dir=None,
     if not missing:
         return cache
     if not download:
-        raise OfflineError(_offline_message(cache, "the download is off"))
+        raise ProbeUnavailableError(_offline_message(cache, "the download is off"))
     try:
         cache.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise OfflineError(_offline_message(cache, f"cannot create the cache folder: {exc}")) from None
+        raise ProbeUnavailableError(_offline_message(
+            cache, f"cannot create the cache folder: {exc}")) from None
     with process_lock(cache / ".download.lock"):
         missing = verify_folder(cache, pins)           # another run may have fetched them meanwhile
         _download_missing(cache, missing, pins, progress)
@@ -153,7 +155,8 @@ def _offline_message(cache: Path, why: str) -> str:
             f"{SAMPLE_COMMIT[:8]} in {cache} or in a folder passed as path=.")
 
 
-def _download_missing(cache: Path, missing: list[str], pins: dict[str, str], progress: bool) -> None:
+def _download_missing(cache: Path, missing: list[str], pins: dict[str, str],
+                      progress: bool) -> None:
     url0 = base_url()
     bar = tqdm(total=len(missing), desc="imagenet-sample-1k download", unit="file",
                disable=not progress or not missing)
@@ -174,14 +177,16 @@ def _fetch_one(url: str, dest: Path, pin: str) -> None:
         if declared and declared.isdigit() and len(data) < int(declared):
             raise http.client.IncompleteRead(data, int(declared) - len(data))
     except HTTPError as exc:
-        raise OfflineError(_offline_message(dest.parent, f"{url} answered HTTP {exc.code}")) from None
+        raise ProbeUnavailableError(_offline_message(
+            dest.parent, f"{url} answered HTTP {exc.code}")) from None
     except http.client.IncompleteRead as exc:
         raise ProbeError(f"imagenet-sample-1k: the download of {dest.name} from {url} was cut "
                          f"off after {len(exc.partial):,} bytes ({exc.expected:,} more were due). "
                          f"Nothing of it was kept; run again to resume.") from None
     except (URLError, OSError, http.client.HTTPException) as exc:  # DNS, refused, timeout, cut
         why = getattr(exc, "reason", None) or f"{type(exc).__name__}: {exc}"
-        raise OfflineError(_offline_message(dest.parent, f"{url} is unreachable ({why})")) from None
+        raise ProbeUnavailableError(_offline_message(
+            dest.parent, f"{url} is unreachable ({why})")) from None
     got = hashlib.sha256(data).hexdigest()
     if got != pin:
         raise ProbeError(
@@ -193,6 +198,6 @@ def _fetch_one(url: str, dest: Path, pin: str) -> None:
         atomic_write_bytes(dest, data)  # temporary file + rename: removed when the write fails
     except OSError as exc:
         full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
-        raise OfflineError(_offline_message(
+        raise ProbeUnavailableError(_offline_message(
             dest.parent, f"writing {dest.name} failed ({'the disk is full' if full else exc}); "
             f"the files verified so far are kept and a rerun resumes")) from None

@@ -303,8 +303,8 @@ class QualityResult:
     calibration: dict
     labels_from: str           # "run": the run's own labels; "select": chosen again on select
     key: str
-    note: str                  # which probe and how many held-out images (`quality_note`)
     manifest: dict
+    note: str                  # which probe and how many held-out images (`quality_note`)
 
 
 def evaluate_label_quality(cfg: Config, force: bool = False, progress: bool = True

@@ -107,6 +107,7 @@ def test_unreachable_host_fails_fast_with_what_to_do(sample, monkeypatch):
     text = str(err.value)
     assert "ND_IMAGENET_SAMPLE_URL" in text and "path=" in text
     assert "CI" not in text and "shared" not in text
+    assert isinstance(err.value, ProbeError)    # so every stage that falls back on a probe does
     with pytest.raises(OfflineError, match="download is off"):
         ims.locate_imagenet_sample(download=False)
 
