@@ -108,7 +108,10 @@ def test_evaluation_and_label_quality_tables(paper_run):
     assert {"cos_similarity", "cos_similarity_cubed", "rank_reorder", "wpmi",
             "soft_wpmi"} <= set(evaluation.similarity)  # beside the constant-label baseline
     assert set(evaluation.sentence_model) == {"all-mpnet-base-v2"}
-    assert evaluation.top1.dropna().between(0, 1).all()  # the constant baseline has no top-1
+    assert evaluation.top1.dropna().between(0, 100).all()  # the constant baseline has no top-1
+    # a stand-in probe of a few classes: only the fc neurons of those classes are counted
+    assert (evaluation.n_classes == 1000).all() and evaluation.n_images.nunique() == 1
+    assert (0 < evaluation.n_neurons).all() and (evaluation.n_neurons <= evaluation.n_images).all()
     summary = pd.read_csv(results / "08_quality_summary.csv")
     assert {"clip_dissect", "dnd"} <= set(summary.source)
 
