@@ -49,6 +49,7 @@ from .machine import config_device
 from .cosines import factorized
 from .similarity import similarity_on_device, top_concepts
 from .pipeline import record_notice
+from .probes import probe_set_names
 from .store import atomic_write_text
 
 BASELINE_LABEL = "depiction"
@@ -113,10 +114,6 @@ def evaluation_config(cfg: Config) -> Config:
 def is_fallback(ecfg: Config) -> bool:
     """Whether `ecfg` evaluates on `probe.sets` because `evaluation.probe_sets` was unavailable."""
     return ecfg["probe.sets"] != ecfg["evaluation.probe_sets"]
-
-
-def _set_names(specs) -> str:
-    return " + ".join(str(s["name"]) for s in specs)
 
 
 def evaluation_banner(table: pd.DataFrame, wanted: str) -> "str | None":
@@ -406,7 +403,7 @@ def evaluate_final_layer(ecfg: Config, similarities: "list[str] | None" = None,
               "class_names": list(target.class_names), "ground_truth_lines": truths,
               "ground_truth": gt_info, "protocol": PROTOCOL,
               "caveat": reading_notes(ecfg["vlm.name"], sentence_name, gt_info),
-              "banner": evaluation_banner(table, _set_names(ecfg["evaluation.probe_sets"]))}
+              "banner": evaluation_banner(table, probe_set_names(ecfg["evaluation.probe_sets"]))}
     if extras["banner"]:
         warnings.warn(extras["banner"], stacklevel=2)
         record_notice("evaluation_probe", extras["banner"], stage="07")

@@ -49,7 +49,7 @@ from .config import Config
 from .dnd import dnd_selection
 from .errors import ConfigError, OfflineError, ProbeError
 from .probe_split import split_part, split_table
-from .probes import ProbeSet, load_probes
+from .probes import ProbeSet, load_probes, probe_set_names
 from .machine import seed_everything
 from .selection import concept_activations
 from .stages import STAGES, cached_stage, stage_output
@@ -350,7 +350,7 @@ def evaluate_label_quality(cfg: Config, force: bool = False, progress: bool = Tr
     summary.insert(0, "probe", probe_name)
     summary.insert(1, "n_images", len(whole))
     summary.insert(2, "n_test_images", len(parts["test"]))
-    wanted = " + ".join(str(x["name"]) for x in cfg["quality.probe_sets"])
+    wanted = probe_set_names(cfg["quality.probe_sets"])
     note = quality_note(probe_name, wanted, len(parts["test"]), len(whole))
     if probe_name != wanted:
         warnings.warn(note, stacklevel=2)

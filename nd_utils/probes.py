@@ -479,6 +479,15 @@ _REGISTRY: dict[str, Callable[..., ProbeSet]] = {
 }
 
 
+def probe_set_names(specs) -> str:
+    """The names of the probe specs of a config key, as one string ("a + b").
+
+    >>> probe_set_names([{"name": "imagenet-sample-1k"}, {"name": "folder", "path": "x"}])
+    'imagenet-sample-1k + folder'
+    """
+    return " + ".join(str(spec["name"]) for spec in specs or [])
+
+
 def list_probes() -> list[str]:
     """Names accepted by load_probe.
 

@@ -247,9 +247,10 @@ def probe_banners(view: RunView) -> list[str]:
     configured one (or, for 07, when some classes have no image), as the stages printed them."""
     from ..evaluation import evaluation_banner
     from ..label_quality import quality_note
+    from ..probes import probe_set_names
 
     def names(key):
-        return " + ".join(str(s["name"]) for s in view.cfg.get(key) or [])
+        return probe_set_names(view.cfg.get(key))
 
     out = []
     banner = evaluation_banner(view.evaluation(), names("evaluation.probe_sets"))
