@@ -118,7 +118,10 @@ def worker(spec: dict) -> dict:
         gemm = time.perf_counter() - g0
         out = fn(P, A_used) if mode == "dense" else reference(name, P, A_used)
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
-    assert out.shape == (used, m) and bool(out.isfinite().any())
+    # by row blocks: out.isfinite() whole makes float temporaries of out's size (1.2 GB at
+    # 100,000 concepts), which would count in this peak though no similarity function needs them
+    assert out.shape == (used, m) and any(bool(out[k0:k0 + 64].isfinite().any())
+                                          for k0 in range(0, used, 64))
     return {"function": name, "mode": mode, "shape": [n, m, k], "neurons": used,
             "seconds": seconds, "gemm_seconds": gemm, "cpu_seconds": cpu,
             "peak_mb": rss_mb(), "start_mb": base,

@@ -59,12 +59,14 @@ class Cosines:
     # (same entries, bit for bit), which bounds the packing to ~32 MB.
     _CHUNK = 16384
 
-    def _product(self, X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
-        """X @ Y.T `[n, m]` for X [n, D], Y [m, D], by chunks of the longer one's rows (CPU)."""
+    def _product(self, X: torch.Tensor, Y: torch.Tensor, out=None) -> torch.Tensor:
+        """X @ Y.T `[n, m]` for X [n, D], Y [m, D], by chunks of the longer one's rows (CPU);
+        into `out` (a contiguous [n, m]) when given."""
         n, m = X.shape[0], Y.shape[0]
         if X.device.type != "cpu" or max(n, m) <= self._CHUNK:
-            return X @ Y.T
-        out = torch.empty(n, m, dtype=torch.result_type(X, Y), device=X.device)
+            return X @ Y.T if out is None else torch.mm(X, Y.T, out=out)
+        if out is None:
+            out = torch.empty(n, m, dtype=torch.result_type(X, Y), device=X.device)
         by_rows = n >= m
         length, least = (n, self._ROWS) if by_rows else (m, self._COLS)
         starts = list(range(0, length, self._CHUNK))
@@ -77,26 +79,35 @@ class Cosines:
                 torch.mm(X, Y[s0:s1].T, out=out[:, s0:s1])
         return out
 
-    def columns(self, m0: int, m1: int, rows: "torch.Tensor | None" = None) -> torch.Tensor:
-        """P[:, m0:m1], or P[rows, m0:m1]."""
+    def columns(self, m0: int, m1: int, rows: "torch.Tensor | None" = None,
+                out: "torch.Tensor | None" = None) -> torch.Tensor:
+        """P[:, m0:m1], or P[rows, m0:m1]; written into `out` (contiguous) when given, which
+        lets a caller reuse one buffer for every block instead of allocating each."""
         I = self.image_feats if rows is None else self.image_feats.index_select(0, rows)
         lo = max(0, min(m0, m1 - self._COLS))            # widen to the left, else to the right
         hi = min(self.text_feats.shape[0], max(m1, lo + self._COLS))
-        return self._product(I, self.text_feats[lo:hi])[:, m0 - lo:m1 - lo]
+        if (lo, hi) == (m0, m1):
+            return self._product(I, self.text_feats[m0:m1], out)
+        return _into(self._product(I, self.text_feats[lo:hi])[:, m0 - lo:m1 - lo], out)
 
-    def rows(self, i0: int, i1: int, rows: "torch.Tensor | None" = None) -> torch.Tensor:
-        """P[i0:i1], or P[rows[i0:i1]]."""
+    def rows(self, i0: int, i1: int, rows: "torch.Tensor | None" = None,
+             out: "torch.Tensor | None" = None) -> torch.Tensor:
+        """P[i0:i1], or P[rows[i0:i1]]; into `out` when given, as `columns`."""
         N = self.image_feats.shape[0]
         sel = torch.arange(i0, min(i1, N), device=self.device) if rows is None else rows[i0:i1]
         n = sel.numel()
         if rows is None and n >= self._ROWS:
-            return self._product(self.image_feats[i0:i1], self.text_feats)
+            return self._product(self.image_feats[i0:i1], self.text_feats, out)
         if n < self._ROWS <= N:  # pad with copies of the first row, cut them off again
             sel = torch.cat([sel, sel[:1].expand(self._ROWS - n)])
-        return self._product(self.image_feats.index_select(0, sel), self.text_feats)[:n]
+        return _into(self._product(self.image_feats.index_select(0, sel), self.text_feats)[:n], out)
 
     def dense(self) -> torch.Tensor:
         return self.image_feats @ self.text_feats.T
+
+
+def _into(block: torch.Tensor, out: "torch.Tensor | None") -> torch.Tensor:
+    return block if out is None else out.copy_(block)
 
 
 def factorized(image_features, text_features) -> Cosines:

@@ -29,6 +29,7 @@ lives there), layer (named in error messages), num_workers (default: torch.get_n
 from __future__ import annotations
 
 import math
+import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -346,6 +347,30 @@ def rank_reorder(clip_feats, target_feats, *, p=3, top_fraction=0.05, scale_p=0.
     return out
 
 
+class _Scratch:
+    """Buffers reused by the work items of one call, a set per thread (dropped with the call).
+
+    The items of a call need same-sized temporaries ([64, M] rows of P in wpmi's normaliser,
+    [U, 256] tables per concept block). Taken afresh each time they leave the allocator holes it
+    cannot always refill (glibc's per-thread arenas): at 100,000 concepts that cost ~1 GB of
+    resident memory; reused, the cost is one set per thread.
+    >>> s = _Scratch(torch.device("cpu"))
+    >>> s.take("x", 2, 3).shape, s.take("x", 1, 4).data_ptr() == s.take("x", 2, 3).data_ptr()
+    (torch.Size([2, 3]), True)
+    """
+
+    def __init__(self, dev: torch.device):
+        self.dev, self._bufs = dev, {}
+
+    def take(self, name: str, *shape: int) -> torch.Tensor:
+        """A float32 tensor of `shape` (uninitialised), the thread's buffer `name` if it fits."""
+        n, key = math.prod(shape), (threading.get_ident(), name)
+        buf = self._bufs.get(key)
+        if buf is None or buf.numel() < n:
+            buf = self._bufs[key] = torch.empty(n, device=self.dev)
+        return buf[:n].view(shape)
+
+
 def _pmi(P, A, *, soft, top_k, a, lam, min_prob, p_start, p_end, prior, return_prior, chunk_size,
          device, layer, num_workers):
     """wpmi/soft_wpmi body: sim [K, M], or (sim, prior [M]) with return_prior."""
@@ -382,10 +407,18 @@ def _pmi(P, A, *, soft, top_k, a, lam, min_prob, p_start, p_end, prior, return_p
     rstep = ((64 if lazy else 16) if dev.type == "cpu"
              else fit_chunk(16 * M, device=dev, hi=4096, lo=16))
 
+    scratch = _Scratch(dev)
+
     def normaliser(i0):  # per image: max of a*P and softmax's 1/sum (= Q at the argmax, exactly)
-        i1 = i0 + rstep
-        x = torch.mul(read_rows(P, i0, i1, dev, src_rows), a)
-        mx[i0:i1], rinv[i0:i1] = x.amax(1, keepdim=True), torch.softmax(x, 1).amax(1, keepdim=True)
+        i1 = min(i0 + rstep, U)
+        x = scratch.take("a*P", i1 - i0, M)
+        if lazy:
+            P.rows(i0, i1, out=x).mul_(a)
+        else:
+            torch.mul(read_rows(P, i0, i1, dev, src_rows), a, out=x)
+        mx[i0:i1] = x.amax(1, keepdim=True)
+        q = torch.ops.aten._softmax.out(x, 1, False, out=scratch.take("softmax", i1 - i0, M))
+        rinv[i0:i1] = q.amax(1, keepdim=True)
 
     if soft:
         # 0-based rank r gets membership p_r, computed as the reference does (float32)
@@ -407,9 +440,11 @@ def _pmi(P, A, *, soft, top_k, a, lam, min_prob, p_start, p_end, prior, return_p
 
     def block(bounds):
         m0, m1 = bounds
-        table = torch.empty(U + soft, m1 - m0, device=dev)
+        table = scratch.take("table", U + soft, m1 - m0)
         Q = table[:U]
-        if every:
+        if lazy:
+            P.columns(m0, m1, out=Q).mul_(a)
+        elif every:
             torch.mul(read_columns(P, m0, m1, dev), a, out=Q)
         elif local:
             torch.index_select(P[:, m0:m1], 0, rows, out=Q).mul_(a)

@@ -253,3 +253,48 @@ def test_cubed_in_parts_of_neurons_agrees_with_one_part(monkeypatch):
     parts = similarity.cos_similarity_cubed(factorized(img, txt), A)
     assert torch.allclose(parts, whole, rtol=0, atol=1e-6)   # GEMMs of 14 vs 40 rows round apart
     assert torch.equal(similarity.cos_similarity_cubed(img @ txt.T, A), parts)
+
+
+class _FreshAllocations:
+    """Counts tensors of at least `numel` entries that aten ops allocate (outputs whose storage
+    is none of the inputs', so neither `out=` results, in-place results nor views)."""
+
+    def __init__(self, numel: int):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        record = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                given = {t.untyped_storage().data_ptr() for t in
+                         torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+                for t in out if isinstance(out, (tuple, list)) else (out,):
+                    if (isinstance(t, torch.Tensor) and t.numel() >= numel
+                            and t.untyped_storage().data_ptr() not in given):
+                        record.count += 1
+                return out
+
+        self.count, self.mode = 0, Mode()
+
+    def __enter__(self):
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)
+
+
+@pytest.mark.parametrize("name", ["wpmi", "soft_wpmi"])
+def test_pmi_reuses_its_block_buffers_instead_of_allocating_each(name):
+    # ~280 used rows: 5 normaliser items of [64, M] and 4 concept blocks of [U + 1, 256], then a
+    # narrower one; each buffer is allocated once per thread, so the count does not grow with
+    # the items (it was 20 when every item allocated its own). top_k = 10 and K = 30 keep the
+    # other temporaries (embedding_bag's outputs, A.T) under the counted size.
+    n, m, k = 2000, 1100, 30
+    img, txt, A = _unit_factors(3, n, m, k)
+    f = SIMILARITY_FUNCTIONS[name]
+    with _FreshAllocations(numel=64 * m) as big:
+        sim = f(factorized(img, txt), A, num_workers=1, top_k=10)
+    assert torch.equal(sim, f(img @ txt.T, A, top_k=10))
+    assert big.count == 3, big.count    # a*P and its softmax (normaliser), the table (blocks)
