@@ -197,19 +197,22 @@ def scaling(functions) -> None:
     k = 256
     grid = [((10_000, 20_000, k), "N"), ((20_000, 20_000, k), "N"), ((40_000, 20_000, k), "N"),
             ((20_000, 5_000, k), "M"), ((20_000, 10_000, k), "M")]
-    print(f"\nScaling (factorized, K={k}; rank_reorder on 32 neurons, scaled to {k}):")
+    print(f"\nScaling (factorized, K={k}; rank_reorder on 32 neurons, scaled to {k}); each cell: "
+          "seconds, then how much the call raised the process's peak RSS (MB; inputs not counted):")
     res = {}
     for shape, _ in grid:
         for name in functions:
             r = measure(name, "factorized", shape, 32 if name == "rank_reorder" else None)
             if r:
-                res[(name, tuple(shape))] = r["seconds"] * k / r["neurons"]
+                res[(name, tuple(shape))] = (r["seconds"] * k / r["neurons"],
+                                             r["peak_mb"] - r["start_mb"])
     print("| function | N=10k | N=20k | N=40k | M=5k (N=20k) | M=10k | M=20k |\n|---|---:|---:|---:|---:|---:|---:|")
     cols = [(10_000, 20_000), (20_000, 20_000), (40_000, 20_000), (20_000, 5_000),
             (20_000, 10_000), (20_000, 20_000)]
     for name in functions:
         cells = [res.get((name, (n, m, k))) for n, m in cols]
-        print(f"| {name} | " + " | ".join("-" if c is None else f"{c:.1f} s" for c in cells) + " |")
+        print(f"| {name} | " + " | ".join("-" if c is None else f"{c[0]:.1f} s, {c[1]:,.0f} MB"
+                                           for c in cells) + " |")
 
 
 def cuda_section(n: int, m: int, k: int) -> None:
