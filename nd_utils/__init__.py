@@ -41,12 +41,13 @@ _PUBLIC = {
     # 01 activations, 02 CLIP-Dissect
     "cache_activations": "activations", "load_activations": "activations",
     "activation_summary": "activations", "dissect_layer": "clip_dissect",
-    "write_label_tables": "clip_dissect",
+    "write_label_tables": "clip_dissect", "trust_layers": "label_trust",
+    "layer_trust": "label_trust", "write_trust_summary": "label_trust",
     # 03-06 Describe-and-Dissect
     "dnd_top_images": "dnd", "dnd_captions": "dnd", "dnd_concepts": "dnd", "dnd_synthesis": "dnd",
     "dnd_selection": "dnd", "write_top_image_tables": "dnd",
     "write_concept_tables": "candidate_concepts", "write_concept_image_index": "synthesis",
-    "write_dnd_tables": "dnd", "dnd_vs_clip_dissect": "dnd",
+    "write_dnd_tables": "dnd", "dnd_vs_clip_dissect": "dnd", "dnd_label_trust": "label_trust",
     # 07 final-layer evaluation, 08 label quality (plots, report, explorer: nd_utils.viz)
     "evaluate_final_layer": "evaluation", "published_table": "evaluation",
     "write_evaluation_tables": "evaluation", "evaluate_label_quality": "label_quality",

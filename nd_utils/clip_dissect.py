@@ -42,6 +42,9 @@ LABEL_STAGE = STAGES["02_clip_dissect"]
 # `vlm.batch_size` set it); whole batches of a cached list are reused as they are
 TEXT_BATCH = 256
 STORED_TOP = 20  # concepts kept per neuron in the artifact; tables show clip_dissect.top_n
+# appended by label_trust.with_trust (that module imports this one, so the names live here)
+TRUST_COLUMNS = ("trust_label", "trust_label_agrees", "heldout_r", "heldout_p", "heldout_q",
+                 "cosy_auc", "trusted")
 
 
 def load_concepts_from_config(cfg: Config, name: "str | None" = None) -> ConceptSet:
@@ -218,7 +221,8 @@ def label_table(sim: torch.Tensor, concepts: ConceptSet, layer: str,
 
 def write_label_tables(cfg: Config, results: "str | Path", tables: "dict[str, pd.DataFrame]"
                        ) -> dict[str, Path]:
-    """Write `02_clip_dissect_<layer>.csv` per layer (top `clip_dissect.top_n` concepts).
+    """Write `02_clip_dissect_<layer>.csv` per layer (top `clip_dissect.top_n` concepts, then
+    the trust columns when the tables have them: `label_trust.trust_layers`).
 
     A concept set smaller than `top_n` gives as many `concept_j, score_j` pairs as it has
     concepts (a 3-concept set: concept_1..3); readers count the columns.
@@ -228,6 +232,7 @@ def write_label_tables(cfg: Config, results: "str | Path", tables: "dict[str, pd
         n = min(int(cfg["clip_dissect.top_n"]), n_concept_columns(table))
         keep = ["layer", "unit", "description", "similarity"]
         keep += [c for j in range(1, n + 1) for c in (f"concept_{j}", f"score_{j}")]
+        keep += [c for c in TRUST_COLUMNS if c in table.columns]   # after `label_trust`
         path = Path(results) / f"02_clip_dissect_{layer}.csv"
         atomic_write_text(path, table[keep].to_csv(index=False))
         out[layer] = path

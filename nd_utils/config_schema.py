@@ -247,6 +247,17 @@ class Quality(_Section):
     bootstrap: PosInt = _f("a whole number >= 1 (bootstrap resamples)")
 
 
+class Trust(_Section):
+    heldout: Annotated[float, Field(gt=0, lt=1)] = _f(
+        "a fraction strictly between 0 and 1 (the part of the probe held out), e.g. 0.5")
+    null_concepts: Annotated[int, Field(ge=10)] = _f(
+        "a whole number >= 10 (random concepts behind each permutation p-value), e.g. 1000")
+    alpha: Annotated[float, Field(gt=0, lt=1)] = _f(
+        "a number strictly between 0 and 1 (trusted: Benjamini-Hochberg q below it), e.g. 0.05")
+    cosy: bool = _f("true or false (compute cosy_auc: images of every distinct label)")
+    cosy_images: PosInt = _f("a whole number >= 1 (images per label for cosy_auc)")
+
+
 class Crops(_Section):
     size: PosInt = _f("a whole number >= 1 (pixels of the square image the crops come from)")
     max_per_image: Annotated[int, Field(ge=0)] = _f("a whole number >= 0 (crops per image)")
@@ -341,6 +352,7 @@ class Schema(_Section):
     clip_dissect: ClipDissect = _f(_SECTION)
     evaluation: Evaluation = _f(_SECTION)
     quality: Quality = _f(_SECTION)
+    trust: Optional[Trust] = _f(_SECTION, default=None)
     dnd: Dnd = _f(_SECTION)
     captioner: Captioner = _f(_SECTION)
     llm: Llm = _f(_SECTION)

@@ -156,13 +156,19 @@ def _dtop_features(top: TopImages, vlm, batch_size: "int | None" = None
     return out
 
 
-def write_dnd_tables(results: "str | Path", selection: dict[str, LayerSelection]
-                     ) -> dict[str, Path]:
-    """`06_dnd_<layer>.csv` (the reference's schema) and `06_dnd_candidates_<layer>.csv`."""
+def write_dnd_tables(results: "str | Path", selection: dict[str, LayerSelection],
+                     trust: "dict[str, pd.DataFrame] | None" = None) -> dict[str, Path]:
+    """`06_dnd_<layer>.csv` (the reference's schema, then `heldout_r, heldout_p, cosy_auc` of
+    Label 1 when `trust` is given: `dnd_label_trust`) and `06_dnd_candidates_<layer>.csv`."""
     out = {}
     for layer, sel in selection.items():
         path = Path(results) / f"06_dnd_{layer}.csv"
-        atomic_write_text(path, sel.labels.to_csv(index=False))
+        labels = sel.labels
+        if trust and layer in trust:
+            t = trust[layer].set_index("Neuron ID").reindex(labels["Neuron ID"].astype(int))
+            labels = labels.assign(**{c: t[c].to_numpy(dtype=float)
+                                      for c in ("heldout_r", "heldout_p", "cosy_auc")})
+        atomic_write_text(path, labels.to_csv(index=False))
         atomic_write_text(Path(results) / f"06_dnd_candidates_{layer}.csv",
                           sel.candidates.to_csv(index=False))
         out[layer] = path

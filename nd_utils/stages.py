@@ -40,6 +40,11 @@ class Stage:
         return self.name[:2]
 
 
+_TRUST_READS = ("seed", "clip_dissect.similarity", "clip_dissect.hyperparameters",
+                "quality.cosy_prompt", "synthesis.name", "synthesis.model", "synthesis.steps",
+                "synthesis.scheduler", "synthesis.guidance_scale", "synthesis.height",
+                "synthesis.width", "target.name", "target.pooling")
+
 STAGES: dict[str, Stage] = {s.name: s for s in [
     # v2: top images merged chunk by chunk, equal activations by ascending image index and NaN
     # last (torch.topk over the whole layer left ties unspecified and put NaN first)
@@ -56,6 +61,12 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
     # tables rank NaN last and break ties by concept index
     Stage("02_clip_dissect", "02_clip_dissect.ipynb", version=2,
           reads=("clip_dissect.similarity", "clip_dissect.hyperparameters"),
+          upstream=("01_activation_caching", "01_image_features", "02_text_features")),
+    # a held-out trust score for every label (label_trust): keyed by the trust settings (added
+    # from `trust:` by TrustSettings.key_params) and by the labels' inputs, so changing a trust
+    # setting recomputes no label; the synthesis fields decide CoSy's images
+    Stage("02_label_trust", "02_clip_dissect.ipynb", version=1,
+          reads=_TRUST_READS,
           upstream=("01_activation_caching", "01_image_features", "02_text_features")),
     # Describe-and-Dissect (03-06); keys also carry the layer and the chosen neurons
     # version 4: maps of torchvision-preset targets (ResNet-50) cover the whole image
@@ -82,6 +93,11 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
     Stage("06_selection", "06_selection.ipynb", version=1,
           reads=("selection.scoring", "selection.beta", "selection.zeta", "selection.labels"),
           upstream=("03_top_images", "04_concepts", "06_concept_activations")),
+    # DnD's Label 1 of each neuron, scored as 02_label_trust (its D_top images left out)
+    Stage("06_label_trust", "06_selection.ipynb", version=1,
+          reads=_TRUST_READS,
+          upstream=("01_activation_caching", "01_image_features", "02_text_features",
+                    "03_top_images", "06_selection")),
     # label quality: the labels judged (see labelling_config) are an input, hashed with the
     # settings that decide the CoSy images, the simulator and the held-out activations
     Stage("08_label_quality", "08_label_quality.ipynb", version=1,

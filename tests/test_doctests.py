@@ -9,7 +9,8 @@ import pytest
 # modules whose examples need no model weights, network or artifact store
 PURE = ["stages", "errors", "backends.registry", "machine", "hooks", "similarity", "cosines",
         "tensor_stream", "imagenet_sample",
-        "label_metrics", "probe_split", "config", "evaluation", "concept_sets"]
+        "label_metrics", "probe_split", "config", "evaluation", "concept_sets", "trust_metrics",
+        "trust_scoring", "viz.trust_plots"]
 
 
 @pytest.mark.parametrize("name", PURE)

@@ -307,7 +307,10 @@ def test_label_quality_tables_and_neuron_columns(tmp_path):
     assert list(table.columns) == ["layer", "cd_label", "cd_score", "cd_concepts", "cd_scores",
                                    "dnd_label", "dnd_labels", "dnd_score", "cd_auc", "cd_mad",
                                    "cd_sim_r", "dnd_auc", "dnd_mad", "dnd_sim_r",
-                                   "cd_quality_label", "dnd_quality_label"]
+                                   "cd_quality_label", "dnd_quality_label", "cd_heldout_r",
+                                   "cd_heldout_p", "cd_heldout_q", "cd_cosy_auc", "cd_trusted",
+                                   "cd_trust_label", "dnd_heldout_r", "dnd_heldout_p",
+                                   "dnd_cosy_auc"]
     assert table.loc[2, ["cd_auc", "cd_mad", "cd_sim_r"]].tolist() == pytest.approx(
         [0.88, 2.0, 0.452])
     assert table.loc[2, ["dnd_auc", "dnd_mad", "dnd_sim_r"]].tolist() == pytest.approx(

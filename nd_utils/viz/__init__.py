@@ -2,7 +2,8 @@
 and the regenerated `figures/`.
 
 Modules: `activation_plots`, `label_plots`, `dnd_plots`, `quality_plots` (matplotlib figures the
-notebooks draw), `run_folders` (a finished run folder as tables), `report` (static HTML),
+notebooks draw), `run_folders` (a finished run folder as tables), `trust_plots` (labels' held-out
+trust scores as text, neurons ranked by trust), `report` (static HTML),
 `explorer` (ipywidgets over a run) and `figures` (PNG + PDF + JSON provenance). Their public
 verbs are this package's names, loaded on first use (`nd.viz.plot_evaluation`,
 `nd.viz.write_report`, ...): `import nd_utils.viz` imports no plotting library.
@@ -24,6 +25,9 @@ _EXPORTS = {
     "plot_neuron_labels": "label_plots",
     "plot_top_images": "activation_plots",
     "plot_top_items": "dnd_plots",
+    "plot_trust_summary": "trust_figure",
+    "rank_by_trust": "trust_plots",
+    "trust_text": "trust_plots",
     "write_figures": "figures",
     "write_report": "report",
 }

@@ -8,6 +8,7 @@ Example:
     >>> ex = NeuronExplorer("latest")                                   # doctest: +SKIP
     >>> display(ex); ex.jump("head", 3); ex.view.labels                 # doctest: +SKIP
     >>> ex.search.value = "dog"; ex.matches.options[1:]                 # doctest: +SKIP
+    >>> ex.trusted_neurons("head").head(); ex.step_trusted()           # doctest: +SKIP
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from ..attention_crops import normalise_map
 from ..errors import NdUtilsError
 from .figures import blank, cached_top_images, readable_layers
 from .run_folders import QUALITY_METRICS, RERUN, RunView, open_run_folder, runs_dir
+from .trust_plots import rank_by_trust, row_trust, trust_text, trusted_choices
 
 MAX_MATCHES = 200
 MAP_NOTE = "spatial map not cached (neuron not in dnd.neurons)"
@@ -57,6 +59,8 @@ class ExplorerView:
     dnd_score: "float | None" = None
     candidates: list = field(default_factory=list)   # [(candidate, score, [image paths])]
     quality: list = field(default_factory=list)  # [(method, CoSy AUC, MAD, sim r, label)], 08
+    cd_trust: dict = field(default_factory=dict)     # held-out r, p, q, auc, trusted, label; 02
+    dnd_trust: dict = field(default_factory=dict)    # held-out r, p, auc of Label 1; 06
     n_images: int = 0                                # top probe images drawn
     n_maps: int = 0                                  # of which with a spatial-map overlay
     map_overlay: bool = False                        # n_maps > 0
@@ -76,6 +80,16 @@ class ExplorerView:
 
         return " | ".join(f"{m}{f' “{lab}”' if lab else ''}: AUC {fmt(a)} · MAD {fmt(d)} · "
                           f"sim r {fmt(r)}" for m, a, d, r, lab in self.quality)
+
+    @property
+    def cd_trust_text(self) -> str:
+        """CLIP-Dissect's held-out trust score and verdict ("" when the run has none)."""
+        return trust_text(**self.cd_trust)
+
+    @property
+    def dnd_trust_text(self) -> str:
+        """DnD's Label 1 held-out score ("" when the run has none)."""
+        return trust_text(**self.dnd_trust)
 
 
 @dataclass
@@ -116,12 +130,19 @@ class NeuronExplorer:
                                   layout=W.Layout(width="420px"))
         self.similar = W.Dropdown(description="similar", options=[("", None)],
                                   layout=W.Layout(width="560px"))
+        # the layer's trusted neurons, most trusted first: pick one, or step through them
+        self.trusted = W.Dropdown(description="trusted", options=[("", None)],
+                                  layout=W.Layout(width="420px"))
+        self.prev_trusted = W.Button(description="‹ trusted", layout=W.Layout(width="90px"))
+        self.next_trusted = W.Button(description="trusted ›", layout=W.Layout(width="90px"))
+        self._trusted_layer = None  # (run, layer) the trusted list was made for
         self.header, self.notes_html, self.image = W.HTML(), W.HTML(), W.Image(format="png")
         self.widget = W.VBox([self.run_select, W.HBox([self.layer, self.unit, self.unit_box]),
-                              W.HBox([self.search, self.matches]), self.header, self.image,
-                              self.similar, self.notes_html])
+                              W.HBox([self.search, self.matches]),
+                              W.HBox([self.trusted, self.prev_trusted, self.next_trusted]),
+                              self.header, self.image, self.similar, self.notes_html])
         self._controls = (self.layer, self.unit, self.unit_box, self.search, self.matches,
-                          self.similar)
+                          self.similar, self.trusted, self.prev_trusted, self.next_trusted)
         runs = list_runs()
         with self._hold():  # listing runs selects the first: that must not open it yet
             self.run_select.options = [(p.name, str(p)) for p in runs]
@@ -132,6 +153,9 @@ class NeuronExplorer:
         self.search.observe(lambda c: self._find(c.new), "value")
         self.matches.observe(lambda c: c.new and self.jump(*c.new), "value")
         self.similar.observe(lambda c: c.new and self.jump(*c.new), "value")
+        self.trusted.observe(lambda c: c.new and self.jump(*c.new), "value")
+        self.prev_trusted.on_click(lambda _: self.step_trusted(-1))
+        self.next_trusted.on_click(lambda _: self.step_trusted(1))
         if run is None and not runs:
             self._fail(f"no run folders with a run.json under {runs_dir()}: {RERUN}; or pass "
                        f"a run folder to NeuronExplorer")
@@ -164,6 +188,7 @@ class NeuronExplorer:
             view = open_run_folder(run)
             self._run_notes = readable_layers(view)  # a table of another version: skip its layer
             self.run, self._layers, self.message = view, {}, ""
+            self._trusted_layer = None  # its tables may have changed since: list them again
             self._index()  # every layer's labels, once per run
         except NdUtilsError as exc:
             self.run = None
@@ -265,6 +290,38 @@ class NeuronExplorer:
         return [(self._entries[j][0], self._entries[j][1], round(scores[j], 3),
                  self._entries[j][2][0][1]) for j in best]
 
+    def trusted_neurons(self, layer: str, min_r: "float | None" = None,
+                        trusted_only: bool = True) -> pd.DataFrame:
+        """`layer`'s rows of the neuron table, trusted ones only (unless `trusted_only` is
+        False), ranked by held-out q then r; with cd_heldout_r >= `min_r` when given."""
+        if self.run is None:
+            return pd.DataFrame()
+        return rank_by_trust(self.run.neuron_table(), layer, min_r, trusted_only)
+
+    def step_trusted(self, step: int = 1) -> "tuple[str, int] | None":
+        """Jump to the next (step > 0) or previous trusted neuron of the current layer, in
+        trust order, wrapping around; the first (or last) one when the current is untrusted.
+        Returns (layer, unit), or None when the layer has no trusted neuron."""
+        layer = self.layer.value
+        units = [int(u) for u in self.trusted_neurons(layer)["unit"]] if self.run else []
+        if not units:
+            return None
+        here = int(self.unit.value)
+        i = (units.index(here) + step) % len(units) if here in units else (
+            0 if step > 0 else len(units) - 1)
+        self.jump(layer, units[i])
+        return layer, units[i]
+
+    def _list_trusted(self, layer: str) -> None:
+        """Fill the trusted dropdown for `layer` (once per layer: redraws keep the choice)."""
+        if self._trusted_layer == (self.run.path, layer):
+            return
+        self._trusted_layer = (self.run.path, layer)
+        head, found = trusted_choices(self.run.neuron_table(), layer, MAX_MATCHES)
+        # the placeholder comes first, so listing them never jumps by itself
+        self.trusted.options = [(head, None), *found]
+        self.prev_trusted.disabled = self.next_trusted.disabled = not found
+
     def redraw(self) -> None:
         """Redraw the current neuron; a failure becomes a note instead of an exception."""
         if self.run is None:
@@ -282,9 +339,16 @@ class NeuronExplorer:
         self.view, self.image.value = v, self.png
         self.similar.options = [(f"{len(v.similar)} neurons with similar labels", None), *[
             (f"{a}:{b} · {s:.2f} · {t}", (a, b)) for a, b, s, t in v.similar]]
+        self._list_trusted(v.layer)
         e, dnd_score = html.escape, "" if v.dnd_score is None else f" ({v.dnd_score:.3f})"
-        cd = f"<b>{e(v.cd_label)}</b> ({v.cd_score:.3f})" if v.cd_label else "—"
-        dnd = f"<b>{e(' | '.join(v.dnd_labels))}</b>{dnd_score}" if v.dnd_labels else "—"
+
+        def trust(text):  # the held-out score, beside the label it judges
+            return f" <span style='color:#555'>[held-out {e(text)}]</span>" if text else ""
+
+        cd = (f"<b>{e(v.cd_label)}</b> ({v.cd_score:.3f}){trust(v.cd_trust_text)}"
+              if v.cd_label else "—")
+        dnd = (f"<b>{e(' | '.join(v.dnd_labels))}</b>{dnd_score}{trust(v.dnd_trust_text)}"
+               if v.dnd_labels else "—")
         quality = (f"<br><span style='color:#555'>held-out label quality · {e(v.quality_line)}</span>"
                    if v.quality else "")
         self.header.value = (f"<b>{e(v.layer)}:{v.unit}</b> of {v.n_units} &nbsp; "
@@ -315,6 +379,8 @@ class NeuronExplorer:
             if any(x is not None for x in q):
                 v.quality.append((method, *q, str(getattr(row, f"{prefix}_quality_label", "")
                                                   or "")))
+        if row is not None:
+            v.cd_trust, v.dnd_trust = row_trust(row)
         for r in d.cands[unit].head(self.n_candidates).itertuples() if unit in d.cands else []:
             paths = [p.strip() for p in str(r.images or "").split(";") if p.strip()]
             v.candidates.append((str(r.candidate), float(r.score), paths[:self.candidate_images]))

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from ..errors import NdUtilsError
 from .run_folders import QUALITY_METRICS, RunView, open_run_folder
+from .trust_plots import row_trust
 from ..store import atomic_write_text
 
 PAGE_SIZE = 60
@@ -135,7 +136,9 @@ def build_data(view: RunView, thumbs: Thumbnails, top_k: int = 5, n_candidates: 
     [[image index, activation, "kind · caption"]], qc / qd the CLIP-Dissect / DnD label's
     quality from stage 08 [CoSy AUC, MAD, simulation r, the label scored] (only when one of
     them is known; the label stage 08 judged: the run's own when held out, else chosen on its
-    select split).
+    select split), tc CLIP-Dissect's held-out trust from stage 02 [r, p, q, CoSy AUC, trusted
+    (1/0), the label scored when it is not c], td DnD Label 1's [r, p, CoSy AUC] (each only when
+    a score is known; older runs have neither).
     """
     table = view.neuron_table()
     neurons = []
@@ -169,13 +172,32 @@ def build_data(view: RunView, thumbs: Thumbnails, top_k: int = 5, n_candidates: 
                 q = [_num(getattr(r, f"{prefix}_{m}")) for m in QUALITY_METRICS] if r else []
                 if any(x is not None for x in q):  # only neurons stage 08 scored get a line
                     rec[key] = q + [str(getattr(r, f"{prefix}_quality_label", "") or "")]
+            tc, td = row_trust(r) if r is not None else ({}, {})
+            if tc:  # p and q keep 6 digits: permutation p-values go down to 1/(n_null + 1)
+                rec["tc"] = [_num(tc["r"]), _num(tc["p"], 6), _num(tc["q"], 6),
+                             _num(tc["auc"]), int(tc["trusted"]), tc["label"]]
+            if td:
+                rec["td"] = [_num(td["r"]), _num(td["p"], 6), _num(td["auc"])]
             neurons.append(rec)
     cfg = view.cfg
     meta = (f"{view.path} · status {view.status} · target {cfg.get('target.name')} · "
             f"vlm {cfg.get('vlm.name')} · probe {json.dumps(cfg.get('probe.sets'))} · "
             f"{len(neurons)} neurons")
     return {"run": view.name, "meta": meta, "layers": list(view.layers), "pageSize": PAGE_SIZE,
-            "missing": view.missing(), "hasDnd": view.has_dnd(), "neurons": neurons}
+            "missing": view.missing(), "hasDnd": view.has_dnd(), "neurons": neurons,
+            "hasTrust": any("tc" in n for n in neurons), "trust": trust_rows(view)}
+
+
+def trust_rows(view: RunView) -> list[dict]:
+    """`02_trust_summary.csv` for the neuron page: one {layer, n, trusted, fraction, alpha,
+    r, auc, agree} per layer (numbers or None); [] when the run has no such table."""
+    summary = view.trust_summary()
+    columns = {"n": "n_neurons", "trusted": "n_trusted", "fraction": "fraction_trusted",
+               "alpha": "alpha", "r": "median_heldout_r", "auc": "mean_cosy_auc",
+               "agree": "label_agreement"}
+    return [] if summary is None else [
+        {"layer": str(row["layer"]), **{k: _num(row.get(c)) for k, c in columns.items()}}
+        for _, row in summary.iterrows()]
 
 
 def _table_html(df, title: str, level: int = 2, row_classes: "list[str] | None" = None) -> str:
@@ -211,6 +233,21 @@ def _passed(value) -> "bool | None":
     text = str(value).strip().lower()
     return True if text in ("true", "1", "1.0", "yes") else (
         False if text in ("false", "0", "0.0", "no") else None)
+
+
+def trust_html(view: RunView) -> str:
+    """The "Label trust (02)" section of the evaluation page; "" for runs without the table."""
+    summary = view.trust_summary()
+    if summary is None:
+        return ""
+    return ('<section class="trust-section">\n<h2>Label trust (02)</h2>\n'
+            "<p>Each CLIP-Dissect label, chosen on the probe's select half, is scored on the "
+            "held-out half: simulation r, a permutation p-value against random concepts "
+            "(n_null_concepts), Benjamini-Hochberg q within the layer, CoSy AUC. A label is "
+            "trusted when q &lt; alpha; label_agreement is the fraction of select-half labels "
+            "equal to the run's own.</p>\n"
+            + _table_html(summary, "Trusted labels per layer (02_trust_summary.csv)", level=3)
+            + "\n</section>")
 
 
 def quality_html(view: RunView) -> str:
@@ -283,6 +320,7 @@ def evaluation_html(view: RunView, figures: list[str], css: str) -> str:
     if banners:
         parts.append('<ul class="notices banner">' + "".join(f"<li>{e(b)}</li>" for b in banners)
                      + "</ul>")
+    parts.append(trust_html(view))
     parts.append(_table_html(view.evaluation(), "Final-layer evaluation (07_evaluation.csv)"))
     parts.append(_table_html(view.published(), "Published numbers (07_published.csv)"))
     parts.append(quality_html(view))

@@ -40,12 +40,20 @@ _TABLES = {  # kind -> (file name in results/, columns the readers rely on, note
     "08_quality_summary.csv": ("{}", ("layer", "source", "metric", "mean"), "08"),
     "08_method_comparison.csv": ("{}", ("layer", "metric", "clip_dissect", "dnd"), "08"),
     "08_sanity_checks.csv": ("{}", ("layer", "metric", "method", "ok"), "08"),
+    "02_trust_summary.csv": ("{}", ("layer", "n_neurons", "n_trusted"), "02"),
 }
 QUALITY_TABLES = ("08_label_quality.csv", "08_quality_summary.csv", "08_method_comparison.csv",
                   "08_sanity_checks.csv")
 # neuron_table() prefix -> `source` of 08_label_quality.csv; metrics copied per method
 QUALITY_SOURCES = {"cd": "clip_dissect", "dnd": "dnd"}
 QUALITY_METRICS = ("auc", "mad", "sim_r")
+# neuron_table() column -> column of the 02 / 06 table holding the label's held-out trust
+# score (stage 02's issue-23 columns; older runs lack them and get NaN / False / "")
+CD_TRUST = {"cd_heldout_r": "heldout_r", "cd_heldout_p": "heldout_p",
+            "cd_heldout_q": "heldout_q", "cd_cosy_auc": "cosy_auc"}
+DND_TRUST = {"dnd_heldout_r": "heldout_r", "dnd_heldout_p": "heldout_p",
+             "dnd_cosy_auc": "cosy_auc"}
+TRUST_COLUMNS = (*CD_TRUST, "cd_trusted", "cd_trust_label", *DND_TRUST)
 _LAYER_RE = re.compile(r"^(?:02_clip_dissect|03_top_images|06_dnd_candidates|06_dnd)_(.+)\.csv$")
 
 
@@ -198,6 +206,11 @@ class RunView:
         (whether the expected ordering true class > method > shuffled > constant held)."""
         return self._table("08_sanity_checks.csv")
 
+    def trust_summary(self) -> "pd.DataFrame | None":
+        """`02_trust_summary.csv`: per layer n_neurons, n_trusted, fraction_trusted, alpha,
+        median_heldout_r, mean_cosy_auc, n_heldout_images, n_null_concepts, label_agreement."""
+        return self._table("02_trust_summary.csv")
+
     def figures(self) -> list[Path]:
         """PNG figures of `results/`, in stage order."""
         return sorted(self.results.glob("*.png")) if self.results.is_dir() else []
@@ -342,6 +355,12 @@ class RunView:
         they score, cd_quality_label and dnd_quality_label (the run's own labels when they are held
         out, else chosen again on stage 08's select split and then can differ from cd_label /
         dnd_labels).
+
+        Last, the held-out trust score stage 02 / 06 wrote beside each label: cd_heldout_r,
+        cd_heldout_p, cd_heldout_q (BH-adjusted within the layer), cd_cosy_auc, cd_trusted
+        (heldout_q < trust.alpha) and cd_trust_label (the label chosen on the probe's select
+        half, which these scores judge; usually cd_label), then dnd_heldout_r, dnd_heldout_p,
+        dnd_cosy_auc of DnD's Label 1. Runs older than these columns get NaN, False and "".
         """
         if "neuron_table" in self._cache:
             return self._cache["neuron_table"].copy()
@@ -365,6 +384,9 @@ class RunView:
                     "cd_score": pd.to_numeric(cd["similarity"], errors="coerce"),
                     "cd_concepts": [[c for c, _ in p] for p in pairs],
                     "cd_scores": [[s for _, s in p] for p in pairs],
+                    **{k: _numbers(cd, c) for k, c in CD_TRUST.items()},
+                    "cd_trusted": _flags(cd, "trusted"),
+                    "cd_trust_label": cd["trust_label"].astype(str) if "trust_label" in cd else "",
                     }).set_index("unit"))
             if dnd is not None:
                 labels = [c for c in ("Label 1", "Label 2", "Label 3") if c in dnd]
@@ -372,7 +394,8 @@ class RunView:
                     "unit": dnd["Neuron ID"].astype(int),
                     "dnd_label": dnd[labels[0]].astype(str) if labels else "",
                     "dnd_labels": [[x for x in r if x] for r in
-                                   dnd[labels].astype(str).itertuples(index=False)]
+                                   dnd[labels].astype(str).itertuples(index=False)],
+                    **{k: _numbers(dnd, c) for k, c in DND_TRUST.items()},
                     }).set_index("unit"))
             if cand is not None and len(cand):
                 best = cand[cand["rank"] == cand.groupby("unit")["rank"].transform("min")]
@@ -385,11 +408,18 @@ class RunView:
                 parts.append(t.assign(layer=layer))
         cols = ["layer", "unit", "cd_label", "cd_score", "cd_concepts", "cd_scores", "dnd_label",
                 "dnd_labels", "dnd_score"]
-        table = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=cols)
+        full = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=cols)
         for c in cols:
-            if c not in table:
-                table[c] = None
-        table = self._with_quality(table[cols])
+            if c not in full:
+                full[c] = None
+        table = self._with_quality(full[cols])
+        for c in TRUST_COLUMNS:  # absent in older runs, and for neurons of the other method only
+            if c == "cd_trusted":
+                table[c] = full[c].eq(True) if c in full else False
+            elif c == "cd_trust_label":
+                table[c] = full[c].fillna("").astype(str) if c in full else ""
+            else:
+                table[c] = pd.to_numeric(full[c], errors="coerce") if c in full else float("nan")
         self._cache["neuron_table"] = table
         return table.copy()
 
@@ -424,3 +454,15 @@ class RunView:
         for c in labels:
             out[c] = wide[c].fillna("").to_numpy(dtype=object) if c in wide else ""
         return out
+
+
+def _numbers(table: pd.DataFrame, column: str):
+    """`table[column]` as floats ('' and text = NaN), or NaN when the column is absent."""
+    return pd.to_numeric(table[column], errors="coerce") if column in table else float("nan")
+
+
+def _flags(table: pd.DataFrame, column: str):
+    """`table[column]` as bools (written True/False; '' = False), or False when absent."""
+    if column not in table:
+        return False
+    return table[column].astype(str).str.strip().str.lower().isin(("true", "1", "1.0", "yes"))

@@ -6,7 +6,7 @@
   var DATA = JSON.parse(document.getElementById("nd-data").textContent);
   var PAGE = DATA.pageSize || 60;
   var neurons = DATA.neurons, layers = DATA.layers, images = DATA.images;
-  var state = { layer: "", query: "", sort: "unit", page: 0 };
+  var state = { layer: "", query: "", sort: "unit", page: 0, trusted: false };
   var shown = neurons;
 
   function $(id) { return document.getElementById(id); }
@@ -34,6 +34,7 @@
     (n.cc || []).forEach(function (x) { parts.push(x[0]); });
     (n.d || []).forEach(function (x) { parts.push(x); });
     (n.k || []).forEach(function (x) { parts.push(x[0]); });
+    if (n.tc && n.tc[5]) parts.push(n.tc[5]);  // the label the trust score judges
     n.q = parts.join("\n").toLowerCase();
   });
 
@@ -65,6 +66,13 @@
       var lab = el("div", "label", n.c);
       lab.appendChild(el("span", "score", fmt(n.s)));
       cd.appendChild(lab);
+      if (n.tc) {  // right under the label it judges (or names the one it judges, t[5])
+        var t = n.tc, verdict = t[2] === null ? "" :  // untested (no q): no verdict
+          " · " + (t[4] ? "\u2713 trusted" : "not trusted") + " (q = " + sig(t[2]) + ")";
+        cd.appendChild(el("div", "trust" + (t[4] ? " trusted" : ""),
+          (t[5] ? "\u201c" + t[5] + "\u201d: " : "") + trustText(t[0], t[1], t[3]) + verdict));
+        if (t[4]) c.classList.add("trusted");
+      }
       var top = (n.cc || []).map(function (x) { return x[0] + " " + fmt(x[1]); });
       if (top.length) cd.appendChild(el("div", "concepts", top.join(" · ")));
     }
@@ -78,6 +86,7 @@
       var dl = el("div", "label", n.d[0]);
       if (n.ds !== null && n.ds !== undefined) dl.appendChild(el("span", "score", fmt(n.ds)));
       dnd.appendChild(dl);
+      if (n.td) dnd.appendChild(el("div", "trust", trustText(n.td[0], n.td[1], n.td[2])));
       if (n.d.length > 1) {
         dnd.appendChild(el("div", "concepts", "also: " + n.d.slice(1).join(" · ")));
       }
@@ -120,7 +129,20 @@
     return line;
   }
 
-  function score(n, key) { var v = n[key]; return v === null || v === undefined ? NaN : v; }
+  // A label's held-out score, in the words of nd_utils.viz.trust_plots.trust_text.
+  function sig(x) {  // 3 significant digits, no trailing zeros: like Python's format(x, ".3g")
+    return x === null || x === undefined ? "n/a" : String(Number(Number(x).toPrecision(3)));
+  }
+  function trustText(r, p, auc) {
+    return "held-out r = " + (r === null ? "n/a" : Number(r).toFixed(2)) + ", p = " + sig(p) +
+      ", AUC " + (auc === null ? "n/a" : Number(auc).toFixed(2));
+  }
+  function trustValue(i) { return function (n) { return n.tc ? n.tc[i] : null; }; }
+
+  function score(n, key) {
+    var v = typeof key === "function" ? key(n) : n[key];
+    return v === null || v === undefined ? NaN : v;
+  }
   function sorter(key, dir) {
     return function (a, b) {
       var x = score(a, key), y = score(b, key);
@@ -128,15 +150,25 @@
       return (dir * (x - y)) || (a.l - b.l) || (a.u - b.u);
     };
   }
+  // Most trusted first: lowest q, then highest r (what RunView users get from rank_by_trust).
+  function byTrust(a, b) {
+    var x = score(a, trustValue(2)), y = score(b, trustValue(2));
+    if (isNaN(x) !== isNaN(y)) return isNaN(x) ? 1 : -1;  // unscored labels last
+    if (!isNaN(x) && x !== y) return x - y;
+    return sorter(trustValue(0), -1)(a, b);
+  }
 
   function apply() {
     var q = state.query.trim().toLowerCase(), li = layers.indexOf(state.layer);
     shown = neurons.filter(function (n) {
-      return (li < 0 || n.l === li) && (!q || n.q.indexOf(q) >= 0);
+      return (li < 0 || n.l === li) && (!q || n.q.indexOf(q) >= 0) &&
+        (!state.trusted || (n.tc && n.tc[4] === 1));
     });
     if (state.sort === "cd-desc") shown.sort(sorter("s", -1));
     else if (state.sort === "cd-asc") shown.sort(sorter("s", 1));
     else if (state.sort === "dnd-desc") shown.sort(sorter("ds", -1));
+    else if (state.sort === "trust") shown.sort(byTrust);
+    else if (state.sort === "r-desc") shown.sort(sorter(trustValue(0), -1));
     state.page = 0;
     render();
   }
@@ -158,6 +190,26 @@
     $("next").disabled = $("last").disabled = state.page >= pages - 1;
   }
 
+  // 02_trust_summary.csv as a small table above the cards (nothing for older runs).
+  function trustSummary() {
+    var rows = DATA.trust || [];
+    if (!rows.length) return;
+    var t = el("table", "trust-table"), head = el("tr");
+    ["layer", "trusted", "fraction", "median held-out r", "mean CoSy AUC", "label agreement",
+     "alpha"].forEach(function (h) { head.appendChild(el("th", "", h)); });
+    t.appendChild(head);
+    rows.forEach(function (s) {
+      var tr = el("tr");
+      [s.layer, (s.trusted === null ? "n/a" : s.trusted) + " of " + (s.n === null ? "n/a" : s.n),
+       fmt(s.fraction), fmt(s.r), fmt(s.auc), fmt(s.agree), sig(s.alpha)]
+        .forEach(function (v) { tr.appendChild(el("td", "", v)); });
+      t.appendChild(tr);
+    });
+    var box = $("trust-summary");
+    box.appendChild(el("h2", "", "Label trust per layer (stage 02, held-out probe half)"));
+    box.appendChild(t);
+  }
+
   function go(page) { state.page = page; render(); window.scrollTo(0, 0); }
 
   var sel = $("layer");
@@ -169,6 +221,13 @@
   var notes = $("notices");
   (DATA.missing || []).forEach(function (m) { notes.appendChild(el("li", "", m)); });
   $("run-meta").textContent = DATA.meta || "";
+  trustSummary();
+  if (DATA.hasTrust) {
+    $("trust-filter").hidden = false;
+  } else {  // an older run: its labels have no trust score to sort or filter by
+    Array.prototype.slice.call(document.querySelectorAll("option[data-trust]"))
+      .forEach(function (o) { o.remove(); });
+  }
 
   var timer = null;
   $("search").addEventListener("input", function (e) {
@@ -177,6 +236,10 @@
   });
   sel.addEventListener("change", function (e) { state.layer = e.target.value; apply(); });
   $("sort").addEventListener("change", function (e) { state.sort = e.target.value; apply(); });
+  $("trusted").addEventListener("change", function (e) {
+    state.trusted = e.target.checked;
+    apply();
+  });
   $("first").addEventListener("click", function () { go(0); });
   $("prev").addEventListener("click", function () { go(state.page - 1); });
   $("next").addEventListener("click", function () { go(state.page + 1); });
