@@ -32,7 +32,8 @@ import nd_utils as nd  # noqa: E402
 from nd_utils.image_features import image_feature_jobs_if_missing  # noqa: E402
 from nd_utils.label_trust import layer_trust  # noqa: E402
 
-SCORES = {"trust_similarity": 1, "heldout_r": 1, "heldout_p": -1, "cosy_auc": 1}  # sign: higher=better
+# score -> sign that makes higher better
+SCORES = {"trust_similarity": 1, "heldout_r": 1, "heldout_p": -1, "cosy_auc": 1}
 SETUP = ["probe.sets=[{name: imagenet-sample-1k}]", "target.layers=[fc]",
          "clip_dissect.concept_set=imagenet_classes"]
 
@@ -103,12 +104,13 @@ def main() -> None:
         t = tables[fn] = validate(cfg, fn)
         t.to_csv(out / f"trust_labels_{fn}.csv", index=False)
         right = t["right"].to_numpy()
+        trusted = t.heldout_q.to_numpy() < cfg["trust.alpha"]
         for score, sign in SCORES.items():
             rows.append({"similarity": fn, "score": score, "roc_auc": roc_auc(
                 sign * t[score].to_numpy(float), right), "n_labels": len(t),
-                "n_right": int(right.sum()), "n_trusted": int((t.heldout_q < cfg["trust.alpha"]).sum()),
-                "right_among_trusted": float(right[t.heldout_q.to_numpy() < cfg["trust.alpha"]].mean())
-                if (t.heldout_q < cfg["trust.alpha"]).any() else float("nan"),
+                "n_right": int(right.sum()), "n_trusted": int(trusted.sum()),
+                "right_among_trusted": float(right[trusted].mean()) if trusted.any()
+                else float("nan"),
                 "trust_seconds": round(t.attrs["seconds"], 1),
                 "n_heldout": t.attrs["n_heldout"]})
     table = pd.DataFrame(rows)

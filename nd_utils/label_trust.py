@@ -1,4 +1,4 @@
-"""A held-out trust score for every label: stage 02's for every neuron, stage 06's for DnD's Label 1.
+"""A held-out trust score for every label: stage 02's of every neuron, 06's of DnD's Label 1.
 
 wpmi and soft_wpmi scores are comparable only within one layer, concept set and probe set. The
 trust score is comparable across layers and setups, because it asks the same question
@@ -28,10 +28,11 @@ of the labels' inputs: changing a trust setting never recomputes a label.
 
 Example:
     >>> trust = layer_trust(cfg, "fc")                                      # doctest: +SKIP
-    >>> trust[["unit", "trust_label", "heldout_r", "heldout_p", "cosy_auc"]].head()  # doctest: +SKIP
+    >>> trust[["unit", "trust_label", "heldout_r", "heldout_p"]].head()     # doctest: +SKIP
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -51,13 +52,51 @@ from .probes import ProbeSet
 from .similarity import get_similarity, similarity_on_device, top_concepts
 from .stages import STAGES, cached_stage, stage_output
 from .store import ArtifactStore, atomic_write_text
-from .trust_scoring import (CosySource, TrustSettings, LazyModel, load_configured_vlm, concept_columns,
-                            cosy_by_label, fit_simulator, null_concept_ids, score_labels,
-                            trust_split)
+from .trust_scoring import (CosySource, LazyModel, TrustSettings, concept_columns,
+                            cosy_by_label, fit_simulator, load_configured_vlm, null_concept_ids,
+                            score_labels, trust_split)
 
 STAGE = STAGES["02_label_trust"]
 DND_STAGE = STAGES["06_label_trust"]
 COLUMNS = TRUST_COLUMNS
+
+
+@dataclass
+class _Inputs:
+    """What both trust steps (02's and 06's) read: settings, split, VLM, CoSy's image source."""
+
+    cfg: Config
+    layer: str
+    settings: TrustSettings
+    probe: ProbeSet
+    concepts: ConceptSet
+    seed: int
+    select: list
+    held: list
+    vlm: LazyModel
+    cosy: CosySource
+    target: object = None
+
+    @classmethod
+    def of(cls, cfg: Config, layer: str, probe, concepts, vlm, target) -> "_Inputs":
+        s = TrustSettings.from_config(cfg)
+        probe = probe or load_probe_from_config(cfg)
+        concepts = concepts or load_concepts_from_config(cfg)
+        seed = int(cfg["seed"])
+        select, held = trust_split(len(probe), s.heldout, seed)
+        if not isinstance(vlm, LazyModel):
+            vlm = LazyModel(lambda: load_configured_vlm(cfg), vlm)
+        cosy = CosySource(cfg, layer, s, vlm, {probe.items[i].sha256 for i in held}, target)
+        return cls(cfg, layer, s, probe, concepts, seed, select, held, vlm, cosy, target)
+
+    def params(self, stage) -> dict:
+        return {**self.cfg.select(stage.reads), **self.settings.key_params(), "layer": self.layer}
+
+    def upstream(self) -> dict:
+        return {"01_activation_caching": activation_key(self.cfg, self.layer, self.probe,
+                                                        self.target),
+                "01_image_features": image_feature_key(self.cfg, self.probe),
+                "02_text_features": text_feature_key(self.cfg, self.concepts)}
 
 
 def layer_trust(cfg: Config, layer: str, probe: "ProbeSet | None" = None,
@@ -69,18 +108,10 @@ def layer_trust(cfg: Config, layer: str, probe: "ProbeSet | None" = None,
     cosy_auc, heldout_q, n_cosy_images`; the
     artifact's manifest records the split sizes, the simulator's (a, b) and the null's size.
     """
-    s = TrustSettings.from_config(cfg)
-    probe = probe or load_probe_from_config(cfg)
-    concepts = concepts or load_concepts_from_config(cfg)
-    seed = int(cfg["seed"])
-    select, held = trust_split(len(probe), s.heldout, seed)
-    lazy_vlm = vlm if isinstance(vlm, LazyModel) else LazyModel(lambda: load_configured_vlm(cfg), vlm)
-    cosy = CosySource(cfg, layer, s, lazy_vlm, {probe.items[i].sha256 for i in held}, target)
-    spec = stage_output(STAGE, {**cfg.select(STAGE.reads), **s.key_params(), "layer": layer},
-                        upstream={
-                            "01_activation_caching": activation_key(cfg, layer, probe, target),
-                            "01_image_features": image_feature_key(cfg, probe),
-                            "02_text_features": text_feature_key(cfg, concepts)},
+    c = _Inputs.of(cfg, layer, probe, concepts, vlm, target)
+    s, probe, concepts, seed, select, held, lazy_vlm, cosy = (
+        c.settings, c.probe, c.concepts, c.seed, c.select, c.held, c.vlm, c.cosy)
+    spec = stage_output(STAGE, c.params(STAGE), upstream=c.upstream(),
                         inputs={"cosy_images": cosy.identity()} if s.cosy else {})
 
     def build(tmp: Path) -> dict:
@@ -148,21 +179,13 @@ def dnd_layer_trust(cfg: Config, layer: str, labels: pd.DataFrame, top, selectio
     concepts and CoSy images are `layer_trust`'s, so the two methods' scores are comparable.
     Columns: `Neuron ID, heldout_r, heldout_p, cosy_auc, n_heldout_images`.
     """
-    s = TrustSettings.from_config(cfg)
-    probe = probe or load_probe_from_config(cfg)
-    concepts = concepts or load_concepts_from_config(cfg)
-    seed = int(cfg["seed"])
-    select, held = trust_split(len(probe), s.heldout, seed)
-    lazy_vlm = vlm if isinstance(vlm, LazyModel) else LazyModel(lambda: load_configured_vlm(cfg), vlm)
-    cosy = CosySource(cfg, layer, s, lazy_vlm, {probe.items[i].sha256 for i in held}, target)
+    c = _Inputs.of(cfg, layer, probe, concepts, vlm, target)
+    s, probe, concepts, seed, select, held, lazy_vlm, cosy = (
+        c.settings, c.probe, c.concepts, c.seed, c.select, c.held, c.vlm, c.cosy)
     units = [int(u) for u in labels["Neuron ID"]]
     texts = [str(x) for x in labels.get("Label 1", pd.Series([""] * len(units)))]
-    spec = stage_output(DND_STAGE, {**cfg.select(DND_STAGE.reads), **s.key_params(),
-                                    "layer": layer}, upstream={
-        "01_activation_caching": activation_key(cfg, layer, probe, target),
-        "01_image_features": image_feature_key(cfg, probe),
-        "02_text_features": text_feature_key(cfg, concepts),
-        "03_top_images": top.key, "06_selection": selection_key},
+    spec = stage_output(DND_STAGE, c.params(DND_STAGE), upstream={
+        **c.upstream(), "03_top_images": top.key, "06_selection": selection_key},
         inputs={"labels": texts, "units": units,
                 **({"cosy_images": cosy.identity()} if s.cosy else {})})
 
