@@ -78,10 +78,11 @@ def main(argv: "list[str] | None" = None) -> int:
     except NdUtilsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:  # run.json already says "interrupted"; caches resume next time
-        print("interrupted: rerun the same command to resume from the cached stages",
+    except KeyboardInterrupt as exc:  # run.json already says "interrupted"; caches resume
+        how = f"terminated by {exc}" if hasattr(exc, "exit_code") else "interrupted"
+        print(f"{how}: rerun the same command to resume from the cached stages",
               file=sys.stderr)
-        return 130
+        return getattr(exc, "exit_code", 130)   # 143 after SIGTERM, 129 after SIGHUP
     print(f"run folder: {result.path}", file=sys.stderr)
     print(result.results)  # last line: the results folder (make demo relies on it)
     return 0

@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from .config import Config
 from .decode_once import CacheJob, run_decode_once
 from .errors import NdUtilsError
-from .hooks import trace_batch
+from .hooks import trace_batch, trace_images
 from .probes import ProbeSet, load_probes
 from .machine import resolve_device
 from .stages import STAGES, StageOutput, stage_output
@@ -142,12 +142,38 @@ def cache_activations(cfg: Config, target: "Target | None" = None, probe: "Probe
     if force:
         for job in jobs:
             store.remove(job.stage, job.key)
+    warn_if_disk_short(cfg, target, probe, [j for j in jobs if not store.exists(j.stage, j.key)])
     found = run_decode_once(
         probe, jobs, store, batch_size=int(cfg["activations.batch_size"]),
         chunk_size=int(cfg["activations.chunk_size"]),
         num_workers=int(cfg["activations.num_workers"]), device=device, progress=progress,
         stop_after_chunks=stop_after_chunks, run_chunks=chunks_on_executor(cfg, progress))
     return {job.output: found[(job.stage, job.key)] for job in jobs}
+
+
+def warn_if_disk_short(cfg: Config, target: Target, probe: ProbeSet, jobs: list) -> None:
+    """Before stage 01 writes `jobs`: their size (images x the layers' pooled widths, from one
+    image's forward pass, plus image features) against the free space of `data_dir`; a warning
+    and a run notice when it is short (`run_faults.check_free_space`)."""
+    from .run_faults import check_free_space, human_bytes, stage01_bytes
+
+    if not jobs or not len(probe):
+        return
+    layers = [j.output for j in jobs if j.stage == STAGE.name]
+    try:
+        traced = trace_images(target, layers, [probe.load_image(0)], cfg["target.pooling"],
+                              batch_size=1) if layers else None
+    except Exception:  # noqa: BLE001 - an estimate must never stop the pass (it reports errors)
+        return
+    widths = {layer: int(traced.pooled[layer].shape[1]) for layer in layers}
+    need = stage01_bytes(len(probe), widths, n_feature_jobs=len(jobs) - len(layers))
+    message = check_free_space(cfg.data_dir, need, f"stage 01 ({len(probe):,} images x "
+                               f"{sum(widths.values()):,} neurons, {human_bytes(need)} at its "
+                               f"peak)")
+    if message:
+        from .pipeline import record_notice  # lazy, as probes does: the runner's notices
+
+        record_notice("disk_space", message, stage="01")
 
 
 def chunks_on_executor(cfg: Config, progress: bool = True):

@@ -82,3 +82,8 @@ def unknown_name(kind: str, name: str, choices: Iterable[str], hint: str = "") -
     if hint:
         msg += " " + hint
     return UnknownNameError(msg)
+
+
+class DiskFullError(NdUtilsError, OSError):
+    """No space was left where a run writes; the message names the folder and the fix
+    (`run_faults.disk_full_message`)."""

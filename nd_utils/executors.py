@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import sys
 import time
 from typing import Any, Callable, Sequence
 
@@ -91,6 +92,63 @@ class LocalExecutor:
         return {"name": self.name, "workers": self.workers, "threads": self.threads}
 
 
+def require_ray_token() -> bool:
+    """Before this process starts a local Ray instance: token authentication for it.
+
+    The locked Ray's GCS, raylet and worker gRPC servers listen on every interface of the
+    machine (no setting confines them to loopback), so without authentication anyone who can
+    reach the machine could submit code that runs as the user. Unless the user chose a mode
+    (`RAY_AUTH_MODE`), this sets `RAY_AUTH_MODE=token` and a fresh random `RAY_AUTH_TOKEN`
+    (256 bits) in this process's environment, which the stages' kernels and Ray's workers
+    inherit and nobody else has. Returns whether it set them.
+    """
+    if os.environ.get("RAY_AUTH_MODE"):
+        return False
+    import secrets
+
+    os.environ["RAY_AUTH_MODE"] = "token"
+    os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+    os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
+    return True
+
+
+def _reload_ray_auth_config() -> None:
+    """Make an already imported Ray read `RAY_AUTH_MODE`/`RAY_AUTH_TOKEN` again (it reads its
+    configuration once; these are Ray's own internals, so a Ray without them is left as is)."""
+    try:
+        from ray._raylet import AuthenticationTokenLoader, Config
+
+        Config.initialize("")
+        AuthenticationTokenLoader.instance().reset_cache()
+    except (ImportError, AttributeError):
+        pass
+
+
+def warn_if_unauthenticated(address: str) -> "str | None":
+    """Warn (and return the message) when joining a Ray cluster at a non-loopback `address`
+    without token authentication (`RAY_AUTH_MODE=token`); None otherwise."""
+    import ipaddress
+    import warnings
+
+    if os.environ.get("RAY_AUTH_MODE") == "token":
+        return None
+    host = address.split("://")[-1].rsplit(":", 1)[0].strip("[]")
+    if host in ("localhost", ""):
+        return None
+    if host != "auto":
+        try:
+            if ipaddress.ip_address(host).is_loopback:
+                return None
+        except ValueError:  # a host name: not known to be this machine
+            pass
+    message = (f"joining Ray at {address} without token authentication: anyone who can reach "
+               f"the cluster's ports can run code there as its user. Start the cluster with "
+               f"RAY_AUTH_MODE=token and a token (ray get-auth-token --generate), and export "
+               f"the same RAY_AUTH_MODE and token here (README, 'Beyond one machine: Ray')")
+    warnings.warn(message, stacklevel=3)
+    return message
+
+
 class RayExecutor:
     """Runs each unit as a Ray task (`threads` CPUs and `gpus_per_task` GPUs each) in order.
 
@@ -104,6 +162,11 @@ class RayExecutor:
     def __init__(self, address: "str | None" = None, num_cpus: "int | None" = None,
                  gpus_per_task: "float | str" = "auto", max_retries: int = 2,
                  runtime_env: "dict | None" = None, threads: "int | None" = None):
+        address = address or os.environ.get("RAY_ADDRESS") or None
+        started = sys.modules.get("ray")
+        # the token goes into the environment before Ray reads its configuration
+        fresh = not address and not (started is not None and started.is_initialized())
+        token_set = require_ray_token() if fresh else False
         try:
             import ray
         except ImportError as exc:
@@ -111,7 +174,10 @@ class RayExecutor:
                 "executor.name is ray but Ray is not installed: pip install 'ray>=2.9' (or "
                 "pip install -e '.[cluster]'), or run in-process with executor.name=local") from exc
         self._ray = ray
-        address = address or os.environ.get("RAY_ADDRESS") or None
+        if token_set and started is not None:  # Ray was imported (its config read) before
+            _reload_ray_auth_config()
+        if not ray.is_initialized() and address:
+            warn_if_unauthenticated(address)
         if not ray.is_initialized():
             try:
                 ray.init(address=address, num_cpus=None if address else num_cpus,

@@ -20,9 +20,11 @@ from pathlib import Path
 from typing import Iterable
 
 from .config import REPO_ROOT, Config, load_config
-from .errors import NdUtilsError
+from .errors import DiskFullError, NdUtilsError
 from .kernels import notebook_kernel_name, start_warm_kernel
 from .locks import process_lock
+from .run_faults import (disk_full_message, is_disk_full, reclaim_signals, signal_record,
+                         terminate_as_interrupt, write_in_place)
 from .store import atomic_write_text
 
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
@@ -253,6 +255,7 @@ def shared_ray_instance(cfg: Config, log=print):
     from .executors import load_executor
 
     ex = load_executor("ray", num_cpus=cfg.get("executor.num_cpus"))
+    reclaim_signals()  # ray.init's own SIGTERM handler aborts, skipping the shutdown below
     address = ex._ray.get_runtime_context().gcs_address
     info = ex.describe()
     log(f"ray: started a local instance at {address} ({info['cpus']:g} CPUs, "
@@ -287,7 +290,8 @@ def run_pipeline(config="offline", overrides=None, stages=None, force: bool = Fa
     Raises StageFailed naming the stage, its error and the executed notebook to open.
     """
     cfg = load_config(config, overrides)
-    with shared_ray_instance(cfg, log=log):
+    # SIGTERM/SIGHUP as Ctrl-C: outermost, so a local Ray instance is shut down on them too
+    with terminate_as_interrupt(), shared_ray_instance(cfg, log=log):
         return _run_pipeline(cfg, stages, force, notebook_dir, kernel_name, log, warm_kernels)
 
 
@@ -301,16 +305,29 @@ def _run_pipeline(cfg: Config, stages, force: bool, notebook_dir, kernel_name, l
     preflight(cfg, [nb.name[:2] for nb in notebooks])
     mark_interrupted_runs(cfg.data_dir / "runs", log=log)
     run = Run(cfg, _new_run_path(cfg))
-    (run.path / "notebooks").mkdir(parents=True)
-    run.results.mkdir()
-    cfg.save(run.config_path)
     record = {"config": str(run.config_path), "source": cfg.source, "force": force,
               "stages": [], "status": "running", "started": time.time(),
               "pid": os.getpid(), "host": platform.node(), "notices": []}
 
     def save_record():
-        atomic_write_text(run.path / "run.json", json.dumps(record, indent=2))
+        try:
+            atomic_write_text(run.path / "run.json", json.dumps(record, indent=2))
+        except OSError as exc:
+            if not is_disk_full(exc):
+                raise
+            record.update(status="failed", reason="disk_full")
+            write_in_place(run.path / "run.json", json.dumps(record, indent=2))
+            raise DiskFullError(disk_full_message(run.path, "the run's record run.json")) \
+                from None
 
+    try:
+        (run.path / "notebooks").mkdir(parents=True)
+        run.results.mkdir()
+        cfg.save(run.config_path)
+    except OSError as exc:
+        if is_disk_full(exc):
+            raise DiskFullError(disk_full_message(run.path, "the run folder")) from None
+        raise
     save_record()
     shown: set = set()
     warm = {}  # notebook -> WarmKernel started ahead of its stage
@@ -326,6 +343,11 @@ def _run_pipeline(cfg: Config, stages, force: bool, notebook_dir, kernel_name, l
                 start(notebooks[i + 1])
             _run_stage(pm, nb, run, record, save_record, shown, kernel_name, force,
                        warm.pop(nb, None), log)
+    except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM or SIGHUP between two stages
+        if record["status"] == "running":
+            record.update(status="interrupted", **signal_record(exc))
+            save_record()
+        raise
     finally:  # a failed or interrupted run leaves no kernel behind
         for kernel in warm.values():
             if kernel is not None:
@@ -367,16 +389,24 @@ def _run_stage(pm, nb: Path, run: Run, record: dict, save_record, shown: set,
             if warm is not None:
                 warm.close()
     except BaseException as exc:  # papermill wraps the cell's error; Ctrl-C lands here too
-        stopped = isinstance(exc, KeyboardInterrupt)
+        stopped = isinstance(exc, KeyboardInterrupt)   # SIGTERM and SIGHUP too (run_faults)
         entry.update(status="interrupted" if stopped else "failed",
                      seconds=round(time.time() - t0, 2),
                      error=f"{getattr(exc, 'ename', type(exc).__name__)}: "
-                           f"{getattr(exc, 'evalue', exc)}")
-        record["status"] = entry["status"]
+                           f"{getattr(exc, 'evalue', exc)}", **signal_record(exc))
+        full = not stopped and is_disk_full(entry["error"])
+        if full:
+            entry["reason"] = "disk_full"
+        record.update(status=entry["status"], **signal_record(exc),
+                      **({"reason": "disk_full"} if full else {}))
         _report_notices(run, nb.name[:2], shown, record, log)
         save_record()
         if not isinstance(exc, Exception):
             raise
+        if full:
+            raise DiskFullError(disk_full_message(
+                run.cfg.data_dir, f"the outputs of stage {nb.name}") +
+                f".\nExecuted notebook with the traceback: {out}") from None
         raise StageFailed(f"stage {nb.name} failed: {entry['error']}\n"
                           f"Executed notebook with the traceback: {out}") from None
     entry.update(status="ok", seconds=round(time.time() - t0, 2))

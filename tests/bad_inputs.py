@@ -521,6 +521,222 @@ def _(tmp):
     return "marked 'interrupted' by the next run; a live run is left alone"
 
 
+# --- 5b. long runs on shared machines: termination signals, a full disk, Ray's ports ----------
+
+def _notebook_dir(tmp: Path, *cells: str) -> Path:
+    """A one-stage notebook folder: the runner's parameters, then `cells`."""
+    import nbformat
+
+    nbs = tmp / "nbs"
+    nbs.mkdir(exist_ok=True)
+    nb = nbformat.v4.new_notebook()
+    params = nbformat.v4.new_code_cell('config = "offline"\noverrides = []\nrun_dir = None\n'
+                                       'force = False')
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [params, *(nbformat.v4.new_code_cell(c) for c in cells)]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
+                                 "language": "python"}
+    nbformat.write(nb, nbs / "01_stage.ipynb")
+    return nbs
+
+
+RUNNER = textwrap.dedent("""
+    import sys
+    from nd_utils.pipeline import run_pipeline
+    try:
+        run_pipeline("offline", sys.argv[2:], notebook_dir=sys.argv[1], log=lambda *a, **k: None)
+    except KeyboardInterrupt as exc:
+        sys.exit(getattr(exc, "exit_code", 130))
+""")
+
+
+def _descendants(pid: int) -> set:
+    import psutil
+
+    try:
+        return {p.pid for p in psutil.Process(pid).children(recursive=True)}
+    except psutil.NoSuchProcess:
+        return set()
+
+
+def _kernel_files(pids: set) -> list:
+    """The connection files of the kernels among `pids`, and their IPC socket folders."""
+    import psutil
+
+    out = []
+    for pid in pids:
+        try:
+            cmd = psutil.Process(pid).cmdline()
+        except psutil.NoSuchProcess:
+            continue
+        if "-f" in cmd and cmd.index("-f") + 1 < len(cmd):
+            conn = Path(cmd[cmd.index("-f") + 1])
+            out.append(conn)
+            try:
+                out.append(Path(json.loads(conn.read_text())["ip"]).parent)
+            except (OSError, ValueError, KeyError):
+                pass
+    return out
+
+
+def _sigterm_mid_stage(tmp: Path, cell: str, overrides: list, settle: float = 0.0) -> str:
+    """Start a runner whose stage writes `started` then works; SIGTERM it there; check that it
+    exits 143, run.json says interrupted by SIGTERM, and none of its processes, kernel
+    connection files or socket folders are left."""
+    import signal
+
+    import psutil
+
+    nbs = _notebook_dir(tmp, "import pathlib, time\n" + cell +
+                        "\npathlib.Path(run_dir, 'started').write_text('1')\ntime.sleep(300)")
+    proc = subprocess.Popen([sys.executable, "-c", RUNNER, str(nbs),
+                             f"data_dir={tmp / 'store'}", *overrides],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 240
+    while not list((tmp / "store" / "runs").glob("*/started")):
+        assert proc.poll() is None, proc.stdout.read().decode()[-2000:]
+        assert time.time() < deadline, "the stage never started"
+        time.sleep(0.5)
+    time.sleep(settle)
+    children = _descendants(proc.pid)
+    kernel_files = _kernel_files(children)
+    assert any(p.name.startswith("ndk-") for p in kernel_files), kernel_files
+    proc.send_signal(signal.SIGTERM)
+    rc = proc.wait(timeout=120)
+    assert rc == 143, (rc, proc.stdout.read().decode()[-2000:])
+    time.sleep(2)
+    left = [p for p in children if psutil.pid_exists(p)
+            and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    assert not left, f"processes left behind: {[psutil.Process(p).name() for p in left]}"
+    assert not [p for p in kernel_files if p.exists()], "kernel files left behind"
+    record = json.loads(next((tmp / "store" / "runs").glob("*/run.json")).read_text())
+    assert record["status"] == "interrupted" and record["signal"] == "SIGTERM", record
+    assert record["stages"][-1]["status"] == "interrupted", record["stages"]
+    return (f"exit 143, run.json 'interrupted' (SIGTERM); its {len(children)} child process(es), "
+            f"kernel connection files and socket folders are gone")
+
+
+@case("sigterm-in-stage", "SIGTERM (SLURM time limit, eviction, kill) during a stage")
+def _(tmp):
+    return _sigterm_mid_stage(tmp, "", [])
+
+
+@case("sigterm-on-ray", "SIGTERM during a stage running on a local Ray instance")
+def _(tmp):
+    cell = ("import nd_utils as nd\nfrom nd_utils.executors import load_executor\n"
+            "ex = load_executor('ray')\nex.map(abs, [-1, 2], desc='probe', progress=False)")
+    return "Ray: " + _sigterm_mid_stage(tmp, cell, ["executor.name=ray", "executor.num_cpus=1"],
+                                        settle=1.0)
+
+
+@case("disk-full-run-record", "the disk fills up while the runner writes run.json")
+def _(tmp):
+    import errno
+
+    import nd_utils.pipeline as pipeline
+    from nd_utils.errors import DiskFullError
+
+    nbs = _notebook_dir(tmp, "x = 1")
+    real, calls = pipeline.atomic_write_text, []
+
+    def full_on_second(path, text):
+        calls.append(path)
+        if len(calls) >= 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(path, text)
+
+    pipeline.atomic_write_text = full_on_second
+    try:
+        shown = expect_error(DiskFullError, lambda: pipeline.run_pipeline(
+            "offline", [f"data_dir={tmp / 'store'}"], notebook_dir=nbs, log=lambda *a, **k: None,
+            warm_kernels=False), "no space left on the disk holding", "run.json", "free of",
+            "--set data_dir=", "rerun the same command")
+    finally:
+        pipeline.atomic_write_text = real
+    record = json.loads(next((tmp / "store" / "runs").glob("*/run.json")).read_text())
+    assert record["status"] == "failed" and record["reason"] == "disk_full", record
+    return shown.split(" (")[0]
+
+
+@case("disk-full-in-stage", "a stage finds the disk full (OSError: [Errno 28])")
+def _(tmp):
+    import nd_utils as nd
+    from nd_utils.errors import DiskFullError
+
+    nbs = _notebook_dir(tmp, "raise OSError(28, 'No space left on device', '/data/x.safetensors')")
+    shown = expect_error(DiskFullError, lambda: nd.run_pipeline(
+        "offline", [f"data_dir={tmp / 'store'}"], notebook_dir=nbs, log=lambda *a, **k: None,
+        warm_kernels=False), "the outputs of stage 01_stage.ipynb", "free of",
+        "Executed notebook with the traceback")
+    record = json.loads(next((tmp / "store" / "runs").glob("*/run.json")).read_text())
+    assert record["status"] == "failed" and record["reason"] == "disk_full", record
+    assert record["stages"][0]["reason"] == "disk_full"
+    return shown.split(" (")[0]
+
+
+@case("disk-short-before-stage-01", "a disk too small for stage 01's activations")
+def _(tmp):
+    import nd_utils.run_faults as rf
+
+    cfg, target = tiny_setup(tmp)
+    real = rf.free_bytes
+    rf.free_bytes = lambda folder: (100, 3 * 2**20)      # a 3 MB disk with 100 bytes left
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            import nd_utils as nd
+
+            nd.cache_activations(cfg, target=target, progress=False)
+    finally:
+        rf.free_bytes = real
+    said = [str(w.message) for w in caught if "needs about" in str(w.message)]
+    assert said and "stage 01 (" in said[0] and "--set data_dir=" in said[0], said
+    return said[0].split(":")[0]
+
+
+@case("ray-local-instance-token", "a local Ray instance: its ports are reachable from the network")
+def _(tmp):
+    code = textwrap.dedent("""
+        import os, subprocess, sys
+        from nd_utils.executors import load_executor
+        ex = load_executor("ray", num_cpus=1)
+        assert os.environ["RAY_AUTH_MODE"] == "token" and len(os.environ["RAY_AUTH_TOKEN"]) == 64
+        address = ex._ray.get_runtime_context().gcs_address
+        intruder = ("import ray; ray.init(address=%r, logging_level='ERROR');"
+                    "print(ray.get(ray.remote(lambda: 'ran').remote()))" % address)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+        r = subprocess.run([sys.executable, "-c", intruder], env=env, capture_output=True,
+                           text=True, timeout=120)
+        print("refused" if r.returncode and "ran" not in r.stdout else "ACCEPTED")
+        ex._ray.shutdown()
+    """)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("refused"), out.stderr[-2000:]
+    return "token authentication on: a client without the run's token is refused"
+
+
+@case("ray-remote-without-token", "joining a Ray cluster on another host without a token")
+def _(tmp):
+    from nd_utils.executors import warn_if_unauthenticated
+
+    saved = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith("RAY_AUTH")}
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert warn_if_unauthenticated("127.0.0.1:6379") is None
+            assert warn_if_unauthenticated("ray://[::1]:10001") is None
+            said = warn_if_unauthenticated("10.1.2.3:6379")
+        assert said and "RAY_AUTH_MODE=token" in said and len(caught) == 1
+        os.environ["RAY_AUTH_MODE"] = "token"
+        assert warn_if_unauthenticated("10.1.2.3:6379") is None
+    finally:
+        os.environ.pop("RAY_AUTH_MODE", None)
+        os.environ.update(saved)
+    return "a warning: " + said.split(". ")[0]
+
+
 # --- 6. rank_reorder with negative cosines ----------------------------------------------------
 
 @case("rank-reorder-negative", "rank_reorder when concepts have negative mean cosines")
