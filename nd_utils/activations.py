@@ -153,15 +153,18 @@ def cache_activations(cfg: Config, target: "Target | None" = None, probe: "Probe
 
 def warn_if_disk_short(cfg: Config, target: Target, probe: ProbeSet, jobs: list) -> None:
     """Before stage 01 writes `jobs`: their size (images x the layers' pooled widths, from one
-    image's forward pass, plus image features) against the free space of `data_dir`; a warning
-    and a run notice when it is short (`run_faults.check_free_space`)."""
+    blank image's forward pass, plus image features) against the free space of `data_dir`; a
+    warning and a run notice when it is short (`run_faults.check_free_space`)."""
     from .run_faults import check_free_space, human_bytes, stage01_bytes
 
     if not jobs or not len(probe):
         return
+    from PIL import Image
+
     layers = [j.output for j in jobs if j.stage == STAGE.name]
-    try:
-        traced = trace_images(target, layers, [probe.load_image(0)], cfg["target.pooling"],
+    try:  # a blank image: probe images are decoded once, by the pass itself
+        blank = Image.new("RGB", (224, 224))
+        traced = trace_images(target, layers, [blank], cfg["target.pooling"],
                               batch_size=1) if layers else None
     except Exception:  # noqa: BLE001 - an estimate must never stop the pass (it reports errors)
         return

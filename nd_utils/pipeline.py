@@ -400,7 +400,11 @@ def _run_stage(pm, nb: Path, run: Run, record: dict, save_record, shown: set,
         record.update(status=entry["status"], **signal_record(exc),
                       **({"reason": "disk_full"} if full else {}))
         _report_notices(run, nb.name[:2], shown, record, log)
-        save_record()
+        try:
+            save_record()
+        except DiskFullError:
+            if not full:   # else run.json was rewritten in place; the stage's error says more
+                raise
         if not isinstance(exc, Exception):
             raise
         if full:

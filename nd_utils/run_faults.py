@@ -30,6 +30,7 @@ from pathlib import Path
 
 SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 FEATURE_DIMS = 1024  # upper bound of a vision-language image embedding, for the estimate
+RUN_FOLDER_BYTES = 50 * 2**20  # the run folder's executed notebooks, figures and tables
 
 
 class RunTerminated(KeyboardInterrupt):
@@ -131,13 +132,13 @@ def disk_full_message(folder: "str | Path", what: str) -> str:
 
 
 def stage01_bytes(n_images: int, widths: "dict[str, int]", n_feature_jobs: int = 0) -> int:
-    """Peak bytes stage 01 adds to the store: N x (neurons + feature dims) x 4 bytes, twice,
-    as each layer's file is written from its chunks before the chunks are removed.
-    >>> stage01_bytes(1000, {"fc": 1000, "head": 1280})
+    """Peak bytes stage 01 adds: N x (neurons + feature dims) x 4 bytes, twice, as each layer's
+    file is written from its chunks before the chunks are removed, plus `RUN_FOLDER_BYTES`.
+    >>> stage01_bytes(1000, {"fc": 1000, "head": 1280}) - RUN_FOLDER_BYTES
     18240000
     """
     per_image = sum(widths.values()) + n_feature_jobs * FEATURE_DIMS
-    return 2 * int(n_images) * per_image * 4
+    return 2 * int(n_images) * per_image * 4 + RUN_FOLDER_BYTES
 
 
 def check_free_space(folder: "str | Path", need: int, what: str) -> "str | None":

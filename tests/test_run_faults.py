@@ -78,7 +78,7 @@ def test_a_full_disk_is_recognised_and_explained(tmp_path):
 def test_the_stage_01_estimate_and_the_warning(tmp_path):
     # 113,000 images x ResNet-50's 4,904 pooled neurons + one 512-d feature job (<= 1,024)
     need = rf.stage01_bytes(113_000, {"all": 4904}, n_feature_jobs=1)
-    assert need == 2 * 113_000 * (4904 + 1024) * 4
+    assert need == 2 * 113_000 * (4904 + 1024) * 4 + rf.RUN_FOLDER_BYTES
     assert rf.check_free_space(tmp_path, 1, "stage 01") is None
     with pytest.warns(UserWarning, match=r"stage 01 needs about .* free"):
         msg = rf.check_free_space(tmp_path, 10**18, "stage 01")
