@@ -176,9 +176,9 @@ class RayExecutor:
         self._ray = ray
         if token_set and started is not None:  # Ray was imported (its config read) before
             _reload_ray_auth_config()
-        if not ray.is_initialized() and address:
-            warn_if_unauthenticated(address)
         if not ray.is_initialized():
+            if address:
+                warn_if_unauthenticated(address)
             try:
                 ray.init(address=address, num_cpus=None if address else num_cpus,
                          runtime_env=runtime_env, include_dashboard=False,

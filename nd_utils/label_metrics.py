@@ -196,6 +196,19 @@ def fit_sigmoid_calibration(cosines, positives, *, max_iter: int = 200) -> "tupl
     return float(w), float(c / w)
 
 
+def fit_simulator_on_classes(cosines, image_labels, concepts) -> "tuple[float, float]":
+    """(a, b) of the simulator fitted on labelled images: cosines `[n_images, n_concepts]`
+    between the images and the class names `concepts`; image i is a positive of concept j
+    when `image_labels[i] == concepts[j]` (as Linear Explanations calibrates on class labels).
+
+    >>> a, b = fit_simulator_on_classes([[0.4, 0.1], [0.2, 0.3]], ["cat", "dog"], ["cat", "dog"])
+    >>> a > 0
+    True
+    """
+    pos = np.array([[lab == c for c in concepts] for lab in image_labels])
+    return fit_sigmoid_calibration(cosines, pos)
+
+
 def simulate_activations(cosines, a: float, b: float) -> np.ndarray:
     """Simulated activations sigmoid(a * (cos + b)), same shape as cosines, overflow-free.
 

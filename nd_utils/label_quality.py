@@ -51,11 +51,11 @@ from .errors import ConfigError, OfflineError, ProbeError
 from .probe_split import split_part, split_table
 from .probes import ProbeSet, load_probes, probe_set_names
 from .machine import seed_everything
-from .selection import concept_activations
+from .selection import label_image_activations
 from .stages import STAGES, cached_stage, stage_output
 from .pipeline import record_notice
 from .store import ArtifactStore, atomic_write_text
-from .synthesis import concept_images, load_pool, load_synthesizer_from_config
+from .synthesis import load_pool
 
 STAGE = STAGES["08_label_quality"]
 METRICS = ("auc", "mad", "auprc", "sim_r")
@@ -200,25 +200,18 @@ def calibrate_simulator(calib: ProbeSet, feats: torch.Tensor, vlm,
                           f"labels (found {len(have)} labelled, {len(concepts)} classes)")
     text = vlm.encode_texts(concepts, batch_size=batch_size).float().cpu()
     cos = (feats[have].float() @ text.T).numpy()
-    pos = np.array([[calib.labels[i] == c for c in concepts] for i in have])
-    a, b = lm.fit_sigmoid_calibration(cos, pos)
+    a, b = lm.fit_simulator_on_classes(cos, [calib.labels[i] for i in have], concepts)
     return {"a": a, "b": b, "n_images": len(have), "n_concepts": len(concepts)}
 
 
 def score_labels(qcfg: Config, labels: pd.DataFrame, parts: dict[str, ProbeSet], vlm, target,
                  calibration: dict, progress: bool = True) -> pd.DataFrame:
     """Every metric for every (layer, unit, source) row of `labels` on the test part."""
-    ccfg = qcfg.with_overrides({"synthesis.prompt": qcfg["quality.cosy_prompt"],
-                                "synthesis.images_per_concept": int(qcfg["quality.cosy_images"])})
     wanted = sorted({lab for lab in labels.label if lab})
-    synth = load_synthesizer_from_config(ccfg, vlm=vlm)
-    images, _ = concept_images(ccfg, wanted, synth, progress=progress)
-    usable = {c: ci for c, ci in images.items() if len(ci.usable)}
     layers = sorted(set(labels.layer))
-    cacts = concept_activations(ccfg, layers, usable, target, vlm, progress=progress,
-                                features=False)
-    rows_of = {c: torch.as_tensor(g.index.to_numpy().copy())
-               for c, g in cacts.index.groupby("concept")}
+    cosy = label_image_activations(qcfg, wanted, layers, target, vlm,
+                                   qcfg["quality.cosy_prompt"], qcfg["quality.cosy_images"],
+                                   progress=progress)
     test = parts["test"]
     acts = {layer: load_activations(qcfg, layer, probe=test).activations for layer in layers}
     feats = load_image_features(qcfg, test).float()
@@ -230,8 +223,8 @@ def score_labels(qcfg: Config, labels: pd.DataFrame, parts: dict[str, ProbeSet],
         rec = {"layer": r.layer, "unit": r.unit, "source": r.source, "label": r.label,
                "auc": np.nan, "mad": np.nan, "auprc": np.nan, "p_value": np.nan,
                "sim_r": np.nan, "n_concept_images": 0, "n_test": len(a0)}
-        if r.label and r.label in rows_of:
-            a1 = cacts.activations[r.layer][rows_of[r.label], r.unit].numpy()
+        if r.label and r.label in cosy:
+            a1 = cosy[r.label][r.layer][:, r.unit].numpy()
             s = lm.cosy_scores(a0, a1)
             rec.update(auc=s["auc"], mad=s["mad"], auprc=s["auprc"], p_value=s["p_value"],
                        n_concept_images=len(a1))

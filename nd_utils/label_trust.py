@@ -41,7 +41,7 @@ import torch
 
 from . import trust_metrics as tm
 from .activations import activation_key, load_activations, load_probe_from_config
-from .clip_dissect import (TRUST_COLUMNS, cache_text_features, load_concepts_from_config,
+from .clip_dissect import (cache_text_features, load_concepts_from_config,
                            similarity_hyperparameters, text_feature_key)
 from .concept_sets import ConceptSet
 from .config import Config
@@ -52,13 +52,11 @@ from .probes import ProbeSet
 from .similarity import get_similarity, similarity_on_device, top_concepts
 from .stages import STAGES, cached_stage, stage_output
 from .store import ArtifactStore, atomic_write_text
-from .trust_scoring import (CosySource, LazyModel, TrustSettings, concept_columns,
-                            cosy_by_label, fit_simulator, load_configured_vlm, null_concept_ids,
-                            score_labels, trust_split)
+from .trust_scoring import (CosySource, LazyModel, TrustSettings, fit_simulator,
+                            load_configured_vlm, null_concept_ids, score_labels, trust_split)
 
 STAGE = STAGES["02_label_trust"]
 DND_STAGE = STAGES["06_label_trust"]
-COLUMNS = TRUST_COLUMNS
 
 
 @dataclass
@@ -92,6 +90,18 @@ class _Inputs:
     def params(self, stage) -> dict:
         return {**self.cfg.select(stage.reads), **self.settings.key_params(), "layer": self.layer}
 
+    def cosy_inputs(self) -> dict:
+        """The key input naming CoSy's image source ({} with `trust.cosy: false`)."""
+        return {"cosy_images": self.cosy.identity()} if self.settings.cosy else {}
+
+    def tensors(self) -> tuple:
+        """(activations `[N, K]`, image features `[N, D]`, the concepts' text features `[M, D]`)
+        of the layer's probe set, all cached by stages 01 and 02."""
+        return (load_activations(self.cfg, self.layer, probe=self.probe,
+                                 target=self.target).activations,
+                load_image_features(self.cfg, self.probe),
+                cache_text_features(self.cfg, self.concepts, self.vlm.loaded))
+
     def upstream(self) -> dict:
         return {"01_activation_caching": activation_key(self.cfg, self.layer, self.probe,
                                                         self.target),
@@ -109,31 +119,23 @@ def layer_trust(cfg: Config, layer: str, probe: "ProbeSet | None" = None,
     artifact's manifest records the split sizes, the simulator's (a, b) and the null's size.
     """
     c = _Inputs.of(cfg, layer, probe, concepts, vlm, target)
-    s, probe, concepts, seed, select, held, lazy_vlm, cosy = (
-        c.settings, c.probe, c.concepts, c.seed, c.select, c.held, c.vlm, c.cosy)
-    spec = stage_output(STAGE, c.params(STAGE), upstream=c.upstream(),
-                        inputs={"cosy_images": cosy.identity()} if s.cosy else {})
+    spec = stage_output(STAGE, c.params(STAGE), upstream=c.upstream(), inputs=c.cosy_inputs())
 
     def build(tmp: Path) -> dict:
-        A = load_activations(cfg, layer, probe=probe, target=target).activations
-        I = load_image_features(cfg, probe)
-        T = cache_text_features(cfg, concepts, lazy_vlm.loaded)   # cached by dissect_layer
+        A, I, T = c.tensors()
         fn = get_similarity(cfg["clip_dissect.similarity"])
-        sel, h = torch.tensor(select), torch.tensor(held)
+        sel, h = torch.tensor(c.select), torch.tensor(c.held)
         sim = similarity_on_device(fn, factorized(I[sel], T), A[sel], device=config_device(cfg),
                                    **similarity_hyperparameters(cfg, fn), layer=layer)
         best, idx = top_concepts(sim, 1)
         best, idx = best[:, 0], idx[:, 0]
         del sim
-        calibration = fit_simulator(probe, select, I, lazy_vlm)
-        null = null_concept_ids(len(concepts), s.null_concepts, seed)
-        labels = [concepts[int(i)] for i in idx]
+        calibration = fit_simulator(c.probe, c.select, I, c.vlm)
+        null = null_concept_ids(len(c.concepts), c.settings.null_concepts, c.seed)
+        labels = [c.concepts[int(i)] for i in idx]
         A_h = A[h]
-        per_label = cosy.activations(labels) if s.cosy else {}
-        cols = concept_columns(per_label, labels)
-        scores = score_labels(I[h], A_h, T[idx], T[null], calibration, cols)
-        if s.cosy and cols is None:
-            scores["cosy_auc"] = cosy_by_label(A_h, per_label, labels)
+        per_label = c.cosy.activations(labels) if c.settings.cosy else {}
+        scores = score_labels(I[h], A_h, T[idx], T[null], calibration, per_label, labels)
         table = pd.DataFrame({
             "unit": range(A.shape[1]), "trust_label": labels,
             "trust_similarity": best.numpy(),          # its raw score on the select part
@@ -142,7 +144,7 @@ def layer_trust(cfg: Config, layer: str, probe: "ProbeSet | None" = None,
             "n_cosy_images": [per_label[lab].shape[0] if lab in per_label else 0
                               for lab in labels]})
         atomic_write_text(tmp / "trust.csv", table.to_csv(index=False))
-        return {"layer": layer, "n_select": len(select), "n_heldout": len(held),
+        return {"layer": layer, "n_select": len(c.select), "n_heldout": len(c.held),
                 "n_null_concepts": int(len(null)), "calibration": calibration}
 
     art = cached_stage(ArtifactStore(cfg.data_dir), spec, build, force=force)
@@ -180,35 +182,30 @@ def dnd_layer_trust(cfg: Config, layer: str, labels: pd.DataFrame, top, selectio
     Columns: `Neuron ID, heldout_r, heldout_p, cosy_auc, n_heldout_images`.
     """
     c = _Inputs.of(cfg, layer, probe, concepts, vlm, target)
-    s, probe, concepts, seed, select, held, lazy_vlm, cosy = (
-        c.settings, c.probe, c.concepts, c.seed, c.select, c.held, c.vlm, c.cosy)
     units = [int(u) for u in labels["Neuron ID"]]
     texts = [str(x) for x in labels.get("Label 1", pd.Series([""] * len(units)))]
     spec = stage_output(DND_STAGE, c.params(DND_STAGE), upstream={
         **c.upstream(), "03_top_images": top.key, "06_selection": selection_key},
-        inputs={"labels": texts, "units": units,
-                **({"cosy_images": cosy.identity()} if s.cosy else {})})
+        inputs={"labels": texts, "units": units, **c.cosy_inputs()})
 
     def build(tmp: Path) -> dict:
-        A = load_activations(cfg, layer, probe=probe, target=target).activations
-        I = load_image_features(cfg, probe)
-        T = cache_text_features(cfg, concepts, lazy_vlm.loaded)   # cached by dissect_layer
-        calibration = fit_simulator(probe, select, I, lazy_vlm)
-        null_text = T[null_concept_ids(len(concepts), s.null_concepts, seed)]
+        A, I, T = c.tensors()
+        calibration = fit_simulator(c.probe, c.select, I, c.vlm)
+        null_text = T[null_concept_ids(len(c.concepts), c.settings.null_concepts, c.seed)]
         named = [t for t in texts if t]
-        encoded = dict(zip(named, lazy_vlm().encode_texts(
+        encoded = dict(zip(named, c.vlm().encode_texts(
             named, template=cfg["clip_dissect.template"]).float().cpu())) if named else {}
-        per_label = cosy.activations(texts) if s.cosy else {}
+        per_label = c.cosy.activations(texts) if c.settings.cosy else {}
         rows = []
         for unit, text in zip(units, texts):
             seen = set(top.d_top(unit).image_id.astype(int))
-            h = torch.tensor([i for i in held if i not in seen])
+            h = torch.tensor([i for i in c.held if i not in seen])
             rec = {"Neuron ID": unit, "heldout_r": np.nan, "heldout_p": np.nan,
                    "cosy_auc": np.nan, "n_heldout_images": len(h)}
             if text and len(h) > 2:
-                acts = A[h][:, [unit]]
-                got = score_labels(I[h], acts, encoded[text][None], null_text, calibration,
-                                   per_label[text][:, [unit]] if text in per_label else None)
+                unit_acts = {text: per_label[text][:, [unit]]} if text in per_label else {}
+                got = score_labels(I[h], A[h][:, [unit]], encoded[text][None], null_text,
+                                   calibration, unit_acts, [text])
                 rec.update({k: float(v[0]) for k, v in got.items()})
             rows.append(rec)
         atomic_write_text(tmp / "trust.csv", pd.DataFrame(rows).to_csv(index=False))
@@ -220,7 +217,7 @@ def dnd_layer_trust(cfg: Config, layer: str, labels: pd.DataFrame, top, selectio
 
 
 def with_trust(labels: pd.DataFrame, trust: pd.DataFrame, alpha: float) -> pd.DataFrame:
-    """The label table (`dissect_layer`) with the trust columns `COLUMNS` appended."""
+    """The label table (`dissect_layer`) with the trust columns `clip_dissect.TRUST_COLUMNS` appended."""
     t = trust.set_index("unit").reindex(labels["unit"].to_numpy())
     out = labels.copy()
     out["trust_label"] = t["trust_label"].fillna("").astype(str).to_numpy()

@@ -168,6 +168,30 @@ def concept_activations(cfg: Config, layers: list[str], images: dict, target, vl
                               t["features"], index, art.key)
 
 
+def label_image_activations(cfg: Config, labels, layers: list[str], target, vlm, prompt: str,
+                            n_images: int, progress: bool = True
+                            ) -> "dict[str, dict[str, torch.Tensor]]":
+    """{label: {layer: `[Q, K]`}}: the target's activations on `n_images` images of each label,
+    made from `prompt` by the configured synthesis backend (stage 05's cache) and run through
+    `concept_activations` without VLM features. A label with no usable image is absent.
+    CoSy's images: stage 08's and the trust scores' (`trust_scoring.CosySource`)."""
+    from .synthesis import concept_images, load_synthesizer_from_config
+
+    ccfg = cfg.with_overrides({"synthesis.prompt": prompt,
+                               "synthesis.images_per_concept": int(n_images)})
+    wanted = sorted({lab for lab in labels if lab})
+    synth = load_synthesizer_from_config(ccfg, vlm=vlm)
+    images, _ = concept_images(ccfg, wanted, synth, progress=progress)
+    usable = {c: ci for c, ci in images.items() if len(ci.usable)}
+    cacts = concept_activations(ccfg, list(layers), usable, target, vlm, progress=progress,
+                                features=False)
+    out = {}
+    for concept, group in cacts.index.groupby("concept"):
+        rows = torch.as_tensor(group.index.to_numpy().copy())
+        out[concept] = {layer: cacts.activations[layer][rows] for layer in layers}
+    return out
+
+
 @torch.no_grad()
 def concept_activation_unit(cfg: Config, layers: tuple, features: bool, files: list,
                             target=None, vlm=None) -> tuple[dict, "torch.Tensor | None"]:

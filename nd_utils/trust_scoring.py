@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from . import label_metrics as lm
@@ -83,8 +82,7 @@ def fit_simulator(probe: ProbeSet, ids: list[int], feats: torch.Tensor, vlm_load
                 "n_concepts": len(concepts)}
     text = vlm_loader().encode_texts(concepts).float().cpu()
     cos = (feats[[ids[j] for j in have]].float() @ text.T).numpy()
-    pos = np.array([[labels[j] == c for c in concepts] for j in have])
-    a, b = lm.fit_sigmoid_calibration(cos, pos)
+    a, b = lm.fit_simulator_on_classes(cos, [labels[j] for j in have], concepts)
     return {"a": a, "b": b, "fitted": True, "n_images": len(have), "n_concepts": len(concepts)}
 
 
@@ -107,18 +105,18 @@ class LazyModel:
 
 def score_labels(feats_h: torch.Tensor, acts_h: torch.Tensor, label_text: torch.Tensor,
                  null_text: torch.Tensor, calibration: dict,
-                 concept_acts: "torch.Tensor | None" = None) -> dict[str, torch.Tensor]:
+                 per_label: "dict[str, torch.Tensor]", labels: list[str]
+                 ) -> dict[str, torch.Tensor]:
     """heldout_r, heldout_p and cosy_auc `[K]` of K labels on H held-out images.
 
-    feats_h `[H, D]`, acts_h `[H, K]`, label_text `[K, D]`, null_text `[R, D]`, concept_acts
-    `[Q, K]` (column k: neuron k on its label's images) or None (cosy_auc NaN).
+    feats_h `[H, D]`, acts_h `[H, K]`, label_text `[K, D]` (row k: `labels[k]`), null_text
+    `[R, D]`, per_label {label: `[Q, K]` activations on its images} (`CosySource`; cosy_auc
+    is NaN for a label without images).
     """
     a, b = calibration["a"], calibration["b"]
     r = tm.heldout_correlations(feats_h, label_text, acts_h, a, b)
     p = tm.permutation_p(r, tm.null_correlations(feats_h, null_text, acts_h, a, b))
-    auc = (tm.cosy_auc(acts_h, concept_acts) if concept_acts is not None
-           else torch.full_like(r, float("nan")))
-    return {"heldout_r": r, "heldout_p": p, "cosy_auc": auc}
+    return {"heldout_r": r, "heldout_p": p, "cosy_auc": cosy_by_label(acts_h, per_label, labels)}
 
 
 class CosySource:
@@ -168,35 +166,18 @@ class CosySource:
 
     def _synthesised(self, wanted: list[str]) -> "dict[str, torch.Tensor]":
         from .backends.configured import load_target_from_config
-        from .selection import concept_activations
-        from .synthesis import concept_images, load_synthesizer_from_config
+        from .selection import label_image_activations
 
-        ccfg = self.cfg.with_overrides({"synthesis.prompt": self.prompt,
-                                        "synthesis.images_per_concept": self.s.cosy_images})
-        synth = load_synthesizer_from_config(ccfg, vlm=self.vlm())
-        images, _ = concept_images(ccfg, wanted, synth, progress=False)
-        usable = {c: ci for c, ci in images.items() if len(ci.usable)}
         target = self.target or load_target_from_config(self.cfg)
-        cacts = concept_activations(ccfg, [self.layer], usable, target, self.vlm(),
-                                    progress=False, features=False)
-        rows = {c: torch.as_tensor(g.index.to_numpy().copy())
-                for c, g in cacts.index.groupby("concept")}
-        return {c: cacts.activations[self.layer][rows[c]] for c in rows}
-
-
-def concept_columns(per_label: "dict[str, torch.Tensor]", labels: list[str]
-                    ) -> "torch.Tensor | None":
-    """`[Q, K]`: column k = neuron k's activations on the images of `labels[k]`; None when the
-    labels do not all have the same number Q of images (then score label by label)."""
-    counts = {per_label[lab].shape[0] if lab in per_label else 0 for lab in labels}
-    if len(counts) != 1 or 0 in counts:
-        return None
-    return torch.stack([per_label[lab][:, k] for k, lab in enumerate(labels)], dim=1)
+        per_label = label_image_activations(self.cfg, wanted, [self.layer], target, self.vlm(),
+                                            self.prompt, self.s.cosy_images, progress=False)
+        return {c: acts[self.layer] for c, acts in per_label.items()}
 
 
 def cosy_by_label(acts_h: torch.Tensor, per_label: "dict[str, torch.Tensor]",
                   labels: list[str]) -> torch.Tensor:
-    """cosy_auc `[K]` when the labels' image counts differ: one call per distinct label."""
+    """cosy_auc `[K]`: neuron k's activations on the images of `labels[k]` against `acts_h`,
+    one `cosy_auc` call per distinct label (labels may have different numbers of images)."""
     out = torch.full((len(labels),), float("nan"), dtype=torch.float64)
     for lab in set(labels):
         if lab in per_label and per_label[lab].shape[0]:

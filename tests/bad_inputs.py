@@ -471,25 +471,31 @@ def _(tmp):
 
 # --- 5. silence -------------------------------------------------------------------------------
 
-@case("unreadable-images-summary", "unreadable probe images: the runner prints one line")
-def _(tmp):
+def _notebook_dir(tmp: Path, *cells: str) -> Path:
+    """A one-stage notebook folder: the runner's parameters, then `cells`."""
     import nbformat
 
-    import nd_utils as nd
-
     nbs = tmp / "nbs"
-    nbs.mkdir()
-    folder = make_images(tmp / "imgs", n=4, broken=2)
+    nbs.mkdir(exist_ok=True)
     nb = nbformat.v4.new_notebook()
     params = nbformat.v4.new_code_cell('config = "offline"\noverrides = []\nrun_dir = None\n'
                                        'force = False')
     params.metadata["tags"] = ["parameters"]
-    nb.cells = [params, nbformat.v4.new_code_cell(
-        "import nd_utils as nd\nrun = nd.open_run(config, overrides, run_dir)\n"
-        "probe = nd.load_probe_from_config(run.cfg)")]
+    nb.cells = [params, *(nbformat.v4.new_code_cell(c) for c in cells)]
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
                                  "language": "python"}
-    nbformat.write(nb, nbs / "01_probe.ipynb")
+    nbformat.write(nb, nbs / "01_stage.ipynb")
+    return nbs
+
+
+@case("unreadable-images-summary", "unreadable probe images: the runner prints one line")
+def _(tmp):
+    import nd_utils as nd
+
+    folder = make_images(tmp / "imgs", n=4, broken=2)
+    nbs = _notebook_dir(tmp, "import nd_utils as nd\n"
+                        "run = nd.open_run(config, overrides, run_dir)\n"
+                        "probe = nd.load_probe_from_config(run.cfg)")
     lines = []
     nd.run_pipeline("offline", [f"data_dir={tmp / 'store'}",
                                 f"probe.sets=[{{name: folder, path: {folder}}}]"],
@@ -522,23 +528,6 @@ def _(tmp):
 
 
 # --- 5b. long runs on shared machines: termination signals, a full disk, Ray's ports ----------
-
-def _notebook_dir(tmp: Path, *cells: str) -> Path:
-    """A one-stage notebook folder: the runner's parameters, then `cells`."""
-    import nbformat
-
-    nbs = tmp / "nbs"
-    nbs.mkdir(exist_ok=True)
-    nb = nbformat.v4.new_notebook()
-    params = nbformat.v4.new_code_cell('config = "offline"\noverrides = []\nrun_dir = None\n'
-                                       'force = False')
-    params.metadata["tags"] = ["parameters"]
-    nb.cells = [params, *(nbformat.v4.new_code_cell(c) for c in cells)]
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
-                                 "language": "python"}
-    nbformat.write(nb, nbs / "01_stage.ipynb")
-    return nbs
-
 
 RUNNER = textwrap.dedent("""
     import sys
