@@ -21,6 +21,7 @@ import pytest
 import nd_utils as nd
 from nd_utils.config import REPO_ROOT
 from nd_utils.pipeline import list_notebooks
+from nd_utils.probes import load_probes
 
 from paper_standins import (ConceptServer, paper_overrides, place_resnet50_checkpoint,
                              standin_env)
@@ -77,7 +78,7 @@ def test_activations_cover_both_probe_layouts_and_every_neuron(paper_run):
                             keep_default_na=False)
         assert len(table) == k and (table.description != "").all()
     # ImageNet photos carry their class names (from the wnid folders), Broden's none
-    probes = nd.load_probes(cfg["probe.sets"])
+    probes = load_probes(cfg["probe.sets"])
     labels = [item.label for item in probes.items]
     assert labels[0] == "tench" and set(labels[N_IMAGENET:]) == {None}
 

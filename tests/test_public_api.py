@@ -5,7 +5,6 @@ import json
 import re
 import subprocess
 import sys
-import warnings
 
 import pytest
 
@@ -36,13 +35,11 @@ def test_public_names_resolve_and_are_listed():
         nd.no_such_name  # noqa: B018
 
 
-def test_moved_names_resolve_with_a_warning_naming_their_module():
-    from nd_utils.activations import activation_key
-
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        assert nd.activation_key is activation_key
-    assert any("import it from nd_utils.activations" in str(w.message) for w in caught)
+def test_names_moved_out_of_the_top_level_are_gone():
+    # 0.2.0 dropped the deprecated top-level names (e.g. nd.activation_key, nd.pool)
+    for name in ("activation_key", "pool", "ArtifactStore", "SIMILARITY_FUNCTIONS"):
+        with pytest.raises(AttributeError, match=f"no attribute {name!r}"):
+            getattr(nd, name)
     assert nd.evaluation.__name__ == "nd_utils.evaluation"  # a submodule by attribute
 
 
@@ -58,13 +55,7 @@ def test_notebooks_use_only_public_names():
         assert used <= set(nd_utils.viz.__all__), (path.name, used - set(nd_utils.viz.__all__))
 
 
-def test_viz_is_lazy_and_renamed_names_warn():
+def test_viz_is_lazy():
     assert "matplotlib" not in _modules_after("import nd_utils.viz")
     assert "plot_evaluation" in dir(nd.viz) and nd.viz.plot_evaluation.__module__ == (
         "nd_utils.viz.label_plots")
-    from nd_utils.hooks import apply_pooling
-
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        assert nd.pool is apply_pooling and nd.plot_evaluation is nd.viz.plot_evaluation
-    assert any("nd_utils.hooks.apply_pooling" in str(w.message) for w in caught)
