@@ -24,6 +24,7 @@ from .config import Config
 from .decode_once import CacheJob, run_decode_once
 from .errors import NdUtilsError
 from .hooks import trace_batch, trace_images
+from .notices import record_notice
 from .probes import ProbeSet, load_probes
 from .machine import resolve_device
 from .stages import STAGES, StageOutput, stage_output
@@ -174,7 +175,6 @@ def warn_if_disk_short(cfg: Config, target: Target, probe: ProbeSet, jobs: list)
                                f"{sum(widths.values()):,} neurons, {human_bytes(need)} at its "
                                f"peak)")
     if message:
-        from .pipeline import record_notice  # lazy, as probes does: the runner's notices
 
         record_notice("disk_space", message, stage="01")
 

@@ -3,12 +3,13 @@
 A profile is a complete nested mapping (`configs/offline.yaml`, `configs/paper.yaml`). Overrides
 use dotted keys (`target.layers=[layer4]`, `probe.sets.0.path=/data/val`) and may only set keys
 that exist in the profile, so a typo is an error rather than a silently ignored setting.
-`load_config` then checks the type, range or choices of every value (`nd_utils.config_schema`):
-a bad value fails at once, with one ConfigError naming each key, its value and what is expected.
+`nd_utils.context.load_config` then checks the type, range or choices of every value
+(`nd_utils.config_schema`): a bad value fails at once, with one ConfigError naming each key, its
+value and what is expected. `Config.settings` is the config parsed once into typed objects.
 
 Example:
-    >>> cfg = load_config("offline", ["target.layers=[head]"])
-    >>> cfg["target.layers"]
+    >>> cfg = read_config("offline", ["target.layers=[head]"])
+    >>> cfg.settings.target.layers
     ['head']
 """
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any, Iterable, Mapping
 
 import yaml
 
-from .config_schema import validate_config
+from .config_schema import Schema, validate_config
 from .errors import ConfigError, closest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -75,6 +76,36 @@ class Config:
     def __init__(self, data: Mapping, source: str = "<dict>"):
         self._data = copy.deepcopy(dict(data))
         self.source = source
+        self._settings: "Schema | None" = None
+
+    @property
+    def settings(self) -> Schema:
+        """The typed settings (`cfg.settings.target.name`), parsed once from this config.
+
+        Stage code reads attributes of these; the dotted form (`cfg["target.name"]`) is for
+        overrides, keys of cache entries (`select`) and saved configs.
+        """
+        if self._settings is None:
+            settings = validate_config(self._data, self.source)
+            if settings is None:
+                # only absent keys failed: name them (a config saved before they existed)
+                try:
+                    Schema.model_validate(self._data)
+                except Exception as exc:  # noqa: BLE001 - re-raised as a ConfigError below
+                    missing = sorted({".".join(map(str, e["loc"])) for e in exc.errors()
+                                      if e["type"] == "missing"})
+                    raise ConfigError(f"{self.source} lacks {', '.join(missing)}: add them "
+                                      f"(see configs/offline.yaml) or run with a current "
+                                      f"profile") from None
+            self._settings = settings
+        return self._settings
+
+    def __getstate__(self) -> dict:
+        # the parsed settings and the run context are rebuilt where the config is unpickled
+        return {"_data": self._data, "source": self.source}
+
+    def __setstate__(self, state: dict) -> None:
+        self._data, self.source, self._settings = state["_data"], state["source"], None
 
     def __getitem__(self, key: str) -> Any:
         node: Any = self._data
@@ -120,6 +151,7 @@ class Config:
             node[int(last)] = value
         else:
             node[last] = value
+        self._settings = None
 
     def with_overrides(self, overrides: "Iterable[str] | Mapping[str, Any] | None") -> "Config":
         """Return a copy with dotted overrides applied (`["a.b=1"]` or `{"a.b": 1}`)."""
@@ -187,14 +219,14 @@ def parse_overrides(overrides: "Iterable[str] | Mapping[str, Any] | None") -> di
     return out
 
 
-def load_config(
+def read_config(
     config: "str | Path | Mapping | Config" = "offline",
     overrides: "Iterable[str] | Mapping[str, Any] | None" = None,
 ) -> Config:
-    """Load a profile by name, a YAML path, a mapping or a Config, then apply overrides.
+    """A profile by name, a YAML path, a mapping or a Config, with overrides applied; unchecked.
 
-    The returned config has `data_dir` made absolute so that a saved copy of it (the effective
-    config of a run) points at the same artifact store wherever it is read from.
+    `nd_utils.context.load_config` is what callers use: it also imports the configured plugins,
+    validates every value and the names the registries hold, and makes `data_dir` absolute.
     """
     if isinstance(config, Config):
         cfg = Config(config.to_dict(), config.source)
@@ -223,30 +255,7 @@ def load_config(
     for required in ("profile", "data_dir", "target.name", "probe.sets"):
         if required not in cfg:
             raise ConfigError(f"{cfg.source} lacks the required key {required!r}")
-    validate_config(cfg._data, cfg.source)
-    cfg.set("data_dir", str(cfg.data_dir))
-    cfg.set("target.name", resolve_target_name(cfg["target.name"]))
     return cfg
-
-
-def resolve_target_name(name: str) -> str:
-    """`target.name` as the name of the weights it means, so that cache keys name them.
-
-    A bare torchvision architecture (`resnet50`) or `<arch>:DEFAULT` becomes its DEFAULT weights'
-    name (`resnet50:IMAGENET1K_V2` with torchvision 0.29); every other name is kept. torchvision
-    is imported only for names that may need it.
-
-    >>> resolve_target_name("efficientnet-lite0")
-    'efficientnet-lite0'
-    """
-    name = str(name)
-    tag = name.partition(":")[2]
-    if name.startswith(("efficientnet-lite", "timm:")) or (tag and tag.upper() != "DEFAULT"
-                                                           and tag.lower() != "none"):
-        return name
-    from .backends.targets import canonical_target_name  # torchvision's weight enums
-
-    return canonical_target_name(name)
 
 
 def _read_yaml(path: Path) -> Any:
@@ -274,7 +283,7 @@ def check_data_dir(cfg_or_path: "Config | str | Path") -> Path:
     store is legitimate): call it before writing to the store.
 
     Example:
-        >>> check_data_dir(load_config("offline")).is_dir()       # doctest: +SKIP
+        >>> check_data_dir(read_config("offline")).is_dir()       # doctest: +SKIP
         True
     """
     if isinstance(cfg_or_path, Config):

@@ -16,50 +16,38 @@ Example:
 """
 from __future__ import annotations
 
-import importlib
-import inspect
 import os
 import re
 from typing import Annotated, Any, Literal, Mapping, Optional, Union, get_args
 
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag,
-                      ValidationError)
+                      ValidationError, ValidationInfo)
 
 from .errors import ConfigError, closest
 
 
 # ------------------------------------------------------------------ value checks
-def _one_of(kind: str, choices) -> AfterValidator:
-    """A name that must be in `choices()` (read when validating, so registries stay the truth)."""
-    def check(value: str) -> str:
-        valid = list(choices())
-        if value not in valid:
-            near = closest(value, valid, n=1)
-            hint = f" (closest: {near[0]})" if near else ""
-            article = "an" if kind[0] in "aeiou" else "a"
-            raise ValueError(f"{article} {kind}: one of {', '.join(valid)}{hint}")
-        return value
+# The registries live above this layer (similarity, backends, executors), so the names they hold
+# reach validation as pydantic context: `validate_config(..., names=registered_names())`, built by
+# `nd_utils.context`. Without names (parsing a saved config into settings) a name is only typed.
+def _one_of(kind: str, family: str) -> AfterValidator:
+    """A name that must be one of the `family` names given in the validation context."""
+    def check(value: str, info: ValidationInfo) -> str:
+        valid = ((info.context or {}).get("names") or {}).get(family)
+        if valid is None or value in valid:
+            return value
+        near = closest(value, valid, n=1)
+        hint = f" (closest: {near[0]})" if near else ""
+        article = "an" if kind[0] in "aeiou" else "a"
+        raise ValueError(f"{article} {kind}: one of {', '.join(valid)}{hint}")
     return AfterValidator(check)
 
 
-def _registry(module: str, attr: str):
-    """Names registered as nd_utils.<module>.<attr> (a dict, or a function listing them).
-
-    Imported when validating, not here: those modules import torch and import this one.
-    """
-    def names() -> list:
-        found = getattr(importlib.import_module(f".{module}", __package__), attr)
-        return list(found() if callable(found) else found)
-    return names
-
-
-_similarities = _registry("similarity", "SIMILARITY_FUNCTIONS")
-_scorings = _registry("selection", "SCORINGS")
-_captioners = _registry("backends.captioners", "list_captioners")
-_language_models = _registry("backends.language_models", "list_language_models")
-_synthesizers = _registry("backends.synthesizers", "list_synthesizers")
-_probe_sets = _registry("probes", "list_probes")
-_executors = _registry("executors", "list_executors")
+# the families `names` may hold (see _one_of); also "prompt_version" (templates) and
+# "similarity_keywords" ({function name: keyword arguments it accepts})
+NAME_FAMILIES = ("similarity", "scoring", "captioner", "language_model", "synthesizer",
+                 "probe_set", "executor")
+STORED_TOP = 20  # concepts kept per neuron in stage 02's artifact; clip_dissect.top_n shows fewer
 
 
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
@@ -81,16 +69,17 @@ def _neuron_spec(value: Any) -> Any:
 
 
 def _top_n(value: int) -> int:
-    from .clip_dissect import STORED_TOP
     if not 1 <= value <= STORED_TOP:
         raise ValueError(f"a whole number from 1 to {STORED_TOP} (concepts stored per neuron)")
     return value
 
 
-def _prompt_version(value: str) -> str:
-    from .backends.language_models import list_templates
+def _prompt_version(value: str, info: ValidationInfo) -> str:
+    found = ((info.context or {}).get("names") or {}).get("prompt_version")
+    if found is None:
+        return value
     tasks = ("simplify", "summarize", "reask")
-    found = set(list_templates())
+    found = set(found)
     versions = sorted({t.split(".", 1)[1] for t in found if "." in t})
     if not all(f"{task}.{value}" in found for task in tasks):
         raise ValueError(f"a prompt template version with nd_utils/prompts/"
@@ -149,7 +138,7 @@ _TAGS = ("per-layer", "all-layers")  # union tags: dropped from error locations
 Neurons = Annotated[
     Union[Annotated[dict[str, NeuronSpec], Tag(_TAGS[0])], Annotated[NeuronSpec, Tag(_TAGS[1])]],
     Discriminator(lambda v: _TAGS[0] if isinstance(v, dict) else _TAGS[1])]
-Similarity = Annotated[str, _one_of("similarity function", _similarities)]
+Similarity = Annotated[str, _one_of("similarity function", "similarity")]
 
 _BATCH = "a whole number >= 1 (items per batch)"
 _TOKENS = "a whole number >= 1 (tokens generated per answer)"
@@ -165,7 +154,7 @@ class _Section(BaseModel):
 class ProbeSpec(BaseModel):
     """`{name: ..., **parameters}`; the parameters depend on the probe set (path, ...)."""
     model_config = ConfigDict(strict=True, extra="allow")
-    name: Annotated[str, _one_of("probe set", _probe_sets)] = _f(
+    name: Annotated[str, _one_of("probe set", "probe_set")] = _f(
         "a probe set name (see nd_utils.list_probes())")
 
 
@@ -275,7 +264,7 @@ class Dnd(_Section):
 
 
 class Captioner(_Section):
-    name: Annotated[str, _one_of("captioner", _captioners)] = _f(
+    name: Annotated[str, _one_of("captioner", "captioner")] = _f(
         "a captioner name (see nd_utils.list_captioners())")
     model: Optional[str] = _f(_MODEL)
     checkpoint: Optional[str] = _f("null or the path of other weights (text)")
@@ -284,7 +273,7 @@ class Captioner(_Section):
 
 
 class Llm(_Section):
-    name: Annotated[str, _one_of("language model", _language_models)] = _f(
+    name: Annotated[str, _one_of("language model", "language_model")] = _f(
         "a language model backend (see nd_utils.list_language_models())")
     model: Optional[str] = _f(_MODEL)
     temperature: Annotated[float, Field(ge=0)] = _f("a number >= 0 (0 = greedy), e.g. 0.3")
@@ -299,7 +288,7 @@ class Llm(_Section):
 
 
 class Synthesis(_Section):
-    name: Annotated[str, _one_of("synthesis backend", _synthesizers)] = _f(
+    name: Annotated[str, _one_of("synthesis backend", "synthesizer")] = _f(
         "a synthesis backend: diffusers or retrieve")
     model: Optional[str] = _f("null or a diffusers pipeline id or folder (text)")
     prompt: Annotated[str, AfterValidator(_prompt)] = _f(
@@ -317,7 +306,7 @@ class Synthesis(_Section):
 
 
 class Selection(_Section):
-    scoring: Annotated[str, _one_of("scoring function", _scorings)] = _f(
+    scoring: Annotated[str, _one_of("scoring function", "scoring")] = _f(
         "a scoring function name (see nd_utils.SCORINGS)")
     beta: PosInt = _f("a whole number >= 1 (ranks averaged by topk-sq-mean)")
     zeta: PosInt = _f("a whole number >= 1 (global top images for image-products)")
@@ -325,7 +314,7 @@ class Selection(_Section):
 
 
 class Executor(_Section):
-    name: Annotated[str, _one_of("executor", _executors)] = _f(
+    name: Annotated[str, _one_of("executor", "executor")] = _f(
         "local (in this process) or ray (Ray tasks; see nd_utils.list_executors())")
     address: Optional[str] = _f("null (a local Ray instance), auto or HOST:PORT of a running "
                                 "cluster (text)", default=None)
@@ -362,7 +351,7 @@ class Schema(_Section):
 
 
 # ------------------------------------------------------------------ checks across keys
-def _cross_checks(cfg: Schema) -> list[tuple[tuple, Any, str]]:
+def _cross_checks(cfg: Schema, names: Mapping) -> list[tuple[tuple, Any, str]]:
     """Rules tying two keys together, as (location, value, expected) triples."""
     out = []
     neurons = cfg.dnd.neurons
@@ -371,15 +360,12 @@ def _cross_checks(cfg: Schema) -> list[tuple[tuple, Any, str]]:
         if missing:
             out.append((("dnd", "neurons"), neurons, f"an entry for every layer of dnd.layers "
                         f"(missing: {', '.join(missing)}), or one count or list for all layers"))
-    from .similarity import SIMILARITY_FUNCTIONS
-    fn = SIMILARITY_FUNCTIONS[cfg.clip_dissect.similarity]
-    accepted = [p.name for p in inspect.signature(fn).parameters.values()
-                if p.kind == p.KEYWORD_ONLY
-                and p.name not in ("layer", "device", "chunk_size", "num_workers")]
+    accepted = (names.get("similarity_keywords") or {}).get(cfg.clip_dissect.similarity)
     for name, value in (cfg.clip_dissect.hyperparameters or {}).items():
-        if name not in accepted:
+        if accepted is not None and name not in accepted:
             out.append((("clip_dissect", "hyperparameters", name), value,
-                        f"a keyword of {fn.__name__}: one of {', '.join(accepted)}"))
+                        f"a keyword of {cfg.clip_dissect.similarity}: one of "
+                        f"{', '.join(accepted)}"))
     parts = {"select", "pool", "calibrate", "test"}
     if cfg.quality is not None and (set(cfg.quality.split) != parts
                                     or abs(sum(cfg.quality.split.values()) - 1) > 1e-6):
@@ -443,19 +429,25 @@ def _problem(err: dict) -> str:
     return _line(loc, err.get("input"), expected, kind)
 
 
-def validate_config(data: Mapping, source: str = "<dict>") -> None:
+def validate_config(data: Mapping, source: str = "<dict>",
+                    names: "Mapping | None" = None) -> "Schema | None":
     """Check types, ranges and choices of every key of `data`; ConfigError lists every problem.
 
     Each line names the dotted key, the value found and what is expected; the last line names
-    `source` and the two ways to fix a value (edit the file or `--set key=value`).
+    `source` and the two ways to fix a value (edit the file or `--set key=value`). `names`
+    ({family: registered names}, see NAME_FAMILIES) checks the names a config chooses; without
+    it names are only typed. Returns the settings, or None when keys are absent (a run folder
+    saved before a key existed: Config names an absent key when a stage reads it).
     """
+    names = dict(names or {})
+    settings = None
     try:
-        problems = [_line(*p) for p in _cross_checks(Schema.model_validate(dict(data)))]
+        settings = Schema.model_validate(dict(data), context={"names": names})
+        problems = [_line(*p) for p in _cross_checks(settings, names)]
     except ValidationError as exc:
-        # An absent key is left to the stage that reads it (Config names it then), so run
-        # folders saved before a key was added stay readable.
         problems = list(dict.fromkeys(_problem(e) for e in exc.errors() if e["type"] != "missing"))
     if problems:
         problems.append(f"({len(problems)} invalid config value(s) in {source} after overrides: "
                         f"correct them in that file or with --set key=value)")
         raise ConfigError("\n".join(problems))
+    return settings

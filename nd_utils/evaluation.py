@@ -48,7 +48,7 @@ from .backends.sentence_models import MINILM
 from .machine import config_device
 from .cosines import factorized
 from .similarity import similarity_on_device, top_concepts
-from .pipeline import record_notice
+from .notices import record_notice
 from .probes import probe_set_names
 from .store import atomic_write_text
 

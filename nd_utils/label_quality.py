@@ -53,7 +53,7 @@ from .probes import ProbeSet, load_probes, probe_set_names
 from .machine import seed_everything
 from .selection import label_image_activations
 from .stages import STAGES, cached_stage, stage_output
-from .pipeline import record_notice
+from .notices import record_notice
 from .store import ArtifactStore, atomic_write_text
 from .synthesis import load_pool
 

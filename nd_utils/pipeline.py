@@ -19,10 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from .config import REPO_ROOT, Config, load_config
+from .config import REPO_ROOT, Config
+from .context import load_config
 from .errors import DiskFullError, NdUtilsError
 from .kernels import notebook_kernel_name, start_warm_kernel
 from .locks import process_lock
+from .notices import NOTICES, read_notices, set_current_run
 from .run_faults import (disk_full_message, is_disk_full, reclaim_signals, signal_record,
                          terminate_as_interrupt, write_in_place)
 from .store import atomic_write_text
@@ -51,42 +53,8 @@ class Run:
         return self.path / "config.yaml"
 
 
-NOTICES = "notices.jsonl"
 # notices that change how a run's numbers read: the runner repeats them at the end of the run
 END_OF_RUN_NOTICES = ("evaluation_probe", "quality_probe")
-_CURRENT_RUN: "Path | None" = None     # the run folder notebooks of this process write into
-
-
-def record_notice(kind: str, message: str, **data) -> None:
-    """Tell the runner something the user should see (e.g. images left out of a probe set).
-
-    Inside a run (after `open_run`) the notice is appended to `<run>/notices.jsonl`, which the
-    runner prints as one line per distinct notice after the stage; outside a run it does nothing
-    (the caller also warns).
-    """
-    if _CURRENT_RUN is None:
-        return
-    line = json.dumps({"kind": kind, "message": message, "time": time.time(), **data},
-                      default=str) + "\n"
-    path = _CURRENT_RUN / NOTICES
-    try:
-        with process_lock(path.with_name(NOTICES + ".lock")), open(path, "a", encoding="utf-8") as fh:
-            fh.write(line)
-    except OSError:  # a notice must never fail the stage that sends it
-        pass
-
-
-def read_notices(run_path: "str | Path") -> list[dict]:
-    """The notices of a run, in order (unreadable lines skipped)."""
-    path = Path(run_path) / NOTICES
-    out = []
-    if path.exists():
-        for raw in path.read_bytes().split(b"\n"):
-            try:
-                out.append(json.loads(raw.decode("utf-8")))
-            except (UnicodeDecodeError, json.JSONDecodeError):
-                continue
-    return out
 
 
 def _pid_alive(pid: int) -> bool:
@@ -142,12 +110,11 @@ def open_run(config="offline", overrides=None, run_dir: "str | Path | None" = No
     Notebooks call this first: under the runner `run_dir` is given and its saved config is the
     one to use; run on their own they create a fresh run folder (suffix `-nb`).
     """
-    global _CURRENT_RUN
     cfg = load_config(config, overrides)
     path = Path(run_dir) if run_dir else _new_run_path(cfg, "-nb")
     (path / "results").mkdir(parents=True, exist_ok=True)
     run = Run(cfg, path)
-    _CURRENT_RUN = path
+    set_current_run(path)
     if not run.config_path.exists() or overrides:
         cfg.save(run.config_path)
     return run

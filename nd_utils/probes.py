@@ -42,6 +42,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .errors import ConfigError, OfflineError, ProbeError, UnknownNameError, unknown_name
+from .notices import record_notice
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -238,7 +239,6 @@ def _build(name: str, params: dict, entries: list[tuple[str, str | None, int | N
         first = ", ".join(p for p, _ in skipped[:3])
         warnings.warn(f"probe set {name!r}: {len(skipped)} unreadable image(s) left out "
                       f"(first: {first}); see ProbeSet.skipped for reasons.", stacklevel=4)
-        from .pipeline import record_notice  # lazy: runner imports papermill-facing code
 
         record_notice("probe_skipped", f"probe set {name!r}: {len(skipped)} of {len(entries)} "
                       f"image(s) unreadable and left out (first: {skipped[0][0]}: "

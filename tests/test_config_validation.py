@@ -10,6 +10,7 @@ import nd_utils as nd
 from nd_utils.similarity import SIMILARITY_FUNCTIONS
 import nd_utils.config
 import nd_utils.config_schema
+import nd_utils.context
 from nd_utils.config import CONFIG_DIR, check_data_dir
 from nd_utils.config_schema import validate_config
 
@@ -32,7 +33,7 @@ def test_profiles_validate_and_keep_their_values(profile):
 
 
 def test_docstring_examples_hold():
-    for module in (nd_utils.config, nd_utils.config_schema):
+    for module in (nd_utils.config, nd_utils.config_schema, nd_utils.context):
         result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
         assert result.attempted > 0 and result.failed == 0, module.__name__
 

@@ -42,7 +42,7 @@ def test_runs_in_order_into_a_run_folder(pipeline, tmp_path):
     notebook(pipeline / "01_first.ipynb",   # and tells the runner two things, one to repeat
              "import nd_utils as nd, pathlib\nrun = nd.open_run(config, overrides, run_dir)\n"
              "(run.results / 'first.txt').write_text(run.cfg['target.name'])\n"
-             "from nd_utils.pipeline import record_notice\n"
+             "from nd_utils.notices import record_notice\n"
              "record_notice('evaluation_probe', 'Evaluated on offline-sample (78 images)', stage='07')\n"
              "record_notice('probe_skipped', 'one image unreadable')")
     sources = {p: p.read_bytes() for p in pipeline.iterdir()}

@@ -152,7 +152,7 @@ def test_bare_architecture_resolves_to_its_default_weights_when_the_config_loads
     import torchvision
 
     from nd_utils.activations import target_identity
-    from nd_utils.config import load_config
+    from nd_utils.context import load_config
 
     default = torchvision.models.ResNet50_Weights.DEFAULT.name
     for given in ("resnet50", "resnet50:DEFAULT", "resnet50:default"):

@@ -194,7 +194,7 @@ def test_open_clip_reduced_precision(random_clip):
 
 def test_vlm_dtype_choices_and_conse_float32_only(tmp_path):
     from nd_utils.backends.configured import load_vlm_from_config
-    from nd_utils.config import load_config
+    from nd_utils.context import load_config
     from nd_utils.errors import ConfigError
 
     with pytest.raises(ConfigError, match="float32"):

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..config import Config, load_config
+from ..config import Config
+from ..context import load_config
 from ..errors import NdUtilsError
 
 RANK_REORDER_FLOOR = -3.4028234663852886e38  # = nd_utils.similarity's; no torch import here
