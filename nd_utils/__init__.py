@@ -29,7 +29,7 @@ __version__ = "0.2.0"
 # public name -> submodule that defines it
 _PUBLIC = {
     # configuration and runs
-    "load_config": "context", "list_profiles": "config", "open_run": "pipeline",
+    "load_config": "context", "list_profiles": "config", "open_run": "runs",
     "run_pipeline": "pipeline", "list_executors": "executors", "load_executor": "executors",
     # inputs and models
     "load_probe": "probes", "list_probes": "probes", "load_probe_from_config": "activations",

@@ -41,7 +41,7 @@ LABEL_STAGE = STAGES["02_clip_dissect"]
 # texts per encoder call of artifacts that do not record theirs (written before
 # `vlm.batch_size` set it); whole batches of a cached list are reused as they are
 TEXT_BATCH = 256
-from .config_schema import STORED_TOP  # concepts kept per neuron in the artifact; tables show top_n
+from .config_values import STORED_TOP  # concepts kept per neuron in the artifact; tables show top_n
 # appended by label_trust.with_trust (that module imports this one, so the names live here)
 TRUST_COLUMNS = ("trust_label", "trust_label_agrees", "heldout_r", "heldout_p", "heldout_q",
                  "cosy_auc", "trusted")

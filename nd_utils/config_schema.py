@@ -16,129 +16,15 @@ Example:
 """
 from __future__ import annotations
 
-import os
-import re
-from typing import Annotated, Any, Literal, Mapping, Optional, Union, get_args
+from typing import Annotated, Any, Literal, Mapping, Optional, get_args
 
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag,
-                      ValidationError, ValidationInfo)
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
+from .config_values import (UNION_TAGS, Neurons, PosInt, Similarity, Text, Unit, check_device,
+                            check_gpus, check_image_side, check_path, check_prompt,
+                            check_prompt_version, check_template, check_top_n, expect, one_of)
 from .errors import ConfigError, closest
 
-
-# ------------------------------------------------------------------ value checks
-# The registries live above this layer (similarity, backends, executors), so the names they hold
-# reach validation as pydantic context: `validate_config(..., names=registered_names())`, built by
-# `nd_utils.context`. Without names (parsing a saved config into settings) a name is only typed.
-def _one_of(kind: str, family: str) -> AfterValidator:
-    """A name that must be one of the `family` names given in the validation context."""
-    def check(value: str, info: ValidationInfo) -> str:
-        valid = ((info.context or {}).get("names") or {}).get(family)
-        if valid is None or value in valid:
-            return value
-        near = closest(value, valid, n=1)
-        hint = f" (closest: {near[0]})" if near else ""
-        article = "an" if kind[0] in "aeiou" else "a"
-        raise ValueError(f"{article} {kind}: one of {', '.join(valid)}{hint}")
-    return AfterValidator(check)
-
-
-# the families `names` may hold (see _one_of); also "prompt_version" (templates) and
-# "similarity_keywords" ({function name: keyword arguments it accepts})
-NAME_FAMILIES = ("similarity", "scoring", "captioner", "language_model", "synthesizer",
-                 "probe_set", "executor")
-STORED_TOP = 20  # concepts kept per neuron in stage 02's artifact; clip_dissect.top_n shows fewer
-
-
-_DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
-
-
-def _device(value: str) -> str:
-    if not _DEVICE.fullmatch(value):
-        raise ValueError("auto, cpu, cuda, cuda:N (N = GPU index, e.g. cuda:0) or mps")
-    return value
-
-
-def _neuron_spec(value: Any) -> Any:
-    is_int = lambda u: isinstance(u, int) and not isinstance(u, bool)  # noqa: E731
-    if (is_int(value) and value >= 1) or (isinstance(value, list) and value
-                                          and all(is_int(u) and u >= 0 for u in value)):
-        return value
-    raise ValueError("a count >= 1 (the first N units) or a non-empty list of unit ids >= 0, "
-                     "e.g. 5 or [0, 7, 12]")
-
-
-def _top_n(value: int) -> int:
-    if not 1 <= value <= STORED_TOP:
-        raise ValueError(f"a whole number from 1 to {STORED_TOP} (concepts stored per neuron)")
-    return value
-
-
-def _prompt_version(value: str, info: ValidationInfo) -> str:
-    found = ((info.context or {}).get("names") or {}).get("prompt_version")
-    if found is None:
-        return value
-    tasks = ("simplify", "summarize", "reask")
-    found = set(found)
-    versions = sorted({t.split(".", 1)[1] for t in found if "." in t})
-    if not all(f"{task}.{value}" in found for task in tasks):
-        raise ValueError(f"a prompt template version with nd_utils/prompts/"
-                         f"{{{','.join(tasks)}}}.<version>.txt: one of {', '.join(versions)}")
-    return value
-
-
-def _template(value: Optional[str]) -> Optional[str]:
-    if value is not None and "{}" not in value:
-        raise ValueError("null (the raw word) or text with {} where the concept goes, "
-                         "e.g. 'a photo of {}'")
-    return value
-
-
-def _prompt(value: str) -> str:
-    try:
-        value.format(concept="x")
-        ok = "{concept}" in value
-    except (KeyError, IndexError, ValueError):
-        ok = False
-    if not ok:
-        raise ValueError("text with {concept} where the concept goes and no other {...}, "
-                         "e.g. 'One realistic image of {concept}'")
-    return value
-
-
-def _image_side(value: Optional[int]) -> Optional[int]:
-    if value is not None and (value < 8 or value % 8):
-        raise ValueError("null (the pipeline's resolution) or a multiple of 8 pixels, e.g. 512")
-    return value
-
-
-def _path(value: Any) -> Any:
-    if not isinstance(value, (str, os.PathLike)) or not str(value):
-        raise ValueError("a folder path, e.g. data or /scratch/nd-data")
-    return value
-
-
-def _gpus(value: Any) -> Any:
-    if value == "auto" or (isinstance(value, (int, float)) and not isinstance(value, bool)
-                           and value >= 0):
-        return value
-    raise ValueError("auto or a number >= 0")
-
-
-def _f(expected: str, **constraints) -> Any:
-    """A field whose description is the `expected` text of its error line."""
-    return Field(description=expected, **constraints)
-
-
-PosInt = Annotated[int, Field(ge=1)]
-Text = Annotated[str, Field(min_length=1)]
-Unit = Annotated[float, Field(ge=0, le=1)]
-NeuronSpec = Annotated[Any, AfterValidator(_neuron_spec)]
-_TAGS = ("per-layer", "all-layers")  # union tags: dropped from error locations
-Neurons = Annotated[
-    Union[Annotated[dict[str, NeuronSpec], Tag(_TAGS[0])], Annotated[NeuronSpec, Tag(_TAGS[1])]],
-    Discriminator(lambda v: _TAGS[0] if isinstance(v, dict) else _TAGS[1])]
-Similarity = Annotated[str, _one_of("similarity function", "similarity")]
 
 _BATCH = "a whole number >= 1 (items per batch)"
 _TOKENS = "a whole number >= 1 (tokens generated per answer)"
@@ -154,7 +40,7 @@ class _Section(BaseModel):
 class ProbeSpec(BaseModel):
     """`{name: ..., **parameters}`; the parameters depend on the probe set (path, ...)."""
     model_config = ConfigDict(strict=True, extra="allow")
-    name: Annotated[str, _one_of("probe set", "probe_set")] = _f(
+    name: Annotated[str, one_of("probe set", "probe_set")] = expect(
         "a probe set name (see nd_utils.list_probes())")
 
 
@@ -163,191 +49,193 @@ _SETS = "a non-empty list of probe sets, e.g. [{name: offline-sample}]"
 
 
 class Target(_Section):
-    name: Text = _f("a target model name such as efficientnet-lite0, resnet50:IMAGENET1K_V1 "
+    name: Text = expect("a target model name such as efficientnet-lite0, resnet50:IMAGENET1K_V1 "
                     "or timm:<model> (see nd_utils.list_targets())")
-    layers: Annotated[list[Text], Field(min_length=1)] = _f(
+    layers: Annotated[list[Text], Field(min_length=1)] = expect(
         "a non-empty list of layer names in brackets, e.g. [head, fc]")
-    pooling: Literal["avg", "max", "cls"] = _f("avg, max or cls (cls: token sequences only)")
+    pooling: Literal["avg", "max", "cls"] = expect("avg, max or cls (cls: token sequences only)")
 
 
 class Probe(_Section):
-    sets: ProbeSets = _f(_SETS)
-    limit: Optional[PosInt] = _f("null (all images) or a whole number >= 1, e.g. 40")
+    sets: ProbeSets = expect(_SETS)
+    limit: Optional[PosInt] = expect("null (all images) or a whole number >= 1, e.g. 40")
 
 
 class Activations(_Section):
-    top_k: PosInt = _f("a whole number >= 1 (top image ids stored per neuron)")
-    batch_size: PosInt = _f(_BATCH)
-    chunk_size: PosInt = _f("a whole number >= 1 (images per resumable chunk)")
-    num_workers: Annotated[int, Field(ge=0)] = _f(
+    top_k: PosInt = expect("a whole number >= 1 (top image ids stored per neuron)")
+    batch_size: PosInt = expect(_BATCH)
+    chunk_size: PosInt = expect("a whole number >= 1 (images per resumable chunk)")
+    num_workers: Annotated[int, Field(ge=0)] = expect(
         "a whole number >= 0 (DataLoader workers; 0 = decode in the main process)")
 
 
 class Vlm(_Section):
-    name: Annotated[str, Field(pattern=r"^(conse|open_clip:[^:]+:[^:]+)$")] = _f(
+    name: Annotated[str, Field(pattern=r"^(conse|open_clip:[^:]+:[^:]+)$")] = expect(
         "conse or open_clip:<model>:<pretrained>, e.g. open_clip:ViT-B-16:openai")
-    batch_size: PosInt = _f(_BATCH)
+    batch_size: PosInt = expect(_BATCH)
     # a config written before the key existed means float32, as it computed then
-    dtype: Literal["float32", "float16", "bfloat16"] = _f(
+    dtype: Literal["float32", "float16", "bfloat16"] = expect(
         "float32, float16 or bfloat16 (the VLM's compute precision; conse: float32 only)",
         default="float32")
 
 
 class Clean(_Section):
     """Keyword arguments of `load_concept_set`; absent ones take its defaults."""
-    dedupe: Optional[bool] = _f("true, false or null (true except for index-aligned class lists)",
+    dedupe: Optional[bool] = expect(
+        "true, false or null (true except for index-aligned class lists)",
                                 default=None)
-    drop_stopwords: bool = _f("true or false", default=False)
-    drop_profanity: bool = _f("true or false", default=False)
-    allow_download: bool = _f("true or false", default=True)
-    cache_dir: Optional[str] = _f("null or a folder path (text)", default=None)
-    local_dir: Optional[str] = _f("null or a folder path (text)", default=None)
+    drop_stopwords: bool = expect("true or false", default=False)
+    drop_profanity: bool = expect("true or false", default=False)
+    allow_download: bool = expect("true or false", default=True)
+    cache_dir: Optional[str] = expect("null or a folder path (text)", default=None)
+    local_dir: Optional[str] = expect("null or a folder path (text)", default=None)
 
 
 class ClipDissect(_Section):
-    concept_set: Text = _f("a concept set name (see nd_utils.list_concept_sets()) or the path "
+    concept_set: Text = expect("a concept set name (see nd_utils.list_concept_sets()) or the path "
                            "of a text file with one concept per line")
-    clean: Optional[Clean] = _f("null or {dedupe: ..., drop_stopwords: ..., drop_profanity: ...}")
-    template: Annotated[Optional[str], AfterValidator(_template)] = _f(
+    clean: Optional[Clean] = expect(
+        "null or {dedupe: ..., drop_stopwords: ..., drop_profanity: ...}")
+    template: Annotated[Optional[str], AfterValidator(check_template)] = expect(
         "null (the raw word) or text with {} where the concept goes, e.g. 'a photo of {}'")
-    similarity: Similarity = _f("a similarity function name (see nd_utils.list_similarities())")
-    hyperparameters: Optional[dict[str, Any]] = _f(
+    similarity: Similarity = expect("a similarity function name (see nd_utils.list_similarities())")
+    hyperparameters: Optional[dict[str, Any]] = expect(
         "null or a mapping of keyword arguments of the similarity function, e.g. {top_k: 50}")
-    top_n: Annotated[int, AfterValidator(_top_n)] = _f("a whole number >= 1")
+    top_n: Annotated[int, AfterValidator(check_top_n)] = expect("a whole number >= 1")
 
 
 class Evaluation(_Section):
-    probe_sets: ProbeSets = _f(_SETS)
-    layer: Text = _f("a layer name (text), e.g. fc")
-    concept_sets: Annotated[list[Text], Field(min_length=1)] = _f(
+    probe_sets: ProbeSets = expect(_SETS)
+    layer: Text = expect("a layer name (text), e.g. fc")
+    concept_sets: Annotated[list[Text], Field(min_length=1)] = expect(
         "a non-empty list of concept set names or file paths, e.g. [imagenet_classes, words-10k]")
-    similarities: Annotated[list[Similarity], Field(min_length=1)] = _f(
+    similarities: Annotated[list[Similarity], Field(min_length=1)] = expect(
         "a non-empty list of similarity function names, e.g. [soft_wpmi, wpmi]")
-    sentence_model: Text = _f("a sentence-transformers model name or folder")
+    sentence_model: Text = expect("a sentence-transformers model name or folder")
 
 
 class Quality(_Section):
-    probe_sets: ProbeSets = _f("a list of one probe set, e.g. [{name: imagenet-sample-1k}]")
-    split: dict[Text, Unit] = _f("fractions of the probe per part adding up to 1, e.g. "
+    probe_sets: ProbeSets = expect("a list of one probe set, e.g. [{name: imagenet-sample-1k}]")
+    split: dict[Text, Unit] = expect("fractions of the probe per part adding up to 1, e.g. "
                                  "{select: 0.4, pool: 0.2, calibrate: 0.1, test: 0.3}")
-    cosy_prompt: Annotated[str, AfterValidator(_prompt)] = _f(
+    cosy_prompt: Annotated[str, AfterValidator(check_prompt)] = expect(
         "text with {concept}, e.g. 'realistic photo of a close up of {concept}'")
-    cosy_images: PosInt = _f("a whole number >= 1 (images per label)")
-    bootstrap: PosInt = _f("a whole number >= 1 (bootstrap resamples)")
+    cosy_images: PosInt = expect("a whole number >= 1 (images per label)")
+    bootstrap: PosInt = expect("a whole number >= 1 (bootstrap resamples)")
 
 
 class Trust(_Section):
-    heldout: Annotated[float, Field(gt=0, lt=1)] = _f(
+    heldout: Annotated[float, Field(gt=0, lt=1)] = expect(
         "a fraction strictly between 0 and 1 (the part of the probe held out), e.g. 0.5")
-    null_concepts: Annotated[int, Field(ge=10)] = _f(
+    null_concepts: Annotated[int, Field(ge=10)] = expect(
         "a whole number >= 10 (random concepts behind each permutation p-value), e.g. 1000")
-    alpha: Annotated[float, Field(gt=0, lt=1)] = _f(
+    alpha: Annotated[float, Field(gt=0, lt=1)] = expect(
         "a number strictly between 0 and 1 (trusted: Benjamini-Hochberg q below it), e.g. 0.05")
-    cosy: bool = _f("true or false (compute cosy_auc: images of every distinct label)")
-    cosy_images: PosInt = _f("a whole number >= 1 (images per label for cosy_auc)")
+    cosy: bool = expect("true or false (compute cosy_auc: images of every distinct label)")
+    cosy_images: PosInt = expect("a whole number >= 1 (images per label for cosy_auc)")
 
 
 class Crops(_Section):
-    size: PosInt = _f("a whole number >= 1 (pixels of the square image the crops come from)")
-    max_per_image: Annotated[int, Field(ge=0)] = _f("a whole number >= 0 (crops per image)")
-    iou_max: Unit = _f("a number from 0 to 1 (largest overlap between crops)")
-    image_iou_max: Unit = _f("a number from 0 to 1 (largest overlap of a crop with its image)")
+    size: PosInt = expect("a whole number >= 1 (pixels of the square image the crops come from)")
+    max_per_image: Annotated[int, Field(ge=0)] = expect("a whole number >= 0 (crops per image)")
+    iou_max: Unit = expect("a number from 0 to 1 (largest overlap between crops)")
+    image_iou_max: Unit = expect("a number from 0 to 1 (largest overlap of a crop with its image)")
 
 
 class Dnd(_Section):
-    layers: Annotated[list[Text], Field(min_length=1)] = _f(
+    layers: Annotated[list[Text], Field(min_length=1)] = expect(
         "a non-empty list of layer names in brackets, e.g. [head, fc]")
-    neurons: Neurons = _f("per layer {layer: count or list of unit ids}, or one count or list "
+    neurons: Neurons = expect("per layer {layer: count or list of unit ids}, or one count or list "
                           "for every layer, e.g. {head: 5, fc: [99, 305]}")
-    top_k: PosInt = _f("a whole number >= 1 (|D_top|: top images per neuron)")
-    crops: Crops = _f("{size: ..., max_per_image: ..., iou_max: ..., image_iou_max: ...}")
+    top_k: PosInt = expect("a whole number >= 1 (|D_top|: top images per neuron)")
+    crops: Crops = expect("{size: ..., max_per_image: ..., iou_max: ..., image_iou_max: ...}")
 
 
 class Captioner(_Section):
-    name: Annotated[str, _one_of("captioner", "captioner")] = _f(
+    name: Annotated[str, one_of("captioner", "captioner")] = expect(
         "a captioner name (see nd_utils.list_captioners())")
-    model: Optional[str] = _f(_MODEL)
-    checkpoint: Optional[str] = _f("null or the path of other weights (text)")
-    max_new_tokens: PosInt = _f(_TOKENS)
-    batch_size: PosInt = _f(_BATCH)
+    model: Optional[str] = expect(_MODEL)
+    checkpoint: Optional[str] = expect("null or the path of other weights (text)")
+    max_new_tokens: PosInt = expect(_TOKENS)
+    batch_size: PosInt = expect(_BATCH)
 
 
 class Llm(_Section):
-    name: Annotated[str, _one_of("language model", "language_model")] = _f(
+    name: Annotated[str, one_of("language model", "language_model")] = expect(
         "a language model backend (see nd_utils.list_language_models())")
-    model: Optional[str] = _f(_MODEL)
-    temperature: Annotated[float, Field(ge=0)] = _f("a number >= 0 (0 = greedy), e.g. 0.3")
-    max_new_tokens: PosInt = _f(_TOKENS)
-    summaries: PosInt = _f("a whole number >= 1 (summarise calls per neuron)")
-    prompts: Annotated[str, AfterValidator(_prompt_version)] = _f(
+    model: Optional[str] = expect(_MODEL)
+    temperature: Annotated[float, Field(ge=0)] = expect("a number >= 0 (0 = greedy), e.g. 0.3")
+    max_new_tokens: PosInt = expect(_TOKENS)
+    summaries: PosInt = expect("a whole number >= 1 (summarise calls per neuron)")
+    prompts: Annotated[str, AfterValidator(check_prompt_version)] = expect(
         "a prompt template version, e.g. v1")
-    mode: Literal["live", "replay"] = _f("live or replay (answers only from the cache)")
-    guards: Literal["reference", "strict"] = _f(
+    mode: Literal["live", "replay"] = expect("live or replay (answers only from the cache)")
+    guards: Literal["reference", "strict"] = expect(
         "reference (re-ask once on commas, keep the second answer) or strict (also reject "
         "empty, garbled, over-long and example-copying answers)")
 
 
 class Synthesis(_Section):
-    name: Annotated[str, _one_of("synthesis backend", "synthesizer")] = _f(
+    name: Annotated[str, one_of("synthesis backend", "synthesizer")] = expect(
         "a synthesis backend: diffusers or retrieve")
-    model: Optional[str] = _f("null or a diffusers pipeline id or folder (text)")
-    prompt: Annotated[str, AfterValidator(_prompt)] = _f(
+    model: Optional[str] = expect("null or a diffusers pipeline id or folder (text)")
+    prompt: Annotated[str, AfterValidator(check_prompt)] = expect(
         "text with {concept}, e.g. 'One realistic image of {concept}'")
-    images_per_concept: PosInt = _f("a whole number >= 1")
-    steps: PosInt = _f("a whole number >= 1 (denoising steps)")
-    scheduler: Literal["dpm-multistep", "default"] = _f("dpm-multistep or default")
-    guidance_scale: Annotated[float, Field(ge=0)] = _f("a number >= 0, e.g. 7.5")
-    height: Annotated[Optional[int], AfterValidator(_image_side)] = _f(
+    images_per_concept: PosInt = expect("a whole number >= 1")
+    steps: PosInt = expect("a whole number >= 1 (denoising steps)")
+    scheduler: Literal["dpm-multistep", "default"] = expect("dpm-multistep or default")
+    guidance_scale: Annotated[float, Field(ge=0)] = expect("a number >= 0, e.g. 7.5")
+    height: Annotated[Optional[int], AfterValidator(check_image_side)] = expect(
         "null or a multiple of 8 pixels")
-    width: Annotated[Optional[int], AfterValidator(_image_side)] = _f(
+    width: Annotated[Optional[int], AfterValidator(check_image_side)] = expect(
         "null or a multiple of 8 pixels")
-    batch_size: PosInt = _f(_BATCH)
-    pool: ProbeSets = _f(_SETS)
+    batch_size: PosInt = expect(_BATCH)
+    pool: ProbeSets = expect(_SETS)
 
 
 class Selection(_Section):
-    scoring: Annotated[str, _one_of("scoring function", "scoring")] = _f(
+    scoring: Annotated[str, one_of("scoring function", "scoring")] = expect(
         "a scoring function name (see nd_utils.SCORINGS)")
-    beta: PosInt = _f("a whole number >= 1 (ranks averaged by topk-sq-mean)")
-    zeta: PosInt = _f("a whole number >= 1 (global top images for image-products)")
-    labels: PosInt = _f("a whole number >= 1 (labels kept per neuron)")
+    beta: PosInt = expect("a whole number >= 1 (ranks averaged by topk-sq-mean)")
+    zeta: PosInt = expect("a whole number >= 1 (global top images for image-products)")
+    labels: PosInt = expect("a whole number >= 1 (labels kept per neuron)")
 
 
 class Executor(_Section):
-    name: Annotated[str, _one_of("executor", "executor")] = _f(
+    name: Annotated[str, one_of("executor", "executor")] = expect(
         "local (in this process) or ray (Ray tasks; see nd_utils.list_executors())")
-    address: Optional[str] = _f("null (a local Ray instance), auto or HOST:PORT of a running "
+    address: Optional[str] = expect("null (a local Ray instance), auto or HOST:PORT of a running "
                                 "cluster (text)", default=None)
-    num_cpus: Optional[PosInt] = _f("null (all) or a whole number >= 1 (CPUs of a local Ray "
+    num_cpus: Optional[PosInt] = expect("null (all) or a whole number >= 1 (CPUs of a local Ray "
                                     "instance)", default=None)
-    gpus_per_task: Annotated[Any, AfterValidator(_gpus)] = _f(
+    gpus_per_task: Annotated[Any, AfterValidator(check_gpus)] = expect(
         "auto (1 when the cluster has GPUs, else 0) or a number >= 0", default="auto")
-    max_retries: Annotated[int, Field(ge=0)] = _f(
+    max_retries: Annotated[int, Field(ge=0)] = expect(
         "a whole number >= 0 (retries of a task whose worker died)", default=2)
-    threads: Optional[PosInt] = _f("null or a whole number >= 1 (CPU threads per unit)",
+    threads: Optional[PosInt] = expect("null or a whole number >= 1 (CPU threads per unit)",
                                    default=None)
 
 
 class Schema(_Section):
     """The whole configuration (`configs/*.yaml` after overrides)."""
-    profile: Text = _f("a profile name (text)")
-    seed: int = _f("a whole number, e.g. 0")
-    device: Annotated[str, AfterValidator(_device)] = _f("auto, cpu, cuda, cuda:N or mps")
-    data_dir: Annotated[Any, AfterValidator(_path)] = _f("a folder path")
-    target: Target = _f(_SECTION)
-    probe: Probe = _f(_SECTION)
-    activations: Activations = _f(_SECTION)
-    vlm: Vlm = _f(_SECTION)
-    clip_dissect: ClipDissect = _f(_SECTION)
-    evaluation: Evaluation = _f(_SECTION)
-    quality: Quality = _f(_SECTION)
-    trust: Optional[Trust] = _f(_SECTION, default=None)
-    dnd: Dnd = _f(_SECTION)
-    captioner: Captioner = _f(_SECTION)
-    llm: Llm = _f(_SECTION)
-    synthesis: Synthesis = _f(_SECTION)
-    selection: Selection = _f(_SECTION)
-    executor: Optional[Executor] = _f(_SECTION, default=None)
+    profile: Text = expect("a profile name (text)")
+    seed: int = expect("a whole number, e.g. 0")
+    device: Annotated[str, AfterValidator(check_device)] = expect("auto, cpu, cuda, cuda:N or mps")
+    data_dir: Annotated[Any, AfterValidator(check_path)] = expect("a folder path")
+    target: Target = expect(_SECTION)
+    probe: Probe = expect(_SECTION)
+    activations: Activations = expect(_SECTION)
+    vlm: Vlm = expect(_SECTION)
+    clip_dissect: ClipDissect = expect(_SECTION)
+    evaluation: Evaluation = expect(_SECTION)
+    quality: Quality = expect(_SECTION)
+    trust: Optional[Trust] = expect(_SECTION, default=None)
+    dnd: Dnd = expect(_SECTION)
+    captioner: Captioner = expect(_SECTION)
+    llm: Llm = expect(_SECTION)
+    synthesis: Synthesis = expect(_SECTION)
+    selection: Selection = expect(_SECTION)
+    executor: Optional[Executor] = expect(_SECTION, default=None)
 
 
 # ------------------------------------------------------------------ checks across keys
@@ -401,7 +289,7 @@ def _walk(loc: tuple) -> "tuple[Any, str]":
 
 
 def _line(loc: tuple, value: Any, expected: str, kind: str = "") -> str:
-    key = ".".join(str(p) for p in loc if p not in _TAGS)
+    key = ".".join(str(p) for p in loc if p not in UNION_TAGS)
     if kind == "extra_forbidden":
         return f"{key}: unknown key (value {_show(value)}); expected {expected}"
     fix = f"; write {key}=[{value}]" if kind == "list_type" and isinstance(value, str) else ""
@@ -435,8 +323,8 @@ def validate_config(data: Mapping, source: str = "<dict>",
 
     Each line names the dotted key, the value found and what is expected; the last line names
     `source` and the two ways to fix a value (edit the file or `--set key=value`). `names`
-    ({family: registered names}, see NAME_FAMILIES) checks the names a config chooses; without
-    it names are only typed. Returns the settings, or None when keys are absent (a run folder
+    ({family: registered names}, see config_values.NAME_FAMILIES) checks the names a config
+    chooses; without it names are only typed. Returns the settings, or None when keys are absent (a run folder
     saved before a key existed: Config names an absent key when a stage reads it).
     """
     names = dict(names or {})

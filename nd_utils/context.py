@@ -32,7 +32,7 @@ _STAGE_KEYWORDS = ("layer", "device", "chunk_size", "num_workers")
 
 
 def registered_names() -> dict:
-    """{family: names} of every registry a config chooses from (see config_schema._one_of)."""
+    """{family: names} of every registry a config chooses from (see config_values.one_of)."""
     from .backends.captioners import list_captioners
     from .backends.language_models import list_language_models, list_templates
     from .backends.synthesizers import list_synthesizers

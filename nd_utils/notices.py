@@ -39,7 +39,8 @@ def record_notice(kind: str, message: str, **data) -> None:
                       default=str) + "\n"
     path = _CURRENT_RUN / NOTICES
     try:
-        with process_lock(path.with_name(NOTICES + ".lock")), open(path, "a", encoding="utf-8") as fh:
+        with process_lock(path.with_name(NOTICES + ".lock")), \
+                open(path, "a", encoding="utf-8") as fh:
             fh.write(line)
     except OSError:  # a notice must never fail the stage that sends it
         pass

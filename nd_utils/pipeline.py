@@ -15,7 +15,6 @@ import os
 import platform
 import re
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
@@ -23,8 +22,8 @@ from .config import REPO_ROOT, Config
 from .context import load_config
 from .errors import DiskFullError, NdUtilsError
 from .kernels import notebook_kernel_name, start_warm_kernel
-from .locks import process_lock
-from .notices import NOTICES, read_notices, set_current_run
+from .notices import NOTICES, read_notices
+from .runs import Run, _new_run_path, mark_interrupted_runs
 from .run_faults import (disk_full_message, is_disk_full, reclaim_signals, signal_record,
                          terminate_as_interrupt, write_in_place)
 from .store import atomic_write_text
@@ -37,87 +36,8 @@ class StageFailed(NdUtilsError, RuntimeError):
     """A notebook of the pipeline raised; the message carries its error and executed copy."""
 
 
-@dataclass
-class Run:
-    """An open run: its effective config and folders."""
-
-    cfg: Config
-    path: Path
-
-    @property
-    def results(self) -> Path:
-        return self.path / "results"
-
-    @property
-    def config_path(self) -> Path:
-        return self.path / "config.yaml"
-
-
 # notices that change how a run's numbers read: the runner repeats them at the end of the run
 END_OF_RUN_NOTICES = ("evaluation_probe", "quality_probe")
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
-
-
-def mark_interrupted_runs(runs_dir: "str | Path", log=print) -> list[Path]:
-    """Mark runs whose `run.json` still says "running" but whose runner process is gone.
-
-    A killed runner (kill -9, a closed laptop, a lost node) cannot update its record; the next
-    run on the same host finds it here and sets `status: interrupted`. Records written before
-    runners stored their pid, or by another host, are left as they are.
-    """
-    found = []
-    for rec_path in sorted(Path(runs_dir).glob("*/run.json")):
-        try:
-            rec = json.loads(rec_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        pid, host = rec.get("pid"), rec.get("host")
-        if (rec.get("status") == "running" and isinstance(pid, int)
-                and host == platform.node() and not _pid_alive(pid)):
-            rec.update(status="interrupted", interrupted_noticed=time.time())
-            for stage in rec.get("stages", []):
-                if stage.get("status") == "running":
-                    stage["status"] = "interrupted"
-            atomic_write_text(rec_path, json.dumps(rec, indent=2))
-            found.append(rec_path.parent)
-    if found:
-        log(f"marked {len(found)} earlier run(s) as interrupted (their runner process is gone): "
-            f"{', '.join(p.name for p in found)}")
-    return found
-
-
-def _new_run_path(cfg: Config, suffix: str = "") -> Path:
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    base = cfg.data_dir / "runs" / f"{stamp}-{cfg['profile']}-{cfg.fingerprint()[:6]}{suffix}"
-    path, i = base, 1
-    while path.exists():
-        path, i = base.with_name(f"{base.name}-{i}"), i + 1
-    return path
-
-
-def open_run(config="offline", overrides=None, run_dir: "str | Path | None" = None) -> Run:
-    """Load the config and open (or create) a run folder, saving the effective config in it.
-
-    Notebooks call this first: under the runner `run_dir` is given and its saved config is the
-    one to use; run on their own they create a fresh run folder (suffix `-nb`).
-    """
-    cfg = load_config(config, overrides)
-    path = Path(run_dir) if run_dir else _new_run_path(cfg, "-nb")
-    (path / "results").mkdir(parents=True, exist_ok=True)
-    run = Run(cfg, path)
-    set_current_run(path)
-    if not run.config_path.exists() or overrides:
-        cfg.save(run.config_path)
-    return run
 
 
 def list_notebooks(notebook_dir: "str | Path" = NOTEBOOK_DIR) -> list[Path]:

@@ -507,7 +507,7 @@ def _(tmp):
 
 @case("killed-run", "a run whose runner was killed: run.json said 'running' forever")
 def _(tmp):
-    from nd_utils.pipeline import mark_interrupted_runs
+    from nd_utils.runs import mark_interrupted_runs
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
