@@ -159,6 +159,23 @@ class Config:
     def __repr__(self) -> str:
         return f"Config(source={self.source!r}, profile={self.get('profile')!r})"
 
+    def __setstate__(self, state: dict) -> None:
+        # Unpickling is how a Ray task (or any other worker process) receives its config: the
+        # worker imports the plugins here, before the task loads a model by a name they register.
+        self.__dict__.update(state)
+        _import_configured_plugins(self._data)
+
+
+def _import_configured_plugins(data: Mapping) -> None:
+    """Import `plugins:` of a config mapping (nd_utils.plugins) when it is a list of names."""
+    names = data.get("plugins")
+    if not isinstance(names, list) or not names:
+        return
+    from .plugins import MODULE_NAME, import_plugins  # a runtime concern, imported where used
+
+    if all(isinstance(n, str) and MODULE_NAME.fullmatch(n) for n in names):
+        import_plugins(names)
+
 
 def parse_overrides(overrides: "Iterable[str] | Mapping[str, Any] | None") -> dict:
     """Parse `["key=value", ...]` (values are YAML: `[a, b]`, `3`, `null`) into a dict.
@@ -194,7 +211,8 @@ def load_config(
     """Load a profile by name, a YAML path, a mapping or a Config, then apply overrides.
 
     The returned config has `data_dir` made absolute so that a saved copy of it (the effective
-    config of a run) points at the same artifact store wherever it is read from.
+    config of a run) points at the same artifact store wherever it is read from. The modules of
+    `plugins:` are imported first (`nd_utils.plugins`), so the names they register validate.
     """
     if isinstance(config, Config):
         cfg = Config(config.to_dict(), config.source)
@@ -223,6 +241,9 @@ def load_config(
     for required in ("profile", "data_dir", "target.name", "probe.sets"):
         if required not in cfg:
             raise ConfigError(f"{cfg.source} lacks the required key {required!r}")
+    # before validating: the names a plugin registers (target.name, captioner.name) are valid
+    # only once it has run; a malformed list is left to validate_config's error listing
+    _import_configured_plugins(cfg._data)
     validate_config(cfg._data, cfg.source)
     cfg.set("data_dir", str(cfg.data_dir))
     cfg.set("target.name", resolve_target_name(cfg["target.name"]))

@@ -26,6 +26,7 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Discriminator, Fiel
                       ValidationError)
 
 from .errors import ConfigError, closest
+from .plugins import MODULE_NAME
 
 
 # ------------------------------------------------------------------ value checks
@@ -68,6 +69,13 @@ _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 def _device(value: str) -> str:
     if not _DEVICE.fullmatch(value):
         raise ValueError("auto, cpu, cuda, cuda:N (N = GPU index, e.g. cuda:0) or mps")
+    return value
+
+
+def _module_name(value: str) -> str:
+    if not MODULE_NAME.fullmatch(value):
+        raise ValueError("an importable module name (dotted Python names), e.g. "
+                         "my_package.nd_plugins")
     return value
 
 
@@ -345,6 +353,9 @@ class Schema(_Section):
     seed: int = _f("a whole number, e.g. 0")
     device: Annotated[str, AfterValidator(_device)] = _f("auto, cpu, cuda, cuda:N or mps")
     data_dir: Annotated[Any, AfterValidator(_path)] = _f("a folder path")
+    plugins: list[Annotated[str, AfterValidator(_module_name)]] = _f(
+        "a list of importable module names in brackets, e.g. [my_package.nd_plugins]",
+        default_factory=list)
     target: Target = _f(_SECTION)
     probe: Probe = _f(_SECTION)
     activations: Activations = _f(_SECTION)
