@@ -25,6 +25,7 @@ import yaml
 
 from .config_schema import Schema, validate_config
 from .errors import ConfigError, closest
+from .plugins import MODULE_NAME, import_plugins
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO_ROOT / "configs"
@@ -105,7 +106,10 @@ class Config:
         return {"_data": self._data, "source": self.source}
 
     def __setstate__(self, state: dict) -> None:
+        # Unpickling is how a Ray task (or any other worker process) receives its config: the
+        # worker imports the plugins here, before the task loads a model by a name they register.
         self._data, self.source, self._settings = state["_data"], state["source"], None
+        import_configured_plugins(self._data)
 
     def __getitem__(self, key: str) -> Any:
         node: Any = self._data
@@ -190,6 +194,15 @@ class Config:
 
     def __repr__(self) -> str:
         return f"Config(source={self.source!r}, profile={self.get('profile')!r})"
+
+
+def import_configured_plugins(data: Mapping) -> None:
+    """Import `plugins:` of a config mapping (nd_utils.plugins) when it is a list of names."""
+    names = data.get("plugins")
+    if not isinstance(names, list) or not names:
+        return
+    if all(isinstance(n, str) and MODULE_NAME.fullmatch(n) for n in names):
+        import_plugins(names)
 
 
 def parse_overrides(overrides: "Iterable[str] | Mapping[str, Any] | None") -> dict:

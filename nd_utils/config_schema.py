@@ -21,8 +21,9 @@ from typing import Annotated, Any, Literal, Mapping, Optional, get_args
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from .config_values import (UNION_TAGS, Neurons, PosInt, Similarity, Text, Unit, check_device,
-                            check_gpus, check_image_side, check_path, check_prompt,
-                            check_prompt_version, check_template, check_top_n, expect, one_of)
+                            check_gpus, check_image_side, check_module_name, check_path,
+                            check_prompt, check_prompt_version, check_template, check_top_n,
+                            expect, one_of)
 from .errors import ConfigError, closest
 
 
@@ -222,6 +223,9 @@ class Schema(_Section):
     seed: int = expect("a whole number, e.g. 0")
     device: Annotated[str, AfterValidator(check_device)] = expect("auto, cpu, cuda, cuda:N or mps")
     data_dir: Annotated[Any, AfterValidator(check_path)] = expect("a folder path")
+    plugins: list[Annotated[str, AfterValidator(check_module_name)]] = expect(
+        "a list of importable module names in brackets, e.g. [my_package.nd_plugins]",
+        default_factory=list)
     target: Target = expect(_SECTION)
     probe: Probe = expect(_SECTION)
     activations: Activations = expect(_SECTION)

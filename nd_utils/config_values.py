@@ -16,6 +16,7 @@ from typing import Annotated, Any, Optional, Union
 from pydantic import AfterValidator, Discriminator, Field, Tag, ValidationInfo
 
 from .errors import closest
+from .plugins import MODULE_NAME
 
 
 # The registries live above this layer (similarity, backends, executors), so the names they hold
@@ -47,6 +48,13 @@ _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 def check_device(value: str) -> str:
     if not _DEVICE.fullmatch(value):
         raise ValueError("auto, cpu, cuda, cuda:N (N = GPU index, e.g. cuda:0) or mps")
+    return value
+
+
+def check_module_name(value: str) -> str:
+    if not MODULE_NAME.fullmatch(value):
+        raise ValueError("an importable module name (dotted Python names), e.g. "
+                         "my_package.nd_plugins")
     return value
 
 

@@ -20,7 +20,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from .config import Config, read_config
+from .config import Config, import_configured_plugins, read_config
 from .config_schema import Schema, validate_config
 from .executors import executor_from_config, list_executors
 from .machine import resolve_device
@@ -64,6 +64,9 @@ def load_config(
     saved copy of it (the effective config of a run) points at the same artifact store.
     """
     cfg = read_config(config, overrides)
+    # before validating: the names a plugin registers (target.name, captioner.name) are valid
+    # only once it has run; a malformed list is left to validate_config's error listing
+    import_configured_plugins(cfg.to_dict())
     validate_config(cfg.to_dict(), cfg.source, names=registered_names())
     cfg.set("data_dir", str(cfg.data_dir))
     cfg.set("target.name", resolve_target_name(cfg["target.name"]))

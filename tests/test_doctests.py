@@ -10,7 +10,7 @@ import pytest
 PURE = ["stages", "errors", "backends.registry", "machine", "hooks", "similarity", "cosines",
         "tensor_stream", "imagenet_sample",
         "label_metrics", "probe_split", "config", "evaluation", "concept_sets", "trust_metrics",
-        "trust_scoring", "viz.trust_plots", "run_faults"]
+        "trust_scoring", "viz.trust_plots", "run_faults", "plugins"]
 
 
 @pytest.mark.parametrize("name", PURE)

@@ -17,18 +17,19 @@ PACKAGE = Path(__file__).resolve().parents[1] / "nd_utils"
 LAYERS = {
     # the package root only maps public names to modules, loaded on first use
     "core": ("__init__", "errors", "locks", "store", "jsonl_cache", "tensor_stream", "machine",
-             "hooks", "registry", "notices", "run_faults"),
+             "hooks", "registry", "notices", "run_faults", "plugins"),
     "data": ("probes", "probe_sources", "probe_split", "concept_sets", "concept_sources",
              "concept_cleaning", "imagenet_sample", "data"),
     "config": ("config", "config_values", "config_schema"),
     "models and methods": ("backends", "similarity", "similarity_pmi", "similarity_blocks",
                            "cosines", "trust_metrics", "attention_crops", "label_metrics",
                            "scoring"),
-    "runtime": ("executors", "kernels", "plugins", "context", "stage_cache", "decode_once",
+    "runtime": ("executors", "context", "stage_cache", "decode_once",
                 "runs"),
     "stages": ("stages",),
     "viz": ("viz",),
-    "app": ("pipeline", "__main__"),
+    # the runner runs the stages' notebooks and writes the report: above both
+    "app": ("pipeline", "kernels", "__main__"),
 }
 ORDER = list(LAYERS)
 
