@@ -21,14 +21,14 @@ import torch
 from safetensors.torch import load_file
 
 from .config import Config
+from .context import run_context
 from .decode_once import CacheJob, run_decode_once
 from .errors import NdUtilsError
 from .hooks import trace_batch, trace_images
 from .notices import record_notice
 from .probes import ProbeSet, load_probes
-from .machine import resolve_device
 from .stages import STAGES, StageOutput, stage_output
-from .store import Artifact, ArtifactStore
+from .store import Artifact
 from .backends.configured import load_target_from_config
 from .backends.targets import Target, is_pinned, is_random_init, random_init_id
 
@@ -55,8 +55,9 @@ class TargetConsumer:
 
 def load_probe_from_config(cfg: Config) -> ProbeSet:
     """The probe set named by `probe.sets` (their union), cut to `probe.limit` images if set."""
-    probe = load_probes(cfg["probe.sets"])
-    limit = cfg.get("probe.limit")
+    s = run_context(cfg).settings
+    probe = load_probes([spec.model_dump(exclude_unset=True) for spec in s.probe.sets])
+    limit = s.probe.limit
     if limit is not None:
         if int(limit) < 1:
             raise NdUtilsError(f"probe.limit must be a positive number of images or null, got {limit}")
@@ -68,7 +69,8 @@ def cfg_for_root(cfg: Config, probe: ProbeSet) -> Config:
     """`cfg` with the split removed from `probe.sets`, so keys are those of the whole set."""
     if probe.parent is None:
         return cfg
-    specs = [{k: v for k, v in s.items() if k != "split"} for s in cfg["probe.sets"]]
+    specs = [{k: v for k, v in s.model_dump(exclude_unset=True).items() if k != "split"}
+             for s in run_context(cfg).settings.probe.sets]
     return cfg.with_overrides({"probe.sets": specs})
 
 
@@ -80,12 +82,13 @@ def target_identity(cfg: Config, target: "Target | None" = None) -> str:
     config's `seed` (`random_init_id`). Any other target (a user module) is identified by the
     hash of its weights, which needs the Target itself.
     """
-    name = cfg["target.name"]
+    s = run_context(cfg).settings
+    name = s.target.name
     if target is None or target.name == name:
         if is_pinned(name):
             return name
         if is_random_init(name):  # a given Target names the seed it was drawn with
-            return target.weights_id if target is not None else random_init_id(name, cfg["seed"])
+            return target.weights_id if target is not None else random_init_id(name, s.seed)
     if target is None:
         raise NdUtilsError(
             f"target {name!r} is not a registry name with pinned weights, so its caches are "
@@ -110,11 +113,12 @@ def activation_key(cfg: Config, layer: str, probe: ProbeSet,
 def activation_jobs(cfg: Config, target: Target, probe: ProbeSet,
                     layers: "list[str] | None" = None) -> list[CacheJob]:
     """One CacheJob per layer for `run_decode_once` (other consumers may join the same pass)."""
-    layers = list(layers or cfg["target.layers"])
-    consumer = TargetConsumer(target, layers, cfg["target.pooling"])
+    s = run_context(cfg).settings
+    layers = list(layers or s.target.layers)
+    consumer = TargetConsumer(target, layers, s.target.pooling)
     return [CacheJob.for_output(
         activation_output(cfg, layer, probe, target), consumer, layer,
-        top_k=int(cfg["activations.top_k"]),
+        top_k=int(s.activations.top_k),
         extra={"layer": layer, "target": target.name, "weights_id": target.weights_id,
                "device": str(next(target.model.parameters()).device)}) for layer in layers]
 
@@ -129,7 +133,8 @@ def cache_activations(cfg: Config, target: "Target | None" = None, probe: "Probe
     `force`. The artifact holds `activations.safetensors` (`activations` [N, K] float32,
     `top_ids`/`top_values` [K, top_k]) and `images.csv` (id, path, label, ...).
     """
-    device = resolve_device(cfg.get("device", "auto"))
+    ctx = run_context(cfg)
+    s, device = ctx.settings, ctx.device
     probe = probe or load_probe_from_config(cfg)
     if probe.parent is not None:  # a split part reads the whole set's caches
         if extra_jobs:
@@ -138,16 +143,16 @@ def cache_activations(cfg: Config, target: "Target | None" = None, probe: "Probe
         return cache_activations(cfg_for_root(cfg, probe), target, probe.root, force=force,
                                  progress=progress, stop_after_chunks=stop_after_chunks)
     target = (target or load_target_from_config(cfg)).to(device)
-    store = ArtifactStore(cfg.data_dir)
+    store = ctx.store
     jobs = activation_jobs(cfg, target, probe) + list(extra_jobs or [])
     if force:
         for job in jobs:
             store.remove(job.stage, job.key)
     warn_if_disk_short(cfg, target, probe, [j for j in jobs if not store.exists(j.stage, j.key)])
     found = run_decode_once(
-        probe, jobs, store, batch_size=int(cfg["activations.batch_size"]),
-        chunk_size=int(cfg["activations.chunk_size"]),
-        num_workers=int(cfg["activations.num_workers"]), device=device, progress=progress,
+        probe, jobs, store, batch_size=int(s.activations.batch_size),
+        chunk_size=int(s.activations.chunk_size),
+        num_workers=int(s.activations.num_workers), device=device, progress=progress,
         stop_after_chunks=stop_after_chunks, run_chunks=chunks_on_executor(cfg, progress))
     return {job.output: found[(job.stage, job.key)] for job in jobs}
 
@@ -165,7 +170,7 @@ def warn_if_disk_short(cfg: Config, target: Target, probe: ProbeSet, jobs: list)
     layers = [j.output for j in jobs if j.stage == STAGE.name]
     try:  # a blank image: probe images are decoded once, by the pass itself
         blank = Image.new("RGB", (224, 224))
-        traced = trace_images(target, layers, [blank], cfg["target.pooling"],
+        traced = trace_images(target, layers, [blank], run_context(cfg).settings.target.pooling,
                               batch_size=1) if layers else None
     except Exception:  # noqa: BLE001 - an estimate must never stop the pass (it reports errors)
         return
@@ -183,9 +188,7 @@ def chunks_on_executor(cfg: Config, progress: bool = True):
     """`run_chunks` for `run_decode_once` when `executor.name` is not local (else None): one
     unit per chunk of `activations.chunk_size` images of `cfg`'s probe set
     (`activation_chunk_unit`)."""
-    from .executors import executor_from_config
-
-    ex = executor_from_config(cfg)
+    ex = run_context(cfg).executor
     if ex.name == "local":
         return None
     return lambda plan: ex.map(partial(activation_chunk_unit, cfg), plan,
@@ -226,8 +229,8 @@ def activation_chunk_unit(cfg: Config, item: tuple) -> dict:
     stagings = {id(by_key[(stage, key)]): Path(staging) for stage, key, staging in wanted}
     t0 = time.time()
     compute_chunk(probe, need, stagings, c, lo, hi, batch_size=int(batch_size),
-                  num_workers=int(cfg["activations.num_workers"]),
-                  device=resolve_device(cfg.get("device", "auto")))
+                  num_workers=int(run_context(cfg).settings.activations.num_workers),
+                  device=run_context(cfg).device)
     return {"seconds": time.time() - t0, "images": hi - lo}
 
 
@@ -262,8 +265,7 @@ def load_activations(cfg: Config, layer: str, probe: "ProbeSet | None" = None,
     if probe.parent is not None:
         return part_view(load_activations(cfg_for_root(cfg, probe), layer, probe.parent, target),
                          probe)
-    store = ArtifactStore(cfg.data_dir)
-    art = store.open(STAGE.name, activation_key(cfg, layer, probe, target),
+    art = run_context(cfg).store.open(STAGE.name, activation_key(cfg, layer, probe, target),
                      produced_by=f"notebooks/{STAGE.notebook} (layer {layer!r})")
     tensors = load_file(str(art.file("activations.safetensors")))
     images = pd.read_csv(art.file("images.csv"), keep_default_na=False, dtype={"label": str})

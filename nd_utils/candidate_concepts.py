@@ -37,11 +37,12 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from .config import Config
+from .context import run_context
 from .errors import NdUtilsError
 from .backends.configured import language_model_from_config
 from .backends.language_models import CachedLanguageModel, content_words, load_template
 from .stages import STAGES, StageOutput, cached_stage, stage_output
-from .store import ArtifactStore, atomic_write_text, canonical_json
+from .store import atomic_write_text, canonical_json
 
 STAGE = STAGES["04_concepts"]
 MAX_WORDS, MAX_CHARS = 12, 120
@@ -232,9 +233,10 @@ def concepts_of_neuron(cfg: Config, unit_captions: "tuple[int, list[str]]",
     lm = lm or worker_model("llm", cfg, lambda: language_model_from_config(cfg))
     before = lm.stats()
     unit, caps = unit_captions
-    res = propose_concepts(list(caps), lm, seed=int(cfg["seed"]), unit=int(unit),
-                           summaries=int(cfg["llm.summaries"]), prompts=cfg["llm.prompts"],
-                           guards=cfg["llm.guards"])
+    s = run_context(cfg).settings
+    res = propose_concepts(list(caps), lm, seed=int(s.seed), unit=int(unit),
+                           summaries=int(s.llm.summaries), prompts=s.llm.prompts,
+                           guards=s.llm.guards)
     after = lm.stats()
     counts = {k: after[k] - before[k] for k in ("model_calls", "hits", "misses")}
     return res, {**counts, "model": lm.model_id, "mode": lm.mode}
@@ -245,14 +247,14 @@ def generate_concepts(cfg: Config, layer: str, captions: pd.DataFrame, captions_
                       progress: bool = True, executor=None) -> LayerConcepts:
     """Stage 04 for one layer: candidates of every neuron in `captions` (from stage 03).
 
-    Each neuron is one unit of `executor` (default: `executor_from_config(cfg)`); with the
+    Each neuron is one unit of `executor` (default: the config's, `run_context`); with the
     local executor `lm` (or the configured model) answers, on Ray each worker loads its own.
     """
-    from .executors import executor_from_config
+    ctx = run_context(cfg)
 
     def build(tmp: Path) -> dict:
         nonlocal lm
-        ex = executor or executor_from_config(cfg)
+        ex = executor or ctx.executor
         if lm is None and ex.name == "local":
             lm = language_model_from_config(cfg)
         rows, answers, simplified = [], [], {}
@@ -275,12 +277,12 @@ def generate_concepts(cfg: Config, layer: str, captions: pd.DataFrame, captions_
         counts = {k: sum(c[k] for _, c in done) for k in ("model_calls", "hits", "misses")}
         total = counts["hits"] + counts["misses"]
         first = done[0][1] if done else {"model": lm.model_id if lm else None,
-                                         "mode": cfg["llm.mode"]}
+                                         "mode": ctx.settings.llm.mode}
         return {"model": first["model"], "mode": first["mode"], "n_neurons": len(units),
                 "executor": ex.describe(),
                 "llm": {**counts, "hit_rate": round(counts["hits"] / total, 4) if total else None}}
 
-    art = cached_stage(ArtifactStore(cfg.data_dir), concepts_output(cfg, layer, captions_key),
+    art = cached_stage(ctx.store, concepts_output(cfg, layer, captions_key),
                        build, force=force)
     cand = pd.read_csv(art.file("candidates.csv"), keep_default_na=False)
     ans = pd.read_json(art.file("answers.jsonl"), lines=True, dtype={"raw": str, "concept": str})

@@ -20,9 +20,10 @@ from PIL import Image
 from .backends.captioners import Captioner, checkpoint_file, file_sha256
 from .backends.configured import load_captioner_from_config
 from .config import Config
+from .context import run_context
 from .jsonl_cache import JsonlCache
 from .stages import STAGES, StageOutput, cached_stage, stage_output
-from .store import ArtifactStore, atomic_write_text
+from .store import atomic_write_text
 from .top_images import TopImages, image_sha256
 
 STAGE = STAGES["03_captions"]
@@ -109,7 +110,8 @@ def caption_cache(data_dir: "str | Path") -> JsonlCache:
 
 def caption_output(cfg: Config, top: TopImages) -> StageOutput:
     inputs = {}
-    checkpoint = cfg.get("captioner.checkpoint") if cfg.get("captioner.name") == "blip" else None
+    captioner = run_context(cfg).settings.captioner
+    checkpoint = captioner.checkpoint if captioner.name == "blip" else None
     weights_file = checkpoint_file(checkpoint) if checkpoint else None
     if weights_file is not None:  # new bytes at the same path are other weights: another key
         inputs["checkpoint_sha256"] = file_sha256(weights_file)
@@ -128,11 +130,11 @@ def cache_captions(cfg: Config, top: TopImages, captioner: "Captioner | None" = 
     Columns: layer, unit, rank, kind, image_id, file, caption. Each distinct image is captioned
     once (the caption cache is shared across neurons, layers and runs).
     """
-    from .executors import executor_from_config
+    ctx = run_context(cfg)
 
     def build(tmp: Path) -> dict:
         nonlocal captioner
-        ex = executor_from_config(cfg)
+        ex = ctx.executor
         if captioner is None:  # on Ray only a worker loads it: the driver needs its identity
             captioner = load_captioner_from_config(cfg) if ex.name == "local" else \
                 _RemoteCaptioner(ex.map(partial(captioner_identity, cfg), [0],
@@ -141,7 +143,7 @@ def cache_captions(cfg: Config, top: TopImages, captioner: "Captioner | None" = 
         images = [top.image(f) for f in rows.file]
         cache = caption_cache(cfg.data_dir)
         captions = caption_images(captioner, images, [image_sha256(im) for im in images], cache,
-                                  batch_size=int(cfg["captioner.batch_size"]), executor=ex,
+                                  batch_size=int(ctx.settings.captioner.batch_size), executor=ex,
                                   files=[top.path / f for f in rows.file], cfg=cfg)
         table = rows[["layer", "unit", "rank", "kind", "image_id", "file"]].copy()
         table["caption"] = captions
@@ -149,5 +151,5 @@ def cache_captions(cfg: Config, top: TopImages, captioner: "Captioner | None" = 
         return {"captioner": captioner.backend_id, "cache": cache.stats(),
                 "executor": ex.describe()}
 
-    art = cached_stage(ArtifactStore(cfg.data_dir), caption_output(cfg, top), build, force=force)
+    art = cached_stage(ctx.store, caption_output(cfg, top), build, force=force)
     return pd.read_csv(art.file("captions.csv"), keep_default_na=False)

@@ -25,10 +25,10 @@ from safetensors.torch import load_file
 from .activations import activation_key, load_activations, load_probe_from_config
 from .concept_sets import ConceptSet, load_concept_set
 from .config import Config
+from .context import run_context
 from .errors import ConfigError, DamagedArtifactError, MissingArtifactError
 from .image_features import image_feature_key, load_image_features, vlm_key_params
 from .probes import ProbeSet
-from .machine import config_device
 from .cosines import Cosines, factorized
 from .similarity import get_similarity, similarity_on_device, top_concepts
 from .stages import STAGES, StageOutput, cached_stage, stage_output
@@ -49,8 +49,9 @@ TRUST_COLUMNS = ("trust_label", "trust_label_agrees", "heldout_r", "heldout_p", 
 
 def load_concepts_from_config(cfg: Config, name: "str | None" = None) -> ConceptSet:
     """The concept set `clip_dissect.concept_set` (or `name`) with the configured cleaning."""
-    clean = cfg["clip_dissect.clean"] or {}
-    return load_concept_set(name or cfg["clip_dissect.concept_set"], **clean)
+    s = run_context(cfg).settings.clip_dissect
+    clean = s.clean.model_dump(exclude_unset=True) if s.clean else {}
+    return load_concept_set(name or s.concept_set, **clean)
 
 
 def text_feature_output(cfg: Config, concepts: ConceptSet) -> StageOutput:
@@ -68,15 +69,15 @@ def cache_text_features(cfg: Config, concepts: ConceptSet,
                         ) -> torch.Tensor:
     """Text features `[M, D]` of the concepts, computed once per (backend, concepts, template),
     encoded `vlm.batch_size` texts at a time (the batch size is recorded, not keyed)."""
-    store = ArtifactStore(cfg.data_dir)
-    batch = int(cfg["vlm.batch_size"])
+    ctx = run_context(cfg)
+    store, batch = ctx.store, int(ctx.settings.vlm.batch_size)
 
     def build(tmp: Path) -> dict:
         nonlocal vlm
         vlm = vlm or load_vlm_from_config(cfg)
         texts = list(concepts)
         reused = _reusable_text_batches(cfg, store, texts, vlm.backend_id, batch)
-        rest = vlm.encode_texts(texts[len(reused):], template=cfg["clip_dissect.template"],
+        rest = vlm.encode_texts(texts[len(reused):], template=ctx.settings.clip_dissect.template,
                                 batch_size=batch)
         feats = torch.cat([reused.to(rest), rest]) if len(reused) else rest
         save_tensors({"text_features": feats.float().cpu()}, tmp / "text_features.safetensors")
@@ -162,23 +163,24 @@ def dissect_layer(cfg: Config, layer: str, probe: "ProbeSet | None" = None,
     concept set is smaller: `concept_1..M`). `target` is needed only for a target outside the
     registry (a user module).
     """
+    ctx = run_context(cfg)
     probe = probe or load_probe_from_config(cfg)
     concepts = concepts or load_concepts_from_config(cfg)
 
     def build(tmp: Path) -> dict:
         acts = load_activations(cfg, layer, probe=probe, target=target)
-        device = config_device(cfg)
+        device = ctx.device
         P = factorized(load_image_features(cfg, probe),
                        cache_text_features(cfg, concepts, vlm, force))   # never [N, M] whole
-        fn = get_similarity(cfg["clip_dissect.similarity"])
+        fn = get_similarity(ctx.settings.clip_dissect.similarity)
         sim = similarity_on_device(fn, P, acts.activations, device=device,
                                    **similarity_hyperparameters(cfg, fn), layer=layer)
         atomic_write_text(tmp / "labels.csv", label_table(sim, concepts, layer).to_csv(index=False))
         return {"layer": layer, "n_neurons": int(sim.shape[0]), "n_concepts": int(sim.shape[1]),
                 "concept_set": concepts.name}
 
-    art = cached_stage(ArtifactStore(cfg.data_dir), label_output(cfg, layer, probe, concepts,
-                                                                  target), build, force=force)
+    art = cached_stage(ctx.store, label_output(cfg, layer, probe, concepts, target), build,
+                       force=force)
     table = pd.read_csv(art.file("labels.csv"), keep_default_na=False)  # "nan", "null" are words
     for col in table.columns:  # scores stay numeric even where one is NaN (written as "")
         if col == "similarity" or col.startswith("score_"):
@@ -190,7 +192,7 @@ def similarity_hyperparameters(cfg: Config, fn) -> dict:
     """`clip_dissect.hyperparameters`, checked against the keywords `fn` accepts."""
     import inspect
 
-    hyper = dict(cfg["clip_dissect.hyperparameters"] or {})
+    hyper = dict(run_context(cfg).settings.clip_dissect.hyperparameters or {})
     accepted = [p.name for p in inspect.signature(fn).parameters.values()
                 if p.kind == p.KEYWORD_ONLY and p.name not in ("layer", "device", "chunk_size",
                                                                  "num_workers")]
@@ -227,9 +229,9 @@ def write_label_tables(cfg: Config, results: "str | Path", tables: "dict[str, pd
     A concept set smaller than `top_n` gives as many `concept_j, score_j` pairs as it has
     concepts (a 3-concept set: concept_1..3); readers count the columns.
     """
-    out = {}
+    out, top_n = {}, int(run_context(cfg).settings.clip_dissect.top_n)
     for layer, table in tables.items():
-        n = min(int(cfg["clip_dissect.top_n"]), n_concept_columns(table))
+        n = min(top_n, n_concept_columns(table))
         keep = ["layer", "unit", "description", "similarity"]
         keep += [c for j in range(1, n + 1) for c in (f"concept_{j}", f"score_{j}")]
         keep += [c for c in TRUST_COLUMNS if c in table.columns]   # after `label_trust`

@@ -27,24 +27,24 @@ from .captions import cache_captions, caption_key
 from .candidate_concepts import STAGE as CONCEPT_STAGE
 from .candidate_concepts import LayerConcepts, concepts_key, generate_concepts
 from .config import Config
-from .executors import executor_from_config
+from .context import run_context
 from .machine import seed_everything
 from .selection import STAGE as SELECT_STAGE
 from .selection import concept_activations, select_labels
 from .stages import cached_stage, stage_output
-from .store import ArtifactStore, atomic_write_text
+from .store import atomic_write_text
 from .synthesis import ConceptImages, concept_images, load_synthesizer_from_config
 from .top_images import TopImages, build_top_images
 
 
 def dnd_layers(cfg: Config) -> list[str]:
-    return list(cfg["dnd.layers"])
+    return list(run_context(cfg).settings.dnd.layers)
 
 
 def dnd_top_images(cfg: Config, force: bool = False, progress: bool = True
                    ) -> dict[str, TopImages]:
     """Stage 03a for every DnD layer (see `build_top_images`)."""
-    seed_everything(int(cfg["seed"]))
+    seed_everything(int(run_context(cfg).settings.seed))
     return {layer: build_top_images(cfg, layer, force=force, progress=progress)
             for layer in dnd_layers(cfg)}
 
@@ -52,24 +52,24 @@ def dnd_top_images(cfg: Config, force: bool = False, progress: bool = True
 def dnd_captions(cfg: Config, force: bool = False, progress: bool = True,
                  tops: "dict[str, TopImages] | None" = None) -> dict[str, pd.DataFrame]:
     """Stage 03b: captions of every D_top item, per layer (the captioner loads only if needed)."""
+    ctx = run_context(cfg)
     tops = tops or dnd_top_images(cfg, progress=progress)
-    store = ArtifactStore(cfg.data_dir)
-    todo = force or any(not store.exists("03_captions", caption_key(cfg, t))
+    todo = force or any(not ctx.store.exists("03_captions", caption_key(cfg, t))
                         for t in tops.values())
-    captioner = load_captioner_from_config(cfg) if todo and executor_from_config(
-        cfg).name == "local" else None
+    captioner = load_captioner_from_config(cfg) if todo and ctx.executor.name == "local" else None
     return {layer: cache_captions(cfg, top, captioner, force=force) for layer, top in tops.items()}
 
 
 def dnd_concepts(cfg: Config, force: bool = False, progress: bool = True, lm=None,
-                 tops: "dict[str, TopImages] | None" = None) -> dict[str, LayerConcepts]:
-    """Stage 04: candidate concepts per neuron, per layer."""
+                 tops: "dict[str, TopImages] | None" = None,
+                 captions: "dict[str, pd.DataFrame] | None" = None) -> dict[str, LayerConcepts]:
+    """Stage 04: candidate concepts per neuron, per layer (`tops`, `captions`: stage 03's)."""
+    ctx = run_context(cfg)
     tops = tops or dnd_top_images(cfg, progress=progress)
-    caps = dnd_captions(cfg, progress=progress, tops=tops)
-    store = ArtifactStore(cfg.data_dir)
-    keys = {layer: caption_key(cfg, tops[layer]) for layer in tops}
+    caps = captions or dnd_captions(cfg, progress=progress, tops=tops)
+    store, keys = ctx.store, {layer: caption_key(cfg, tops[layer]) for layer in tops}
     # on Ray each worker loads the model itself; here it is loaded once for every layer
-    if lm is None and executor_from_config(cfg).name == "local" and (force or any(
+    if lm is None and ctx.executor.name == "local" and (force or any(
             not store.exists(CONCEPT_STAGE.name, concepts_key(cfg, layer, k))
             for layer, k in keys.items())):
         lm = language_model_from_config(cfg)
@@ -77,13 +77,14 @@ def dnd_concepts(cfg: Config, force: bool = False, progress: bool = True, lm=Non
                                      progress=progress) for layer in tops}
 
 
-def dnd_synthesis(cfg: Config, progress: bool = True, synth=None, force: bool = False
+def dnd_synthesis(cfg: Config, progress: bool = True, synth=None, force: bool = False,
+                  concepts: "dict[str, LayerConcepts] | None" = None
                   ) -> tuple[dict[str, ConceptImages], dict]:
     """Stage 05: images of every candidate of every layer, each concept once; plus counters.
 
-    `force` makes the images of this run's candidates again (other stages' caches are kept).
-    """
-    concepts = dnd_concepts(cfg, progress=progress)
+    `force` makes the images of this run's candidates again (other stages' caches are kept);
+    `concepts`: stage 04's result (read or computed when None)."""
+    concepts = concepts or dnd_concepts(cfg, progress=progress)
     wanted = [c for lc in concepts.values() for c in lc.candidates.candidate]
     images, stats = concept_images(cfg, wanted, synth, progress=progress, force=force)
     stats["images_excluded"] = int(sum((ci.table.status != "ok").sum() for ci in images.values()))
@@ -101,21 +102,24 @@ class LayerSelection:
 
 
 def dnd_selection(cfg: Config, force: bool = False, progress: bool = True, synth=None,
-                  target=None, vlm=None) -> dict[str, LayerSelection]:
+                  target=None, vlm=None, tops: "dict[str, TopImages] | None" = None,
+                  concepts: "dict[str, LayerConcepts] | None" = None,
+                  images: "dict[str, ConceptImages] | None" = None) -> dict[str, LayerSelection]:
     """Stage 06: best-concept selection per layer (one target pass over all concept images).
 
-    `target` / `vlm`: already loaded models of `target.name` / `vlm.name` (loaded when None).
-    """
-    tops = dnd_top_images(cfg, progress=progress)
-    concepts = dnd_concepts(cfg, progress=progress, tops=tops)
-    store = ArtifactStore(cfg.data_dir)
+    `target` / `vlm`: already loaded models of `target.name` / `vlm.name` (loaded when None);
+    `tops`, `concepts`, `images` (of every candidate): stages 03a, 04 and 05's results."""
+    ctx = run_context(cfg)
+    tops = tops or dnd_top_images(cfg, progress=progress)
+    concepts = concepts or dnd_concepts(cfg, progress=progress, tops=tops)
     t0 = time.time()
     target = target or load_target_from_config(cfg)
     vlm = vlm or load_vlm_from_config(cfg)
-    # here, not on workers: stage 05 made the images already (on Ray too), this only finds them
-    synth = synth or load_synthesizer_from_config(cfg, vlm=vlm)
-    needed = [c for lc in concepts.values() for c in lc.candidates.candidate]
-    images, _ = concept_images(cfg, needed, synth, progress=progress)
+    if images is None:
+        # here, not on workers: stage 05 made the images already (on Ray too), this finds them
+        synth = synth or load_synthesizer_from_config(cfg, vlm=vlm)
+        needed = [c for lc in concepts.values() for c in lc.candidates.candidate]
+        images, _ = concept_images(cfg, needed, synth, progress=progress)
     usable = {c: ci for c, ci in images.items() if len(ci.usable)}
     cacts = concept_activations(cfg, list(tops), usable, target, vlm, force=force,
                                 progress=progress)
@@ -125,14 +129,14 @@ def dnd_selection(cfg: Config, force: bool = False, progress: bool = True, synth
 
         def build(tmp: Path) -> None:
             labels, cand = select_labels(cfg, layer, top, lc, cacts, _dtop_features(
-                top, vlm, int(cfg["vlm.batch_size"])))
+                top, vlm, int(ctx.settings.vlm.batch_size)))
             atomic_write_text(tmp / "labels.csv", labels.to_csv(index=False))
             atomic_write_text(tmp / "candidates.csv", cand.to_csv(index=False))
 
         spec = stage_output(SELECT_STAGE, {**cfg.select(SELECT_STAGE.reads), "layer": layer},
                             upstream={"03_top_images": top.key, "04_concepts": lc.key,
                                       "06_concept_activations": cacts.key})
-        art = cached_stage(store, spec, build, force=force,
+        art = cached_stage(ctx.store, spec, build, force=force,
                            extra={"layer": layer, "n_neurons": len(top.neurons)})
         out[layer] = LayerSelection(
             layer, pd.read_csv(art.file("labels.csv"), keep_default_na=False),
@@ -182,9 +186,9 @@ def dnd_vs_clip_dissect(cfg: Config, selection: dict[str, LayerSelection],
     `06_labels_dnd_vs_clip_dissect.csv` when `results` is given."""
     from .clip_dissect import dissect_layer
 
-    rows = []
+    rows, cd_layers = [], run_context(cfg).settings.target.layers
     for layer, s in selection.items():
-        cd = dissect_layer(cfg, layer) if layer in cfg["target.layers"] else None
+        cd = dissect_layer(cfg, layer) if layer in cd_layers else None
         for _, r in s.labels.iterrows():
             unit = int(r["Neuron ID"])
             rows.append({"layer": layer, "unit": unit, "DnD": r["Label 1"],

@@ -42,10 +42,10 @@ from .image_features import image_feature_jobs_if_missing, load_image_features
 from .concept_sets import (PAPER_SETS, ConceptSet, _sha256_concepts, imagenet_label_lines,
                        load_concept_set)
 from .config import Config
+from .context import run_context
 from .errors import NdUtilsError, OfflineError, ProbeError
 from .backends.sentence_encoders import load_sentence_encoder as sentence_encoder
 from .backends.sentence_models import MINILM
-from .machine import config_device
 from .cosines import factorized
 from .similarity import similarity_on_device, top_concepts
 from .notices import record_notice
@@ -99,21 +99,23 @@ def evaluation_config(cfg: Config) -> Config:
     falls back to `probe.sets` with a warning, so the notebook still runs; the table's `probe`
     column and `evaluation_banner` then say so (`is_fallback(ecfg)`).
     """
-    over = {"probe.sets": cfg["evaluation.probe_sets"], "probe.limit": None,
-            "target.layers": [cfg["evaluation.layer"]]}
+    s = run_context(cfg).settings
+    over = {"probe.sets": [p.model_dump(exclude_unset=True) for p in s.evaluation.probe_sets],
+            "probe.limit": None, "target.layers": [s.evaluation.layer]}
     ecfg = cfg.with_overrides(over)
     try:
         load_probe_from_config(ecfg)
     except (ProbeError, OfflineError) as exc:
         warnings.warn(f"evaluation probe unavailable ({exc}); evaluating on probe.sets instead",
                       stacklevel=2)
-        ecfg = cfg.with_overrides({"target.layers": [cfg["evaluation.layer"]]})
+        ecfg = cfg.with_overrides({"target.layers": [s.evaluation.layer]})
     return ecfg
 
 
 def is_fallback(ecfg: Config) -> bool:
     """Whether `ecfg` evaluates on `probe.sets` because `evaluation.probe_sets` was unavailable."""
-    return ecfg["probe.sets"] != ecfg["evaluation.probe_sets"]
+    s = run_context(ecfg).settings
+    return s.probe.sets != s.evaluation.probe_sets
 
 
 def evaluation_banner(table: pd.DataFrame, wanted: str) -> "str | None":
@@ -146,9 +148,10 @@ def evaluation_banner(table: pd.DataFrame, wanted: str) -> "str | None":
 def _with_quality_layers(ecfg: Config) -> Config:
     """`ecfg` caching the DnD layers too when stage 08 reads the same probe set, so one pass
     over its images serves both stages (08 then finds its held-out activations cached)."""
-    layers = list(ecfg["target.layers"])
-    if ecfg["quality.probe_sets"] == ecfg["probe.sets"]:
-        layers += [layer for layer in ecfg["dnd.layers"] if layer not in layers]
+    s = run_context(ecfg).settings
+    layers = list(s.target.layers)
+    if s.quality.probe_sets == s.probe.sets:
+        layers += [layer for layer in s.dnd.layers if layer not in layers]
     return ecfg.with_overrides({"target.layers": layers})
 
 
@@ -263,7 +266,8 @@ def _concepts_for(ecfg: Config, set_name: str, gt_lines: list[str], gt_info: dic
     """The concept set; `imagenet_labels` uses a local copy, else the verified offline lines
     (identical to the paper file), and only then the download."""
     if set_name == "imagenet_labels" and gt_info["ground_truth"] == "imagenet_labels":
-        clean = ecfg["clip_dissect.clean"] or {}
+        clean = run_context(ecfg).settings.clip_dissect.clean
+        clean = clean.model_dump(exclude_unset=True) if clean else {}
         try:
             return load_concept_set(set_name, allow_download=False, **clean)
         except NdUtilsError:
@@ -319,7 +323,7 @@ def cache_evaluation_inputs(ecfg: Config, concept_sets: "list[str] | None" = Non
     if texts:
         truths, gt_info = ground_truth(target.class_names or [])
         vlm = None
-        for set_name in concept_sets or ecfg["evaluation.concept_sets"]:
+        for set_name in concept_sets or run_context(ecfg).settings.evaluation.concept_sets:
             concepts = _concepts_for(ecfg, set_name, truths, gt_info)
             if vlm is None and not _text_features_cached(ecfg, concepts):
                 vlm = load_vlm_from_config(ecfg)
@@ -328,8 +332,7 @@ def cache_evaluation_inputs(ecfg: Config, concept_sets: "list[str] | None" = Non
 
 def _text_features_cached(ecfg: Config, concepts: ConceptSet) -> bool:
     from .clip_dissect import TEXT_STAGE, text_feature_key
-    from .store import ArtifactStore
-    return ArtifactStore(ecfg.data_dir).exists(TEXT_STAGE.name, text_feature_key(ecfg, concepts))
+    return run_context(ecfg).store.exists(TEXT_STAGE.name, text_feature_key(ecfg, concepts))
 
 
 def evaluate_final_layer(ecfg: Config, similarities: "list[str] | None" = None,
@@ -344,7 +347,8 @@ def evaluate_final_layer(ecfg: Config, similarities: "list[str] | None" = None,
     lines and their record, the models used, the protocol, the caveats (`caveat`) that apply
     to this run and `banner` (`evaluation_banner`'s line, or None).
     """
-    layer = ecfg["evaluation.layer"]
+    s = run_context(ecfg).settings
+    layer = s.evaluation.layer
     probe = load_probe_from_config(ecfg)
     target = load_target_from_config(ecfg, device="cpu")
     if not target.class_names:
@@ -361,9 +365,9 @@ def evaluate_final_layer(ecfg: Config, similarities: "list[str] | None" = None,
                            f"final (logit) layer")
     truths, gt_info = ground_truth(target.class_names)
     image_features = load_image_features(ecfg, probe)
-    device = config_device(ecfg)
-    sentence, sentence_name = load_sentence_encoder(ecfg["evaluation.sentence_model"], device)
-    text_batch = int(ecfg["vlm.batch_size"])
+    device = run_context(ecfg).device
+    sentence, sentence_name = load_sentence_encoder(s.evaluation.sentence_model, device)
+    text_batch = int(s.vlm.batch_size)
     vlm_enc = _EmbeddingCache(lambda texts: vlm.encode_texts(list(texts), batch_size=text_batch))
     st_enc = _EmbeddingCache(sentence)
     K = len(truths)
@@ -374,11 +378,11 @@ def evaluate_final_layer(ecfg: Config, similarities: "list[str] | None" = None,
               "probe": probe.name, "n_images": len(probe), "n_neurons": len(keep),
               "n_classes": K}
     rows, preds = [], {}
-    for set_name in concept_sets or ecfg["evaluation.concept_sets"]:
+    for set_name in concept_sets or s.evaluation.concept_sets:
         concepts = _concepts_for(ecfg, set_name, truths, gt_info)
         P = factorized(image_features, cache_text_features(ecfg, concepts, vlm))
         aligned = set_name in CLASS_NAME_SETS and len(concepts) == len(truths)
-        for fn_name in similarities or ecfg["evaluation.similarities"]:
+        for fn_name in similarities or s.evaluation.similarities:
             sim = similarity_on_device(fn_name, P, acts.activations, device=device, layer=layer)
             labels = [concepts[int(i)] for i in top_concepts(sim, 1)[1][:, 0]]
             preds[(set_name, fn_name)] = labels
@@ -398,12 +402,13 @@ def evaluate_final_layer(ecfg: Config, similarities: "list[str] | None" = None,
     for col in ("top1", "top5"):  # present (NaN) even when no class-name set was evaluated
         if col not in table:
             table.insert(3 if col == "top1" else 4, col, float("nan"))
-    extras = {"predictions": preds, "sentence_model": sentence_name, "vlm": ecfg["vlm.name"],
+    extras = {"predictions": preds, "sentence_model": sentence_name, "vlm": s.vlm.name,
               "probe": probe.describe(), "target": target.name,
               "class_names": list(target.class_names), "ground_truth_lines": truths,
               "ground_truth": gt_info, "protocol": PROTOCOL,
-              "caveat": reading_notes(ecfg["vlm.name"], sentence_name, gt_info),
-              "banner": evaluation_banner(table, probe_set_names(ecfg["evaluation.probe_sets"]))}
+              "caveat": reading_notes(s.vlm.name, sentence_name, gt_info),
+              "banner": evaluation_banner(table, probe_set_names(
+                  [p.model_dump() for p in s.evaluation.probe_sets]))}
     if extras["banner"]:
         warnings.warn(extras["banner"], stacklevel=2)
         record_notice("evaluation_probe", extras["banner"], stage="07")

@@ -297,12 +297,11 @@ def _cached_executor(name: str, options: tuple):
 
 def executor_from_config(cfg) -> "LocalExecutor | RayExecutor":
     """The executor `executor.*` names (one per process and settings; `local` when absent)."""
-    name = cfg.get("executor.name") or "local"
-    threads = cfg.get("executor.threads")
+    settings = cfg.settings.executor
+    name = (settings.name if settings else None) or "local"
+    threads = settings.threads if settings else None
     if name == "local":
         return _cached_executor("local", (("threads", threads),))
-    options = {"threads": threads,
-               "address": cfg.get("executor.address"), "num_cpus": cfg.get("executor.num_cpus"),
-               "gpus_per_task": cfg.get("executor.gpus_per_task", "auto"),
-               "max_retries": cfg.get("executor.max_retries", 2)}
+    options = {"threads": threads, "address": settings.address, "num_cpus": settings.num_cpus,
+               "gpus_per_task": settings.gpus_per_task, "max_retries": settings.max_retries}
     return _cached_executor(name, tuple(sorted(options.items())))

@@ -19,10 +19,10 @@ from .activations import cfg_for_root
 from .backends.configured import load_vlm_from_config, vlm_dtype
 from .backends.vlm import VisionLanguageModel
 from .config import Config
+from .context import run_context
 from .decode_once import CacheJob
 from .probes import ProbeSet
 from .stages import STAGES, StageOutput, stage_output
-from .store import ArtifactStore
 
 IMAGE_STAGE = STAGES["01_image_features"]
 
@@ -47,8 +47,9 @@ def image_feature_key(cfg: Config, probe: ProbeSet) -> str:
 def image_feature_job(cfg: Config, vlm: VisionLanguageModel, probe: ProbeSet) -> CacheJob:
     """A decode-once job caching the probe set's L2-normalised image features `[N, D]`; the
     encoder sees at most `vlm.batch_size` images per call (the pass cuts its own batches)."""
+    batch = int(run_context(cfg).settings.vlm.batch_size)
     return CacheJob.for_output(image_feature_output(cfg, probe),
-                               vlm.image_consumer(int(cfg["vlm.batch_size"])), "image_features",
+                               vlm.image_consumer(batch), "image_features",
                                extra={"vlm": vlm.name, "backend_id": vlm.backend_id})
 
 
@@ -57,9 +58,11 @@ def load_image_features(cfg: Config, probe: ProbeSet) -> torch.Tensor:
     if probe.parent is not None:  # a split part: rows of the whole set's features
         whole = load_image_features(cfg_for_root(cfg, probe), probe.parent)
         return whole[torch.as_tensor(probe.parent_ids, dtype=torch.long)]
-    art = ArtifactStore(cfg.data_dir).open(
+    ctx = run_context(cfg)
+    art = ctx.store.open(
         IMAGE_STAGE.name, image_feature_key(cfg, probe),
-        produced_by=f"notebooks/{IMAGE_STAGE.notebook} (image features of {cfg['vlm.name']!r})")
+        produced_by=f"notebooks/{IMAGE_STAGE.notebook} (image features of "
+                    f"{ctx.settings.vlm.name!r})")
     return load_file(str(art.file("activations.safetensors")))["activations"]
 
 
@@ -76,7 +79,7 @@ def image_feature_jobs_if_missing(cfg: Config, probe: ProbeSet,
         raise ValueError("image_feature_jobs_if_missing: pass the whole probe set (probe.root "
                          "with activations.cfg_for_root(cfg, probe)); a split part has no "
                          "features of its own")
-    if not force and ArtifactStore(cfg.data_dir).exists(IMAGE_STAGE.name,
-                                                        image_feature_key(cfg, probe)):
+    if not force and run_context(cfg).store.exists(IMAGE_STAGE.name,
+                                                   image_feature_key(cfg, probe)):
         return []
     return [image_feature_job(cfg, vlm or load_vlm_from_config(cfg), probe)]

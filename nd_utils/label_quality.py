@@ -46,6 +46,7 @@ from .backends.configured import load_target_from_config, load_vlm_from_config
 from .clip_dissect import dissect_layer, load_concepts_from_config
 from .image_features import image_feature_jobs_if_missing, load_image_features
 from .config import Config
+from .context import run_context
 from .dnd import dnd_selection
 from .errors import ConfigError, OfflineError, ProbeError
 from .probe_split import split_part, split_table
@@ -54,7 +55,7 @@ from .machine import seed_everything
 from .selection import label_image_activations
 from .stages import STAGES, cached_stage, stage_output
 from .notices import record_notice
-from .store import ArtifactStore, atomic_write_text
+from .store import atomic_write_text
 from .synthesis import load_pool
 
 STAGE = STAGES["08_label_quality"]
@@ -73,29 +74,32 @@ def quality_config(cfg: Config) -> Config:
     Falls back to `probe.sets` (with a warning) when the quality probe is unavailable, e.g.
     `imagenet-sample-1k` offline with no copy; `QualityResult.note` then says so.
     """
-    specs = cfg["quality.probe_sets"]
+    s = run_context(cfg).settings
+    specs = [p.model_dump(exclude_unset=True) for p in s.quality.probe_sets]
     if len(specs) != 1:
         raise ConfigError(f"quality.probe_sets must name one probe set (it is split into "
                           f"{', '.join(PARTS)}), got {len(specs)}")
     try:
         load_probes([specs[0]])
     except (ProbeError, OfflineError) as exc:
-        if len(cfg["probe.sets"]) != 1:
+        if len(s.probe.sets) != 1:
             raise
         warnings.warn(f"quality probe unavailable ({exc}); splitting probe.sets instead",
                       stacklevel=2)
-        specs = cfg["probe.sets"]
-    split = {"fractions": dict(cfg["quality.split"]), "seed": int(cfg["seed"])}
+        specs = [p.model_dump(exclude_unset=True) for p in s.probe.sets]
+    # key material (probe.sets of the parts): the fractions as written, not as parsed (0 != 0.0)
+    split = {"fractions": dict(cfg.select(["quality.split"])["quality.split"]),
+             "seed": int(s.seed)}
     base = {k: v for k, v in specs[0].items() if k != "split"}
     return cfg.with_overrides({
         "probe.sets": [{**base, "split": {"part": "select", **split}}], "probe.limit": None,
         "synthesis.pool": [{**base, "split": {"part": "pool", **split}}],
-        "target.layers": list(cfg["dnd.layers"])})
+        "target.layers": list(s.dnd.layers)})
 
 
 def quality_parts(qcfg: Config) -> dict[str, ProbeSet]:
     """{part: ProbeSet} of the quality probe, each a view of the whole set's caches."""
-    spec = qcfg["probe.sets"][0]
+    spec = run_context(qcfg).settings.probe.sets[0].model_dump(exclude_unset=True)
     whole = load_probes([{k: v for k, v in spec.items() if k != "split"}])  # read once
     return {part: split_part(whole, {**spec["split"], "part": part}) for part in PARTS}
 
@@ -123,7 +127,7 @@ def labelling_config(cfg: Config, qcfg: Config, parts: dict[str, ProbeSet]
     judged = {it.sha256 for part in ("test", "calibrate") for it in parts[part].items}
     try:
         seen = [load_probe_from_config(cfg)]
-        if cfg["synthesis.name"] == "retrieve":
+        if run_context(cfg).settings.synthesis.name == "retrieve":
             with warnings.catch_warnings():  # stage 05 already warned about a fallback pool
                 warnings.simplefilter("ignore")
                 seen.append(load_pool(cfg)[0])
@@ -158,7 +162,8 @@ def sanity_labels(qcfg: Config, labels: pd.DataFrame, class_names: "list[str] | 
     label; the true class is given on `evaluation.layer` when the target's class list matches
     that layer's width.
     """
-    rng = np.random.default_rng(int(qcfg["seed"]))
+    s = run_context(qcfg).settings
+    rng = np.random.default_rng(int(s.seed))
     out = [labels]
     for method in METHODS:
         rows = labels[labels.source == method].reset_index(drop=True)
@@ -171,7 +176,7 @@ def sanity_labels(qcfg: Config, labels: pd.DataFrame, class_names: "list[str] | 
     out.append(units.assign(source=RANDOM, label=[words[int(i)] for i in
                                                   rng.integers(0, len(words), len(units))]))
     out.append(units.assign(source=CONSTANT, label="depiction"))
-    final = qcfg["evaluation.layer"]
+    final = s.evaluation.layer
     if class_names and n_units.get(final) == len(class_names):
         fc = units[units.layer == final]
         out.append(fc.assign(source=TRUE, label=[class_names[u] for u in fc.unit]))
@@ -209,13 +214,14 @@ def score_labels(qcfg: Config, labels: pd.DataFrame, parts: dict[str, ProbeSet],
     """Every metric for every (layer, unit, source) row of `labels` on the test part."""
     wanted = sorted({lab for lab in labels.label if lab})
     layers = sorted(set(labels.layer))
+    qs = run_context(qcfg).settings
     cosy = label_image_activations(qcfg, wanted, layers, target, vlm,
-                                   qcfg["quality.cosy_prompt"], qcfg["quality.cosy_images"],
+                                   qs.quality.cosy_prompt, qs.quality.cosy_images,
                                    progress=progress)
     test = parts["test"]
     acts = {layer: load_activations(qcfg, layer, probe=test).activations for layer in layers}
     feats = load_image_features(qcfg, test).float()
-    text = dict(zip(wanted, vlm.encode_texts(wanted, batch_size=int(qcfg["vlm.batch_size"])
+    text = dict(zip(wanted, vlm.encode_texts(wanted, batch_size=int(qs.vlm.batch_size)
                                              ).float().cpu())) if wanted else {}
     out = []
     for r in labels.itertuples(index=False):
@@ -303,8 +309,11 @@ class QualityResult:
 def evaluate_label_quality(cfg: Config, force: bool = False, progress: bool = True
                            ) -> QualityResult:
     """Stage 08 end to end (see the module docstring); every step is cached by content."""
-    seed_everything(int(cfg["seed"]))
+    ctx = run_context(cfg)
+    s = ctx.settings
+    seed_everything(int(s.seed))
     qcfg = quality_config(cfg)
+    qs = run_context(qcfg).settings
     parts = quality_parts(qcfg)
     cache_quality_inputs(qcfg, parts, progress=progress)
     lcfg, labels_from = labelling_config(cfg, qcfg, parts)
@@ -322,33 +331,33 @@ def evaluate_label_quality(cfg: Config, force: bool = False, progress: bool = Tr
     def build(tmp: Path) -> dict:
         try:
             calibration = calibrate_simulator(parts["calibrate"], load_image_features(
-                qcfg, parts["calibrate"]), vlm, batch_size=int(qcfg["vlm.batch_size"]))
+                qcfg, parts["calibrate"]), vlm, batch_size=int(qs.vlm.batch_size))
         except ConfigError as exc:  # no class labels: CoSy still runs, simulation is NaN
             warnings.warn(str(exc), stacklevel=4)  # the caller of evaluate_label_quality
             calibration = {}
         table = score_labels(qcfg, labels, parts, vlm, target, calibration, progress)
-        split = split_table(whole, cfg["quality.split"], int(cfg["seed"]))
+        split = split_table(whole, s.quality.split, int(s.seed))
         atomic_write_text(tmp / "label_quality.csv", table.to_csv(index=False))
         atomic_write_text(tmp / "split.csv", split.to_csv(index=False))
         atomic_write_text(tmp / "calibration.json", json.dumps(calibration, indent=1))
         return {"calibration": calibration}
 
-    art = cached_stage(ArtifactStore(cfg.data_dir), spec, build, force=force, extra={
+    art = cached_stage(ctx.store, spec, build, force=force, extra={
         "labels_from": labels_from, "parts": {p: len(s) for p, s in parts.items()}})
     table = pd.read_csv(art.file("label_quality.csv"), keep_default_na=False,
                         na_values={m: [""] for m in (*METRICS, "p_value")})
-    n_boot = int(cfg["quality.bootstrap"])
-    summary = summarise_quality(table, n_boot, int(cfg["seed"]))
+    n_boot = int(s.quality.bootstrap)
+    summary = summarise_quality(table, n_boot, int(s.seed))
     probe_name = whole.name
     summary.insert(0, "probe", probe_name)
     summary.insert(1, "n_images", len(whole))
     summary.insert(2, "n_test_images", len(parts["test"]))
-    wanted = probe_set_names(cfg["quality.probe_sets"])
+    wanted = probe_set_names([p.model_dump() for p in s.quality.probe_sets])
     note = quality_note(probe_name, wanted, len(parts["test"]), len(whole))
     if probe_name != wanted:
         warnings.warn(note, stacklevel=2)
         record_notice("quality_probe", note, stage="08")
-    return QualityResult(table, summary, compare_methods(table, n_boot, int(cfg["seed"])),
+    return QualityResult(table, summary, compare_methods(table, n_boot, int(s.seed)),
                          sanity_checks(summary),
                          pd.read_csv(art.file("split.csv"), keep_default_na=False),
                          json.loads(art.file("calibration.json").read_text()), labels_from,

@@ -45,13 +45,13 @@ from .clip_dissect import (cache_text_features, load_concepts_from_config,
                            similarity_hyperparameters, text_feature_key)
 from .concept_sets import ConceptSet
 from .config import Config
+from .context import run_context
 from .cosines import factorized
 from .image_features import image_feature_key, load_image_features
-from .machine import config_device
 from .probes import ProbeSet
 from .similarity import get_similarity, similarity_on_device, top_concepts
 from .stages import STAGES, cached_stage, stage_output
-from .store import ArtifactStore, atomic_write_text
+from .store import atomic_write_text
 from .trust_scoring import (CosySource, LazyModel, TrustSettings, fit_simulator,
                             load_configured_vlm, null_concept_ids, score_labels, trust_split)
 
@@ -80,7 +80,7 @@ class _Inputs:
         s = TrustSettings.from_config(cfg)
         probe = probe or load_probe_from_config(cfg)
         concepts = concepts or load_concepts_from_config(cfg)
-        seed = int(cfg["seed"])
+        seed = int(run_context(cfg).settings.seed)
         select, held = trust_split(len(probe), s.heldout, seed)
         if not isinstance(vlm, LazyModel):
             vlm = LazyModel(lambda: load_configured_vlm(cfg), vlm)
@@ -118,14 +118,15 @@ def layer_trust(cfg: Config, layer: str, probe: "ProbeSet | None" = None,
     cosy_auc, heldout_q, n_cosy_images`; the
     artifact's manifest records the split sizes, the simulator's (a, b) and the null's size.
     """
+    ctx = run_context(cfg)
     c = _Inputs.of(cfg, layer, probe, concepts, vlm, target)
     spec = stage_output(STAGE, c.params(STAGE), upstream=c.upstream(), inputs=c.cosy_inputs())
 
     def build(tmp: Path) -> dict:
         A, I, T = c.tensors()
-        fn = get_similarity(cfg["clip_dissect.similarity"])
+        fn = get_similarity(ctx.settings.clip_dissect.similarity)
         sel, h = torch.tensor(c.select), torch.tensor(c.held)
-        sim = similarity_on_device(fn, factorized(I[sel], T), A[sel], device=config_device(cfg),
+        sim = similarity_on_device(fn, factorized(I[sel], T), A[sel], device=ctx.device,
                                    **similarity_hyperparameters(cfg, fn), layer=layer)
         best, idx = top_concepts(sim, 1)
         best, idx = best[:, 0], idx[:, 0]
@@ -147,7 +148,7 @@ def layer_trust(cfg: Config, layer: str, probe: "ProbeSet | None" = None,
         return {"layer": layer, "n_select": len(c.select), "n_heldout": len(c.held),
                 "n_null_concepts": int(len(null)), "calibration": calibration}
 
-    art = cached_stage(ArtifactStore(cfg.data_dir), spec, build, force=force)
+    art = cached_stage(ctx.store, spec, build, force=force)
     table = pd.read_csv(art.file("trust.csv"), keep_default_na=False,
                         na_values={c: [""] for c in ("trust_similarity", "heldout_r", "heldout_p",
                                                      "heldout_q", "cosy_auc")})
@@ -157,13 +158,14 @@ def layer_trust(cfg: Config, layer: str, probe: "ProbeSet | None" = None,
     return table
 
 
-def dnd_label_trust(cfg: Config, selection: dict, force: bool = False, target=None
-                    ) -> "dict[str, pd.DataFrame]":
+def dnd_label_trust(cfg: Config, selection: dict, force: bool = False, target=None,
+                    tops: "dict | None" = None) -> "dict[str, pd.DataFrame]":
     """Stage 06's trust step: {layer: `Neuron ID, heldout_r, heldout_p, cosy_auc,
-    n_heldout_images`} of each DnD neuron's Label 1 (`selection`: `dnd_selection`'s result)."""
+    n_heldout_images`} of each DnD neuron's Label 1 (`selection`: `dnd_selection`'s result;
+    `tops`: `dnd_top_images`'s, read when None)."""
     from .dnd import dnd_top_images
 
-    tops = dnd_top_images(cfg, progress=False)
+    tops = tops or dnd_top_images(cfg, progress=False)
     probe, concepts = load_probe_from_config(cfg), load_concepts_from_config(cfg)
     vlm = LazyModel(lambda: load_configured_vlm(cfg))
     return {layer: dnd_layer_trust(cfg, layer, sel.labels, tops[layer], sel.key, probe=probe,
@@ -181,6 +183,7 @@ def dnd_layer_trust(cfg: Config, layer: str, labels: pd.DataFrame, top, selectio
     concepts and CoSy images are `layer_trust`'s, so the two methods' scores are comparable.
     Columns: `Neuron ID, heldout_r, heldout_p, cosy_auc, n_heldout_images`.
     """
+    ctx = run_context(cfg)
     c = _Inputs.of(cfg, layer, probe, concepts, vlm, target)
     units = [int(u) for u in labels["Neuron ID"]]
     texts = [str(x) for x in labels.get("Label 1", pd.Series([""] * len(units)))]
@@ -194,7 +197,7 @@ def dnd_layer_trust(cfg: Config, layer: str, labels: pd.DataFrame, top, selectio
         null_text = T[null_concept_ids(len(c.concepts), c.settings.null_concepts, c.seed)]
         named = [t for t in texts if t]
         encoded = dict(zip(named, c.vlm().encode_texts(
-            named, template=cfg["clip_dissect.template"]).float().cpu())) if named else {}
+            named, template=ctx.settings.clip_dissect.template).float().cpu())) if named else {}
         per_label = c.cosy.activations(texts) if c.settings.cosy else {}
         rows = []
         for unit, text in zip(units, texts):
@@ -211,7 +214,7 @@ def dnd_layer_trust(cfg: Config, layer: str, labels: pd.DataFrame, top, selectio
         atomic_write_text(tmp / "trust.csv", pd.DataFrame(rows).to_csv(index=False))
         return {"layer": layer, "calibration": calibration}
 
-    art = cached_stage(ArtifactStore(cfg.data_dir), spec, build, force=force)
+    art = cached_stage(ctx.store, spec, build, force=force)
     return pd.read_csv(art.file("trust.csv"), keep_default_na=False,
                        na_values={c: [""] for c in ("heldout_r", "heldout_p", "cosy_auc")})
 

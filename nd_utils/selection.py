@@ -29,10 +29,11 @@ import torch
 from safetensors.torch import load_file
 
 from .config import Config
+from .context import run_context
 from .errors import NdUtilsError
 from .hooks import trace_images
 from .stages import STAGES, cached_stage, stage_output
-from .store import ArtifactStore, atomic_write_text, save_tensors
+from .store import atomic_write_text, save_tensors
 
 ACT_STAGE = STAGES["06_concept_activations"]
 BATCHES_PER_UNIT = 4     # target batches per executor unit of concept_activations
@@ -133,6 +134,7 @@ def concept_activations(cfg: Config, layers: list[str], images: dict, target, vl
     CoSy (stage 08) reads only the activations, and the VLM pass cost more than the target's.
     The images go in units of `BATCHES_PER_UNIT` batches to `executor` (default: the config's).
     """
+    ctx = run_context(cfg)
     layers = list(layers)
     params = {**cfg.select(ACT_STAGE.reads), "layers": layers}
     inputs = {"vlm": vlm.backend_id, "weights": target.weights_id}
@@ -142,12 +144,10 @@ def concept_activations(cfg: Config, layers: list[str], images: dict, target, vl
         "05_concept_images": sorted({ci.key for ci in images.values()})})
 
     def build(tmp: Path) -> dict:
-        from .executors import executor_from_config
-
         rows = [{"concept": c, "file": str(p)} for c, ci in images.items() for p in ci.files()]
-        ex = executor or executor_from_config(cfg)
+        ex = executor or ctx.executor
         # units of whole batches: the target sees the same batches wherever a unit runs
-        step = int(cfg["activations.batch_size"]) * BATCHES_PER_UNIT
+        step = int(ctx.settings.activations.batch_size) * BATCHES_PER_UNIT
         units = [[r["file"] for r in rows[s:s + step]] for s in range(0, len(rows), step)]
         parts = ex.map(partial(concept_activation_unit, cfg, tuple(layers), features), units,
                        desc="concept activations", progress=progress,
@@ -161,7 +161,7 @@ def concept_activations(cfg: Config, layers: list[str], images: dict, target, vl
             rows, columns=["concept", "file"]).to_csv(index=False))
         return {"n_images": len(rows), "executor": ex.describe()}
 
-    art = cached_stage(ArtifactStore(cfg.data_dir), out, build, force=force)
+    art = cached_stage(ctx.store, out, build, force=force)
     t = load_file(str(art.file("concept_activations.safetensors")))
     index = pd.read_csv(art.file("index.csv"), keep_default_na=False)
     return ConceptActivations({layer: t[f"activations.{layer}"] for layer in layers},
@@ -205,15 +205,16 @@ def concept_activation_unit(cfg: Config, layers: tuple, features: bool, files: l
     target = target or worker_model("target", cfg, lambda: load_target_from_config(cfg))
     if features:
         vlm = vlm or worker_model("vlm", cfg, lambda: load_vlm_from_config(cfg))
+    s = run_context(cfg).settings
     feats = []
 
     def embed(pil: list) -> None:
         v = torch.stack([vlm.preprocess(im) for im in pil]).to(vlm.device)
         # the trace cuts batches of activations.batch_size; the VLM takes vlm.batch_size
-        feats.append(encode_images_in_batches(vlm, v, int(cfg["vlm.batch_size"])).float().cpu())
+        feats.append(encode_images_in_batches(vlm, v, int(s.vlm.batch_size)).float().cpu())
 
-    traced = trace_images(target, list(layers), list(files), cfg["target.pooling"],
-                          batch_size=int(cfg["activations.batch_size"]),
+    traced = trace_images(target, list(layers), list(files), s.target.pooling,
+                          batch_size=int(s.activations.batch_size),
                           each_batch=embed if features else None)
     return ({layer: traced.pooled[layer] for layer in layers},
             torch.cat(feats) if feats else None)
@@ -222,8 +223,9 @@ def concept_activation_unit(cfg: Config, layers: tuple, features: bool, files: l
 def select_labels(cfg: Config, layer: str, top, concepts, cacts: ConceptActivations,
                   dtop_features: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Stage 06 for one layer: (labels `Neuron ID, Label 1..n`, every candidate with scores)."""
-    beta, zeta = int(cfg["selection.beta"]), int(cfg["selection.zeta"])
-    scoring, n_labels = cfg["selection.scoring"], int(cfg["selection.labels"])
+    sel = run_context(cfg).settings.selection
+    beta, zeta = int(sel.beta), int(sel.zeta)
+    scoring, n_labels = sel.scoring, int(sel.labels)
     check_scoring(scoring)
     rows_of = {c: torch.as_tensor(g.index.to_numpy().copy())
                for c, g in cacts.index.groupby("concept")}

@@ -27,12 +27,12 @@ from .image_features import (IMAGE_STAGE, image_feature_jobs_if_missing, image_f
                              load_image_features)
 from .backends.synthesizers import load_synthesizer
 from .config import Config
+from .context import run_context
 from .decode_once import run_decode_once
 from .errors import ProbeError
 from .probes import ProbeSet, load_probes
-from .machine import resolve_device
 from .stages import STAGES, StageOutput, cached_stage, stage_output
-from .store import ArtifactStore, atomic_write_bytes, atomic_write_text
+from .store import atomic_write_bytes, atomic_write_text
 from .top_images import png_bytes
 
 STAGE = STAGES["05_concept_images"]
@@ -41,7 +41,8 @@ STAGE = STAGES["05_concept_images"]
 def load_pool(cfg: Config) -> tuple[ProbeSet, str]:
     """The retrieval pool `synthesis.pool`; falls back to the probe set (with a warning)."""
     try:
-        return load_probes(cfg["synthesis.pool"]), "synthesis.pool"
+        pool = run_context(cfg).settings.synthesis.pool
+        return load_probes([p.model_dump(exclude_unset=True) for p in pool]), "synthesis.pool"
     except ProbeError as exc:
         warnings.warn(f"retrieval pool unavailable ({exc}); retrieving from the probe set "
                       f"instead, so concept images can repeat probe images", stacklevel=2)
@@ -50,14 +51,13 @@ def load_pool(cfg: Config) -> tuple[ProbeSet, str]:
 
 def load_synthesizer_from_config(cfg: Config, vlm=None):
     """The `synthesis.*` backend; `retrieve` also caches the pool's image features."""
-    name = cfg["synthesis.name"]
-    device = resolve_device(cfg.get("device", "auto"))
+    ctx = run_context(cfg)
+    s = ctx.settings.synthesis
+    name = s.name
     if name == "diffusers":
-        return load_synthesizer(name, model=cfg["synthesis.model"], device=device,
-                                steps=cfg["synthesis.steps"], scheduler=cfg["synthesis.scheduler"],
-                                guidance_scale=cfg["synthesis.guidance_scale"],
-                                height=cfg["synthesis.height"], width=cfg["synthesis.width"],
-                                batch_size=cfg["synthesis.batch_size"])
+        return load_synthesizer(name, model=s.model, device=ctx.device, steps=s.steps,
+                                scheduler=s.scheduler, guidance_scale=s.guidance_scale,
+                                height=s.height, width=s.width, batch_size=s.batch_size)
     if name == "retrieve":
         pool, source, pcfg = pool_config(cfg)
         vlm = vlm or load_vlm_from_config(cfg)
@@ -72,8 +72,10 @@ def load_synthesizer_from_config(cfg: Config, vlm=None):
 def pool_config(cfg: Config) -> "tuple[ProbeSet, str, Config]":
     """The retrieval pool, where it came from, and `cfg` with it as the probe set."""
     pool, source = load_pool(cfg)
-    pcfg = cfg.with_overrides({"probe.sets": cfg["synthesis.pool"] if source == "synthesis.pool"
-                               else cfg["probe.sets"], "probe.limit": None})
+    s = run_context(cfg).settings
+    specs = s.synthesis.pool if source == "synthesis.pool" else s.probe.sets
+    pcfg = cfg.with_overrides({"probe.sets": [p.model_dump(exclude_unset=True) for p in specs],
+                               "probe.limit": None})
     return pool, source, pcfg
 
 
@@ -86,13 +88,14 @@ def cache_pool_features(cfg: Config, vlm=None, pool=None, pcfg=None, run_chunks=
     if pool is None:
         pool, _, pcfg = pool_config(cfg)
     root_cfg = cfg_for_root(pcfg, pool)
-    store = ArtifactStore(cfg.data_dir)
+    ctx = run_context(cfg)
+    store = ctx.store
     if store.exists(IMAGE_STAGE.name, image_feature_key(root_cfg, pool.root)):
         return
     jobs = image_feature_jobs_if_missing(root_cfg, pool.root, vlm or load_vlm_from_config(cfg))
-    run_decode_once(pool.root, jobs, store, batch_size=int(cfg["vlm.batch_size"]),
-                    chunk_size=int(cfg["activations.chunk_size"]),
-                    device=resolve_device(cfg.get("device", "auto")), run_chunks=run_chunks)
+    run_decode_once(pool.root, jobs, store, batch_size=int(ctx.settings.vlm.batch_size),
+                    chunk_size=int(ctx.settings.activations.chunk_size),
+                    device=ctx.device, run_chunks=run_chunks)
 
 
 @dataclass
@@ -114,7 +117,7 @@ class ConceptImages:
 
 
 def prompt_for(cfg: Config, concept: str) -> str:
-    return cfg["synthesis.prompt"].format(concept=concept)
+    return run_context(cfg).settings.synthesis.prompt.format(concept=concept)
 
 
 def concept_image_output(cfg: Config, concept: str, backend_id: str) -> StageOutput:
@@ -131,17 +134,18 @@ def concept_images(cfg: Config, concepts: list[str], synth=None, progress: bool 
     """Images of every concept (cached per concept); returns ({concept: images}, counters).
 
     Each distinct concept is one unit of `executor`: the one given, the local one when `synth`
-    is given (it runs here), else `executor_from_config(cfg)`; on Ray each worker loads the
+    is given (it runs here), else the config's (`run_context`); on Ray each worker loads the
     configured synthesizer once. Two units (or runs) wanting one concept build it once: the
     second waits for the first's artifact (the store's key lock). `force` makes every
     concept's images again (replacing the cached ones).
     """
-    from .executors import executor_from_config, load_executor
+    from .executors import load_executor
 
-    ex = executor or (load_executor("local") if synth is not None else executor_from_config(cfg))
+    ctx = run_context(cfg)
+    ex = executor or (load_executor("local") if synth is not None else ctx.executor)
     if ex.name == "local" and synth is None:
         synth = load_synthesizer_from_config(cfg)
-    elif ex.name != "local" and cfg["synthesis.name"] == "retrieve":
+    elif ex.name != "local" and ctx.settings.synthesis.name == "retrieve":
         # the pool's features, chunk by chunk on the workers, before any worker needs them
         from .activations import chunks_on_executor
 
@@ -151,7 +155,7 @@ def concept_images(cfg: Config, concepts: list[str], synth=None, progress: bool 
     unique = list(dict.fromkeys(concepts))
     done = ex.map(partial(images_of_concept, cfg, force=force), unique, desc="concept images",
                   progress=progress, local_kwargs={"synth": synth})
-    store = ArtifactStore(cfg.data_dir)
+    store = ctx.store
     found = {}
     for concept, info in zip(unique, done):
         path = store.path(STAGE.name, info["key"])
@@ -173,7 +177,8 @@ def images_of_concept(cfg: Config, concept: str, synth=None, force: bool = False
     from .executors import worker_model
 
     synth = synth or worker_model("synthesizer", cfg, lambda: load_synthesizer_from_config(cfg))
-    n, seed = int(cfg["synthesis.images_per_concept"]), int(cfg["seed"])
+    s = run_context(cfg).settings
+    n, seed = int(s.synthesis.images_per_concept), int(s.seed)
     prompt = prompt_for(cfg, concept)
     built = False
 
@@ -186,7 +191,7 @@ def images_of_concept(cfg: Config, concept: str, synth=None, force: bool = False
             rows.append({"file": f"{i:02d}.png", "status": status, **info})
         atomic_write_text(tmp / "images.csv", pd.DataFrame(rows).to_csv(index=False))
 
-    art = cached_stage(ArtifactStore(cfg.data_dir),
+    art = cached_stage(run_context(cfg).store,
                        concept_image_output(cfg, concept, synth.backend_id), build, force=force,
                        extra={"concept": concept})
     return {"key": art.key, "built": built, "backend": synth.backend_id,

@@ -26,11 +26,11 @@ from tqdm.auto import tqdm
 from .activations import activation_key, load_activations, load_probe_from_config
 from .attention_crops import crop_boxes, forward_maps, pooled_activations, resize_square
 from .config import Config
+from .context import run_context
 from .errors import NdUtilsError
 from .probes import ProbeSet
-from .machine import resolve_device
 from .stages import STAGES, StageOutput, cached_stage, stage_output
-from .store import ArtifactStore, atomic_write_bytes, atomic_write_text, save_tensors
+from .store import atomic_write_bytes, atomic_write_text, save_tensors
 from .backends.configured import load_target_from_config
 from .backends.targets import Target
 
@@ -42,7 +42,7 @@ def choose_neurons(cfg: Config, layer: str, n_neurons: int) -> list[int]:
 
     A count (the first N units), a list of unit ids, or a mapping {layer: count or list}.
     """
-    spec = cfg["dnd.neurons"]
+    spec = run_context(cfg).settings.dnd.neurons
     if isinstance(spec, dict):
         if layer not in spec:
             raise NdUtilsError(f"dnd.neurons names layers {sorted(spec)} but not {layer!r}: add "
@@ -119,22 +119,22 @@ def build_top_images(cfg: Config, layer: str, neurons: "list[int] | None" = None
                      probe: "ProbeSet | None" = None, target: "Target | None" = None,
                      force: bool = False, progress: bool = True) -> TopImages:
     """Compute (or read) D_top with attention crops for `neurons` of `layer`."""
+    ctx = run_context(cfg)
     probe = probe or load_probe_from_config(cfg)
     acts = load_activations(cfg, layer, probe=probe, target=target)  # names notebook 01 if absent
     neurons = neurons if neurons is not None else choose_neurons(cfg, layer, acts.n_neurons)
     neurons = _check_units(neurons, layer, acts.n_neurons)
-    k = int(cfg["dnd.top_k"])
+    k = int(ctx.settings.dnd.top_k)
     if acts.top_ids.shape[1] < k:
         raise NdUtilsError(f"stage 01 stored {acts.top_ids.shape[1]} top images per neuron but "
                            f"dnd.top_k is {k}: raise activations.top_k and rerun notebook 01")
 
     def build(tmp: Path) -> None:
-        model = (target or load_target_from_config(cfg)).to(
-            resolve_device(cfg.get("device", "auto")))
+        model = (target or load_target_from_config(cfg)).to(ctx.device)
         table = _compute(cfg, layer, neurons, probe, acts, model, tmp, progress)
         atomic_write_text(tmp / "items.csv", table.to_csv(index=False))
 
-    art = cached_stage(ArtifactStore(cfg.data_dir),
+    art = cached_stage(ctx.store,
                        top_images_output(cfg, layer, neurons, probe, target), build, force=force,
                        extra={"layer": layer, "n_neurons": len(neurons)})
     items = pd.read_csv(art.file("items.csv"), keep_default_na=False)
@@ -152,10 +152,11 @@ def _check_units(neurons, layer: str, n: int) -> list[int]:
 
 def _compute(cfg: Config, layer: str, neurons: list[int], probe: ProbeSet, acts, target: Target,
              out: Path, progress: bool) -> pd.DataFrame:
-    k, crops_cfg = int(cfg["dnd.top_k"]), dict(cfg["dnd.crops"])
-    size = int(crops_cfg["size"])
-    pooling = cfg["target.pooling"]
-    batch = int(cfg["activations.batch_size"])
+    s = run_context(cfg).settings
+    k, crops = int(s.dnd.top_k), s.dnd.crops
+    size = int(crops.size)
+    pooling = s.target.pooling
+    batch = int(s.activations.batch_size)
     wanted = {u: [int(i) for i in acts.top_ids[u, :k]] for u in neurons}
     image_ids = sorted({i for ids in wanted.values() for i in ids})
     images = {i: resize_square(probe.load_image(i), size)
@@ -173,9 +174,9 @@ def _compute(cfg: Config, layer: str, neurons: list[int], probe: ProbeSet, acts,
                 continue
             kept_maps.append(maps[pos[i], u])
             for box in crop_boxes(maps[pos[i], u], size=size,
-                                  max_per_image=int(crops_cfg["max_per_image"]),
-                                  iou_max=float(crops_cfg["iou_max"]),
-                                  image_iou_max=float(crops_cfg["image_iou_max"])):
+                                  max_per_image=int(crops.max_per_image),
+                                  iou_max=float(crops.iou_max),
+                                  image_iou_max=float(crops.image_iou_max)):
                 crop_images.append(images[i].crop(box).resize((size, size), Image.BICUBIC))
                 rows.append({"layer": layer, "unit": u, "kind": "crop", "image_id": i,
                              "box": ",".join(map(str, box)), "activation": float("nan"),

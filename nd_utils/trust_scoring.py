@@ -20,6 +20,7 @@ from . import label_metrics as lm
 from . import trust_metrics as tm
 from .activations import cache_activations, cfg_for_root, load_activations
 from .config import Config
+from .context import run_context
 from .errors import ConfigError
 from .image_features import load_image_features
 from .probe_split import split_ids
@@ -38,12 +39,8 @@ class TrustSettings:
 
     @classmethod
     def from_config(cls, cfg: Config) -> "TrustSettings":
-        given = cfg.get("trust") or {}
-        unknown = sorted(set(given) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise ConfigError(f"trust has unknown key(s) {', '.join(unknown)}; it takes "
-                              f"{', '.join(cls.__dataclass_fields__)}")
-        s = cls(**given)
+        given = run_context(cfg).settings.trust  # the schema forbids unknown keys
+        s = cls(**given.model_dump(exclude_unset=True)) if given is not None else cls()
         if not 0 < s.heldout < 1:
             raise ConfigError(f"trust.heldout: got {s.heldout}; expected a fraction strictly "
                               f"between 0 and 1, e.g. 0.5")
@@ -126,13 +123,14 @@ class CosySource:
                  exclude_sha256: "set[str]", target=None):
         self.cfg, self.layer, self.s, self.vlm, self.target = cfg, layer, settings, vlm, target
         self.exclude = exclude_sha256
-        self.prompt = cfg["quality.cosy_prompt"]
-        self.retrieve = cfg["synthesis.name"] == "retrieve"
+        s = run_context(cfg).settings
+        self.prompt, self.source = s.quality.cosy_prompt, s.synthesis.name
+        self.retrieve = self.source == "retrieve"
 
     def identity(self) -> dict:
         """What decides the images: for `retrieve`, the pool's content and the exclusions."""
         if not self.retrieve:
-            return {"source": self.cfg["synthesis.name"]}
+            return {"source": self.source}
         from .synthesis import load_pool
 
         pool, _ = load_pool(self.cfg)

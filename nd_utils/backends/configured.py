@@ -20,12 +20,13 @@ from .vlm import VisionLanguageModel, load_vlm
 
 
 def _device(cfg: Config):
-    return resolve_device(cfg.get("device", "auto"))
+    return resolve_device(cfg.settings.device)
 
 
 def load_target_from_config(cfg: Config, device=None) -> Target:
     """The network `target.name` on the configured device (or `device`); `seed` draws `:none`."""
-    return load_target(cfg["target.name"], seed=int(cfg.get("seed", 0))).to(
+    s = cfg.settings
+    return load_target(s.target.name, seed=int(s.seed)).to(
         resolve_device(device) if device is not None else _device(cfg))
 
 
@@ -34,13 +35,13 @@ def load_vlm_from_config(cfg: Config) -> VisionLanguageModel:
     `vlm.dtype` (float32 when the config has none; only a backend that supports another dtype
     is given one, so a registered backend without a `dtype` argument still loads)."""
     dtype = vlm_dtype(cfg)
-    return load_vlm(cfg["vlm.name"], device=_device(cfg),
+    return load_vlm(cfg.settings.vlm.name, device=_device(cfg),
                     **({} if dtype == "float32" else {"dtype": dtype}))
 
 
 def vlm_dtype(cfg: Config) -> str:
     """`vlm.dtype` (`float32`, `float16` or `bfloat16`); `float32` when the config has none."""
-    return str(cfg.get("vlm.dtype", None) or "float32")
+    return str(cfg.settings.vlm.dtype or "float32")
 
 
 def load_captioner_from_config(cfg: Config) -> Captioner:
@@ -54,9 +55,10 @@ def load_captioner_from_config(cfg: Config) -> Captioner:
 
 def language_model_from_config(cfg: Config, backend=None) -> CachedLanguageModel:
     """The `llm.*` backend behind the answer cache at `<data_dir>/cache/llm_answers.jsonl`."""
-    extra = {"require_key": cfg["llm.mode"] != "replay"} if cfg["llm.name"] == "openai" else {}
+    llm = cfg.settings.llm
+    extra = {"require_key": llm.mode != "replay"} if llm.name == "openai" else {}
     backend = backend or load_language_model(
-        cfg["llm.name"], model=cfg["llm.model"], max_new_tokens=int(cfg["llm.max_new_tokens"]),
-        device=_device(cfg) if cfg["llm.name"] == "transformers" else "cpu", **extra)
+        llm.name, model=llm.model, max_new_tokens=int(llm.max_new_tokens),
+        device=_device(cfg) if llm.name == "transformers" else "cpu", **extra)
     return CachedLanguageModel(backend, Path(cfg.data_dir) / "cache" / "llm_answers.jsonl",
-                               temperature=float(cfg["llm.temperature"]), mode=cfg["llm.mode"])
+                               temperature=float(llm.temperature), mode=llm.mode)
