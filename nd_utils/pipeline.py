@@ -114,8 +114,9 @@ def preflight(cfg, stages: "Iterable[str]") -> None:
     check_data_dir(cfg)
     stages = set(stages)
     keyless = not os.environ.get("OPENAI_API_KEY", "").strip()
-    if (keyless and stages & set(LANGUAGE_MODEL_STAGES) and cfg.get("llm.name") == "openai"
-            and cfg.get("llm.mode") == "live"):
+    llm = cfg.settings.llm
+    if (keyless and stages & set(LANGUAGE_MODEL_STAGES) and llm.name == "openai"
+            and llm.mode == "live"):
         from .backends.openai_backend import MissingApiKeyError
 
         calling = language_model_stages(cfg, stages)  # reads probe sets: only when it matters
@@ -135,13 +136,14 @@ def shared_ray_instance(cfg: Config, log=print):
     Every stage's kernel joins it through `RAY_ADDRESS` instead of starting its own (5-10 s
     each). A configured address (a running cluster) is used as it is; nothing is started then.
     """
-    if cfg.get("executor.name") != "ray" or cfg.get("executor.address") \
+    settings = cfg.settings.executor
+    if settings is None or settings.name != "ray" or settings.address \
             or os.environ.get("RAY_ADDRESS"):
         yield None
         return
     from .executors import load_executor
 
-    ex = load_executor("ray", num_cpus=cfg.get("executor.num_cpus"))
+    ex = load_executor("ray", num_cpus=settings.num_cpus)
     reclaim_signals()  # ray.init's own SIGTERM handler aborts, skipping the shutdown below
     address = ex._ray.get_runtime_context().gcs_address
     info = ex.describe()
