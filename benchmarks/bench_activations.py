@@ -25,7 +25,7 @@ def run_scenario(name: str, probe_name: str, limit: "int | None", batch: int) ->
     import torch
 
     import nd_utils as nd
-    from nd_utils.activations import TargetConsumer
+    from nd_utils.stages.activations import TargetConsumer
     from nd_utils.errors import ProbeError
     from nd_utils.decode_once import CacheJob, run_decode_once
     from nd_utils.store import ArtifactStore
@@ -65,7 +65,7 @@ def main() -> None:
         print(json.dumps(run_scenario(args.scenario, args.probe, args.limit, args.batch)))
         return
     import nd_utils as nd
-    from nd_utils.activations import TargetConsumer
+    from nd_utils.stages.activations import TargetConsumer
     from nd_utils.errors import ProbeError
     try:
         nd.load_probe(args.probe)

@@ -51,8 +51,8 @@ def main() -> None:
 
     import nd_utils as nd
     from nd_utils.store import ArtifactStore
-    from nd_utils.captions import caption_cache
-    from nd_utils.candidate_concepts import language_model_from_config
+    from nd_utils.stages.captions import caption_cache
+    from nd_utils.stages.candidate_concepts import language_model_from_config
 
     layers = args.layers.split(",")
     store = Path(tempfile.mkdtemp(prefix="nd-bench-dnd-"))

@@ -70,7 +70,7 @@ def synthetic_target():
 
 
 def jobs(target):
-    from nd_utils.activations import TargetConsumer
+    from nd_utils.stages.activations import TargetConsumer
     from nd_utils.decode_once import CacheJob
 
     consumer = TargetConsumer(target, list(WIDTHS))

@@ -57,9 +57,9 @@ def main() -> None:
         return run_mode(args)
 
     import nd_utils as nd
-    from nd_utils.image_features import image_feature_jobs_if_missing
+    from nd_utils.stages.image_features import image_feature_jobs_if_missing
     from nd_utils.store import ArtifactStore
-    from nd_utils.synthesis import cache_pool_features
+    from nd_utils.stages.synthesis import cache_pool_features
 
     root = Path(tempfile.mkdtemp(prefix="nd-bench-ray-"))
     base, store = root / "base", root / "store"

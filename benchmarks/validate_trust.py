@@ -29,8 +29,8 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import nd_utils as nd  # noqa: E402
-from nd_utils.image_features import image_feature_jobs_if_missing  # noqa: E402
-from nd_utils.label_trust import layer_trust  # noqa: E402
+from nd_utils.stages.image_features import image_feature_jobs_if_missing  # noqa: E402
+from nd_utils.stages.label_trust import layer_trust  # noqa: E402
 
 # score -> sign that makes higher better
 SCORES = {"trust_similarity": 1, "heldout_r": 1, "heldout_p": -1, "cosy_auc": 1}

@@ -3,7 +3,7 @@
 The package backs the numbered notebooks in `notebooks/`; each stage is one call here. The
 top-level names (`__all__`, about 45: the verbs the notebooks call, their plots and the two
 base errors) are the public surface; everything else lives in its submodule and is imported
-from there (`from nd_utils.clip_dissect import label_key`).
+from there (`from nd_utils.stages.clip_dissect import label_key`).
 
 Imports are lazy (PEP 562): `import nd_utils` loads no heavy library, and a name loads its
 submodule on first use, so `import nd_utils.similarity` or `nd_utils.load_config` does not pull
@@ -32,25 +32,25 @@ _PUBLIC = {
     "load_config": "context", "list_profiles": "config", "open_run": "runs",
     "run_pipeline": "pipeline", "list_executors": "executors", "load_executor": "executors",
     # inputs and models
-    "load_probe": "probes", "list_probes": "probes", "load_probe_from_config": "activations",
+    "load_probe": "probes", "list_probes": "probes", "load_probe_from_config": "stages.activations",
     "load_target": "backends.targets", "list_targets": "backends.targets",
     "from_module": "backends.targets", "load_vlm": "backends.vlm", "list_vlms": "backends.vlm",
     "load_concept_set": "concept_sets", "list_concept_sets": "concept_sets",
     "trace_images": "hooks",
     # 01 activations, 02 CLIP-Dissect
-    "cache_activations": "activations", "load_activations": "activations",
-    "activation_summary": "activations", "dissect_layer": "clip_dissect",
-    "write_label_tables": "clip_dissect", "trust_layers": "label_trust",
-    "layer_trust": "label_trust", "write_trust_summary": "label_trust",
+    "cache_activations": "stages.activations", "load_activations": "stages.activations",
+    "activation_summary": "stages.activations", "dissect_layer": "stages.clip_dissect",
+    "write_label_tables": "stages.clip_dissect", "trust_layers": "stages.label_trust",
+    "layer_trust": "stages.label_trust", "write_trust_summary": "stages.label_trust",
     # 03-06 Describe-and-Dissect
-    "dnd_top_images": "dnd", "dnd_captions": "dnd", "dnd_concepts": "dnd", "dnd_synthesis": "dnd",
-    "dnd_selection": "dnd", "write_top_image_tables": "dnd",
-    "write_concept_tables": "candidate_concepts", "write_concept_image_index": "synthesis",
-    "write_dnd_tables": "dnd", "dnd_vs_clip_dissect": "dnd", "dnd_label_trust": "label_trust",
+    "dnd_top_images": "stages.dnd", "dnd_captions": "stages.dnd", "dnd_concepts": "stages.dnd", "dnd_synthesis": "stages.dnd",
+    "dnd_selection": "stages.dnd", "write_top_image_tables": "stages.dnd",
+    "write_concept_tables": "stages.candidate_concepts", "write_concept_image_index": "stages.synthesis",
+    "write_dnd_tables": "stages.dnd", "dnd_vs_clip_dissect": "stages.dnd", "dnd_label_trust": "stages.label_trust",
     # 07 final-layer evaluation, 08 label quality (plots, report, explorer: nd_utils.viz)
-    "evaluate_final_layer": "evaluation", "published_table": "evaluation",
-    "write_evaluation_tables": "evaluation", "evaluate_label_quality": "label_quality",
-    "write_quality_tables": "label_quality",
+    "evaluate_final_layer": "stages.evaluation", "published_table": "stages.evaluation",
+    "write_evaluation_tables": "stages.evaluation", "evaluate_label_quality": "stages.label_quality",
+    "write_quality_tables": "stages.label_quality",
     # reproducibility and errors
     "seed_everything": "machine", "resolve_device": "machine", "NdUtilsError": "errors",
     "ConfigError": "errors",

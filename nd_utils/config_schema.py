@@ -196,7 +196,7 @@ class Synthesis(_Section):
 
 class Selection(_Section):
     scoring: Annotated[str, one_of("scoring function", "scoring")] = expect(
-        "a scoring function name (see nd_utils.SCORINGS)")
+        "a scoring function name (see nd_utils.scoring.list_scorings())")
     beta: PosInt = expect("a whole number >= 1 (ranks averaged by topk-sq-mean)")
     zeta: PosInt = expect("a whole number >= 1 (global top images for image-products)")
     labels: PosInt = expect("a whole number >= 1 (labels kept per neuron)")

@@ -37,7 +37,7 @@ def registered_names() -> dict:
     from .backends.language_models import list_language_models, list_templates
     from .backends.synthesizers import list_synthesizers
     from .probes import list_probes
-    from .selection import SCORINGS
+    from .scoring import list_scorings
     from .similarity import get_similarity, list_similarities
 
     similarities = list_similarities()
@@ -46,7 +46,7 @@ def registered_names() -> dict:
         params = inspect.signature(get_similarity(name)).parameters.values()
         keywords[name] = [p.name for p in params
                           if p.kind == p.KEYWORD_ONLY and p.name not in _STAGE_KEYWORDS]
-    return {"similarity": similarities, "scoring": list(SCORINGS),
+    return {"similarity": similarities, "scoring": list_scorings(),
             "captioner": list_captioners(), "language_model": list_language_models(),
             "synthesizer": list_synthesizers(), "probe_set": list_probes(),
             "executor": list_executors(), "prompt_version": list_templates(),

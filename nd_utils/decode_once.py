@@ -27,7 +27,7 @@ from .store import Artifact, ArtifactStore, atomic_write_text, save_tensors
 from .tensor_stream import RunningTopK, SafetensorsStream
 
 if TYPE_CHECKING:
-    from .stages import StageOutput
+    from .stage_cache import StageOutput
 
 
 class SimulatedInterruption(RuntimeError):

@@ -61,52 +61,6 @@ def select_notebooks(notebooks: list[Path], stages: "Iterable[str] | str | None"
     return [p for p in notebooks if p.name[:2] in wanted]
 
 
-LANGUAGE_MODEL_STAGES = ("04", "08")  # the stages that may ask `llm.*` for concepts
-
-
-def _why_stage_08_asks_language_model(cfg, stages: set) -> "str | None":
-    """Why stage 08 would ask `llm.*` for candidate concepts, or None when it would not.
-
-    It does when it chooses the labels again on its select part (`labelling_config` says
-    "select": the run's own labels saw held-out images), and when it judges the run's own labels
-    but stage 04 is neither in this run nor in the store, so stage 08 computes it itself. When
-    the quality probe cannot be read, it is taken to re-choose (as `labelling_config` does).
-    Re-chosen labels count as asking even when an earlier stage 08 stored their concepts (their
-    key needs the target's activations); `llm.mode: replay` runs those without a key.
-    Costs one scan of the probe sets (cached), and only runs when a missing key is at stake.
-    """
-    import warnings
-
-    from .errors import NdUtilsError
-    from .store import ArtifactStore
-
-    try:
-        from .label_quality import labelling_config, quality_config, quality_parts
-
-        with warnings.catch_warnings():  # stage 08 itself warns about a fallback probe
-            warnings.simplefilter("ignore")
-            qcfg = quality_config(cfg)
-            _, labels_from = labelling_config(cfg, qcfg, quality_parts(qcfg))
-    except NdUtilsError:
-        labels_from = "select"
-    if labels_from == "select":
-        return "08 chooses the DnD labels again on its select part"
-    if "04" not in stages and not ArtifactStore(cfg.data_dir).find("04_concepts"):
-        return "08 computes the missing stage 04 for the run's own labels"
-    return None
-
-
-def language_model_stages(cfg, stages: "Iterable[str]") -> dict[str, str]:
-    """The stages among `stages` that would ask the language model (04; 08 only when it
-    proposes concepts itself), each with why: `{"04": "...", "08": "..."}`."""
-    stages = set(stages)
-    calling = {"04": "04 proposes the candidate concepts"} if "04" in stages else {}
-    why = _why_stage_08_asks_language_model(cfg, stages) if "08" in stages else None
-    if why:
-        calling["08"] = why
-    return calling
-
-
 def preflight(cfg, stages: "Iterable[str]") -> None:
     """Fail before any work when a selected stage cannot run (e.g. no API key for `openai`)."""
     from .config import check_data_dir
@@ -115,9 +69,9 @@ def preflight(cfg, stages: "Iterable[str]") -> None:
     stages = set(stages)
     keyless = not os.environ.get("OPENAI_API_KEY", "").strip()
     llm = cfg.settings.llm
-    if (keyless and stages & set(LANGUAGE_MODEL_STAGES) and llm.name == "openai"
-            and llm.mode == "live"):
+    if keyless and llm.name == "openai" and llm.mode == "live":
         from .backends.openai_backend import MissingApiKeyError
+        from .stages import language_model_stages
 
         calling = language_model_stages(cfg, stages)  # reads probe sets: only when it matters
         if calling:

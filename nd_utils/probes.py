@@ -526,26 +526,3 @@ def union(*sets: ProbeSet) -> ProbeSet:
                     [sk for s in sets for sk in s.skipped],
                     {"parts": [{"name": s.name, **s.params} for s in sets]},
                     {k: v for s in sets for k, v in s.arrays.items()})
-
-
-def load_probes(specs: list[dict]) -> ProbeSet:
-    """Load one probe set per spec dict ({"name": ..., **params}); several specs are unioned.
-
-    >>> load_probes([{"name": "imagenet-val", "path": "/x"}, {"name": "broden", "path": "/y"}])
-    """
-    if not specs:
-        raise ConfigError("load_probes() needs at least one spec such as {'name': 'offline-sample'}.")
-    sets = []
-    for spec in specs:
-        if "name" not in spec:
-            raise ConfigError(f"probe spec {spec!r} has no 'name'; choose one of {', '.join(list_probes())}.")
-        params = {k: v for k, v in spec.items() if k not in ("name", "split")}
-        sets.append(load_probe(spec["name"], **params))
-    split = [s.get("split") for s in specs if s.get("split") is not None]
-    if split and len(specs) > 1:
-        raise ConfigError("a probe set with 'split' must be listed alone (a split of a union is "
-                          "not supported): keep one entry in the list")
-    if split:
-        from .probe_split import split_part
-        return split_part(sets[0], split[0])
-    return sets[0] if len(sets) == 1 else union(*sets)

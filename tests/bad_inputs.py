@@ -449,7 +449,7 @@ def _(tmp):
     import torch
 
     import nd_utils as nd
-    from nd_utils.clip_dissect import label_table
+    from nd_utils.stages.clip_dissect import label_table
 
     words = tmp / "three.txt"
     words.write_text("dog\ncat\ncar\n")

@@ -7,7 +7,7 @@ from torch import nn
 from torchvision import transforms as T
 
 import nd_utils as nd
-from nd_utils.activations import activation_key
+from nd_utils.stages.activations import activation_key
 from nd_utils.errors import MissingArtifactError, UnknownNameError
 from nd_utils.hooks import count_hooks
 from nd_utils.decode_once import CacheJob, SimulatedInterruption, run_decode_once

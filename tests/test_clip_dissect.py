@@ -4,13 +4,13 @@ import torch
 from torchvision import transforms as T
 
 import nd_utils as nd
-from nd_utils.activations import activation_key
-from nd_utils.clip_dissect import load_concepts_from_config, load_vlm_from_config
-from nd_utils.image_features import image_feature_jobs_if_missing, load_image_features
+from nd_utils.stages.activations import activation_key
+from nd_utils.stages.clip_dissect import load_concepts_from_config, load_vlm_from_config
+from nd_utils.stages.image_features import image_feature_jobs_if_missing, load_image_features
 from nd_utils.errors import MissingArtifactError, UnknownNameError
 from nd_utils.similarity import SIMILARITY_FUNCTIONS
 from nd_utils.backends.vlm import VisionLanguageModel
-from nd_utils import clip_dissect, image_features
+from nd_utils.stages import clip_dissect, image_features
 from nd_utils.store import ArtifactStore
 from test_activations import PRE, Tiny, make_folder
 
@@ -243,7 +243,7 @@ def test_vlm_batch_size_drives_text_and_image_encoder_calls(tmp_path, monkeypatc
     """vlm.batch_size sets the VLM's batches: texts of stage 02 and images of stage 01's shared
     pass (cut by activations.batch_size, split again for the VLM), and of stage 06's pass
     over concept images; it is in no key."""
-    from nd_utils.selection import concept_activation_unit
+    from nd_utils.stages.selection import concept_activation_unit
 
     folder = make_folder(tmp_path / "imgs", n=12, corrupt=False)
     words = ["red", "green", "blue", "cyan", "pink", "gold", "grey"]
@@ -281,7 +281,7 @@ def test_vlm_batch_size_drives_text_and_image_encoder_calls(tmp_path, monkeypatc
 
 
 def test_vlm_dtype_enters_feature_keys_only_when_not_float32(wired):
-    from nd_utils.stages import stage_output
+    from nd_utils.stage_cache import stage_output
 
     cfg, probe, _, target = wired
     concepts = load_concepts_from_config(cfg)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import nd_utils as nd
-from nd_utils.candidate_concepts import (STAGE, clean_candidates, clean_concept, concepts_key,
+from nd_utils.stages.candidate_concepts import (STAGE, clean_candidates, clean_concept, concepts_key,
                                          generate_concepts, parse_answer_reference,
                                          propose_concepts)
 from nd_utils.errors import NdUtilsError
@@ -236,7 +236,7 @@ def test_stage_keys_name_the_diffusers_backend_without_loading_it(tiny_sd_dir, t
     import diffusers
 
     from nd_utils.backends.synthesizers import diffusers_backend_id
-    from nd_utils.synthesis import concept_image_key, concept_images, load_synthesizer_from_config
+    from nd_utils.stages.synthesis import concept_image_key, concept_images, load_synthesizer_from_config
 
     cfg = nd.load_config("offline", [
         f"data_dir={tmp_path}", "device=cpu", "synthesis.name=diffusers",

@@ -8,13 +8,13 @@ import torchvision.transforms as T
 
 from nd_utils.attention_crops import (box_iou, crop_boxes, normalise_map, spatial_maps,
                                       square_transform)
-from nd_utils.candidate_concepts import (answer_problem, clean_candidates, clean_concept,
+from nd_utils.stages.candidate_concepts import (answer_problem, clean_candidates, clean_concept,
                                          parse_answer, propose_concepts)
 from nd_utils.errors import NdUtilsError
 from nd_utils.jsonl_cache import JsonlCache
 from nd_utils.backends.language_models import (CachedLanguageModel, KeywordsLM, ReplayMissError,
                                       load_template, most_frequent_phrase)
-from nd_utils.selection import candidate_ranks, rank_by, score_candidates
+from nd_utils.scoring import candidate_ranks, rank_by, score_candidates
 
 
 # ------------------------------------------------------------------ attention crops
@@ -98,7 +98,7 @@ def test_answer_problems_and_cleaning():
     assert answer_problem("x" * 200) == "too long"
     assert answer_problem(" ".join(["word"] * 13)) == "too long"
     assert answer_problem("red-themed scenes") is None
-    from nd_utils.candidate_concepts import example_lines
+    from nd_utils.stages.candidate_concepts import example_lines
     copied = example_lines(load_template("summarize.v1"))
     assert answer_problem("Red-themed scenes", copied) == "copied an example"
     assert answer_problem("a red barn in a field", copied) == "copied an example"

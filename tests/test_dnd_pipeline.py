@@ -9,14 +9,14 @@ from nd_utils.backends.captioners import list_captioners
 from nd_utils.errors import UnknownNameError
 from nd_utils.backends.language_models import list_language_models
 from nd_utils.store import ArtifactStore
-from nd_utils.synthesis import load_synthesizer_from_config
-from nd_utils.top_images import build_top_images, choose_neurons
+from nd_utils.stages.synthesis import load_synthesizer_from_config
+from nd_utils.stages.top_images import build_top_images, choose_neurons
 from nd_utils.backends.captioners import BlipCaptioner
-from nd_utils.captions import caption_images
+from nd_utils.stages.captions import caption_images
 from nd_utils.errors import MissingArtifactError, NdUtilsError
 from nd_utils.jsonl_cache import JsonlCache
 from nd_utils.backends.synthesizers import DiffusersSynthesizer, image_status
-from nd_utils.synthesis import concept_images
+from nd_utils.stages.synthesis import concept_images
 
 ODD = 'a "quoted"\nconcept ' + "x" * 190  # quotes, a newline, 200+ characters
 
@@ -69,9 +69,9 @@ def test_rerun_reads_everything_from_the_cache(small_cfg, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("a model was loaded although every stage is cached")
 
-    monkeypatch.setattr("nd_utils.top_images.load_target_from_config", boom)
-    monkeypatch.setattr("nd_utils.dnd.load_captioner_from_config", boom)
-    monkeypatch.setattr("nd_utils.dnd.language_model_from_config", boom)
+    monkeypatch.setattr("nd_utils.stages.top_images.load_target_from_config", boom)
+    monkeypatch.setattr("nd_utils.stages.dnd.load_captioner_from_config", boom)
+    monkeypatch.setattr("nd_utils.stages.dnd.language_model_from_config", boom)
     first = nd.dnd_concepts(small_cfg, progress=False)
     again = nd.dnd_concepts(small_cfg, progress=False)
     assert first["head"].key == again["head"].key

@@ -7,10 +7,10 @@ import importlib
 import pytest
 
 # modules whose examples need no model weights, network or artifact store
-PURE = ["stages", "errors", "backends.registry", "machine", "hooks", "similarity", "cosines",
-        "tensor_stream", "imagenet_sample",
-        "label_metrics", "probe_split", "config", "evaluation", "concept_sets", "trust_metrics",
-        "trust_scoring", "viz.trust_plots", "run_faults", "plugins"]
+PURE = ["stage_cache", "stages", "errors", "registry", "machine", "hooks", "similarity",
+        "cosines", "tensor_stream", "imagenet_sample", "scoring", "notices", "config_values",
+        "context", "label_metrics", "probe_split", "config", "stages.evaluation", "concept_sets",
+        "trust_metrics", "stages.trust_scoring", "viz.trust_plots", "run_faults", "plugins"]
 
 
 @pytest.mark.parametrize("name", PURE)

@@ -76,8 +76,8 @@ def test_local_executor_keeps_order_and_names_are_checked():
 
 
 def test_executor_is_never_part_of_a_key(tmp_path):
-    from nd_utils.activations import activation_key
-    from nd_utils.probes import load_probes
+    from nd_utils.stages.activations import activation_key
+    from nd_utils.probe_split import load_probes
 
     probe = load_probes([{"name": "offline-sample"}]).subset(8)
     keys = {activation_key(nd.load_config("offline", [f"executor.name={name}",
@@ -89,7 +89,7 @@ def test_executor_is_never_part_of_a_key(tmp_path):
 def test_chunks_sent_elsewhere_carry_the_callers_batch_size(tmp_path):
     """The retrieval pool's features use vlm.batch_size, stage 01 activations.batch_size: a
     worker must cut a chunk into the caller's batches, or its results differ in the last bits."""
-    from nd_utils.activations import activation_jobs
+    from nd_utils.stages.activations import activation_jobs
     from nd_utils.decode_once import run_decode_once
 
     cfg = nd.load_config("offline", [f"data_dir={tmp_path}", "device=cpu", "probe.limit=10",
@@ -177,8 +177,8 @@ def _answers_with_seed(store: Path, seed: int) -> int:
 
 
 def test_killed_worker_is_retried_and_a_failed_run_resumes(in_process, ray_2_workers):
-    from nd_utils.candidate_concepts import generate_concepts
-    from nd_utils.captions import caption_key
+    from nd_utils.stages.candidate_concepts import generate_concepts
+    from nd_utils.stages.captions import caption_key
 
     store, expected = in_process
     cfg = nd.load_config("offline", dnd_overrides(store, "ray"))
@@ -218,7 +218,7 @@ def test_killed_worker_is_retried_and_a_failed_run_resumes(in_process, ray_2_wor
 def test_a_concept_wanted_by_two_workers_is_synthesised_once(tmp_path, ray_2_workers):
     from functools import partial
 
-    from nd_utils.synthesis import images_of_concept
+    from nd_utils.stages.synthesis import images_of_concept
 
     cfg = nd.load_config("offline", dnd_overrides(tmp_path / "store", "ray"))
     done = ray_2_workers.map(partial(images_of_concept, cfg), ["red fruit"] * 4,

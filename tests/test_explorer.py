@@ -7,11 +7,11 @@ import pytest
 import torch
 
 import nd_utils as nd
-from nd_utils.top_images import choose_neurons
-from nd_utils.activations import load_probe_from_config
+from nd_utils.stages.top_images import choose_neurons
+from nd_utils.stages.activations import load_probe_from_config
 from nd_utils.viz.explorer import MAP_NOTE, NeuronExplorer, list_runs
 from nd_utils.store import ArtifactStore, save_tensors
-from nd_utils.top_images import STAGE, top_images_key
+from nd_utils.stages.top_images import STAGE, top_images_key
 from test_report import _csv, add_label_quality, make_run  # the report tests' run folders
 
 HEAD = ["zebra", "striped horse", "dog", "cat", "red car", "tree", "lamp", "boat"]

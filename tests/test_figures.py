@@ -4,7 +4,7 @@ from pathlib import Path
 
 import nd_utils as nd
 from nd_utils.__main__ import main
-from nd_utils.activations import activation_key, load_probe_from_config
+from nd_utils.stages.activations import activation_key, load_probe_from_config
 from nd_utils.viz.figures import GENERATOR, write_figures
 from test_explorer import add_fc_labels, add_maps
 from test_report import _csv, make_run  # the synthetic run folder of the report's tests

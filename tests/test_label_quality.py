@@ -6,13 +6,14 @@ import pytest
 import torch
 
 import nd_utils as nd
-from nd_utils.clip_dissect import load_vlm_from_config
-from nd_utils.image_features import load_image_features
-from nd_utils.label_quality import quality_config, quality_parts
-from nd_utils import label_quality
+from nd_utils.stages.clip_dissect import load_vlm_from_config
+from nd_utils.stages.image_features import load_image_features
+from nd_utils.stages.label_quality import quality_config, quality_parts
+from nd_utils.stages import image_features, label_quality
 from nd_utils.errors import ConfigError
 from nd_utils.probe_split import split_ids, split_part, split_table
-from nd_utils.probes import load_probe, load_probes
+from nd_utils.probe_split import load_probes
+from nd_utils.probes import load_probe
 
 PARTS = ("select", "pool", "calibrate", "test")
 
@@ -68,7 +69,7 @@ def test_part_activations_are_rows_of_the_whole_cache(quality_cfg, result):
     qcfg = quality_config(quality_cfg)
     parts = quality_parts(qcfg)
     whole = parts["test"].root
-    full = nd.load_activations(label_quality.cfg_for_root(qcfg, parts["test"]), "head",
+    full = nd.load_activations(image_features.cfg_for_root(qcfg, parts["test"]), "head",
                                probe=whole)
     for p in ("select", "test"):
         view = nd.load_activations(qcfg, "head", probe=parts[p])

@@ -13,14 +13,14 @@ from torch import nn
 from torchvision import transforms as T
 
 import nd_utils as nd
-from nd_utils import clip_dissect, image_features, synthesis
+from nd_utils.stages import clip_dissect, image_features, synthesis
 from nd_utils.backends import configured
 from nd_utils import trust_metrics as tm
 from nd_utils.backends.vlm import VisionLanguageModel
-from nd_utils.image_features import image_feature_jobs_if_missing
-from nd_utils.label_trust import layer_trust, trust_layers
+from nd_utils.stages.image_features import image_feature_jobs_if_missing
+from nd_utils.stages.label_trust import layer_trust, trust_layers
 from nd_utils.store import ArtifactStore
-from nd_utils.trust_scoring import TrustSettings, fit_simulator, trust_split
+from nd_utils.stages.trust_scoring import TrustSettings, fit_simulator, trust_split
 
 COLOURS = {"red": 0, "green": 1, "blue": 2}
 
@@ -217,7 +217,7 @@ def test_trust_settings_recompute_trust_only_and_alpha_recomputes_nothing(plante
 
 
 def test_dnd_labels_are_scored_without_their_own_top_images(planted):
-    from nd_utils.label_trust import dnd_layer_trust
+    from nd_utils.stages.label_trust import dnd_layer_trust
 
     cfg, probe, target = planted
 
@@ -257,7 +257,7 @@ def test_cosy_images_from_a_registered_synthesizer_go_through_stages_05_and_06(p
     """Any backend other than `retrieve` (diffusers, a user's) makes CoSy's images through the
     stage-05 cache and scores them through stage 06's target pass."""
     from nd_utils.backends import synthesizers
-    from nd_utils.backends.registry import _Entry
+    from nd_utils.registry import _Entry
 
     class Painter:  # paints the colour its prompt names, with seeded texture
         backend_id, prompts = "painter-v1", []

@@ -116,7 +116,7 @@ def test_cell_progress_lines():
 @pytest.mark.parametrize("warm", [True, False])
 def test_next_kernel_starts_ahead_with_nd_utils_imported(pipeline, tmp_path, warm, capfd):
     notebook(pipeline / "02_second.ipynb",
-             "import sys, pathlib\nwas = 'nd_utils.dnd' in sys.modules\n"
+             "import sys, pathlib\nwas = 'nd_utils.stages.dnd' in sys.modules\n"
              "(pathlib.Path(run_dir) / 'results' / 'warm.txt').write_text(str(was))")
     before = _kernel_children()
     run = nd.run_pipeline("offline", [f"data_dir={tmp_path / 'd'}"], notebook_dir=pipeline,

@@ -211,7 +211,7 @@ def test_a_ray_worker_imports_the_plugins(plugin_dir, monkeypatch):
     from functools import partial
 
     from nd_utils import executors
-    from nd_utils.activations import target_identity
+    from nd_utils.stages.activations import target_identity
 
     monkeypatch.setenv("PYTHONPATH", env_with(plugin_dir)["PYTHONPATH"])  # the workers' too
     monkeypatch.delenv("RAY_ADDRESS", raising=False)

@@ -13,8 +13,8 @@ from PIL import Image
 
 from nd_utils import probes
 from nd_utils.errors import ConfigError, OfflineError, ProbeError, UnknownNameError
-from nd_utils.probes import (ProbeSet, list_probes, load_probe, load_probes,
-                             union)
+from nd_utils.probe_split import load_probes
+from nd_utils.probes import ProbeSet, list_probes, load_probe, union
 
 
 def _save(path, color, fmt=None, size=(24, 16)):

@@ -15,7 +15,7 @@ from PIL import Image
 
 import nd_utils as nd
 from nd_utils.__main__ import main
-from nd_utils.activations import STAGE, activation_key, load_probe_from_config
+from nd_utils.stages.activations import STAGE, activation_key, load_probe_from_config
 from nd_utils.viz.report import script_json, write_report
 from nd_utils.viz.run_folders import open_run_folder
 from nd_utils.store import ArtifactStore, save_tensors

@@ -6,7 +6,8 @@ import warnings
 import pytest
 import torch
 
-from nd_utils import clip_dissect, decode_once, machine, similarity
+from nd_utils import decode_once, machine, similarity
+from nd_utils.stages import clip_dissect
 from nd_utils.machine import config_device, fit_chunk, pins_memory
 from nd_utils.similarity import (SIMILARITY_FUNCTIONS, Cosines, factorized,
                                  neuron_chunk, similarity_on_device)

@@ -6,7 +6,10 @@ import json
 import pytest
 
 from nd_utils.errors import NdUtilsError
-from nd_utils.stages import STAGES, cached_stage, get_stage, stage_output
+from nd_utils.stage_cache import cached_stage, stage_output
+from nd_utils.stages import get_stage, load_stages
+
+STAGES = load_stages()
 from nd_utils.store import ArtifactStore
 
 

@@ -151,7 +151,7 @@ def test_random_init_is_the_same_in_another_process():
 def test_bare_architecture_resolves_to_its_default_weights_when_the_config_loads(monkeypatch):
     import torchvision
 
-    from nd_utils.activations import target_identity
+    from nd_utils.stages.activations import target_identity
     from nd_utils.context import load_config
 
     default = torchvision.models.ResNet50_Weights.DEFAULT.name

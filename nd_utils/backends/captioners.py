@@ -1,4 +1,4 @@
-"""Image captioners for DnD: a registry of backends (the stage is `nd_utils.captions`).
+"""Image captioners for DnD: a registry of backends (the stage is `nd_utils.stages.captions`).
 
 Registry names (`list_captioners`, `load_captioner`):
 
@@ -31,7 +31,7 @@ from PIL import Image
 
 from ..errors import NdUtilsError, OfflineError
 from ..machine import resolve_device
-from .registry import Registry
+from ..registry import Registry
 from .targets import _state_dict_hash, load_target
 
 BLIP_BASE = "Salesforce/blip-image-captioning-base"

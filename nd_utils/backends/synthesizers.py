@@ -1,4 +1,4 @@
-"""Concept-image backends of stage 05 (DnD step 3): a registry (the stage is `nd_utils.synthesis`).
+"""Concept-image backends of stage 05 (DnD step 3): a registry (the stage is `nd_utils.stages.synthesis`).
 
 Registry names (`list_synthesizers`, `load_synthesizer`, `register_synthesizer`):
 
@@ -30,7 +30,7 @@ from ..config import Config
 from ..errors import NdUtilsError, OfflineError
 from ..probes import ProbeSet
 from ..machine import resolve_device
-from .registry import Registry
+from ..registry import Registry
 
 BLANK_STD = 2.0        # pixel std (0-255) below which an image counts as blank
 RETRIEVE_MAX_SIDE = 512
@@ -180,5 +180,5 @@ def list_synthesizers() -> list[str]:
 
 def load_synthesizer(name: str, **kwargs):
     """A synthesizer by registry name; kwargs go to its class (see `load_synthesizer_from_config`
-    in `nd_utils.synthesis` for what the config gives each)."""
+    in `nd_utils.stages.synthesis` for what the config gives each)."""
     return SYNTHESIZERS.load(name, **kwargs)

@@ -59,7 +59,7 @@ def cached_top_images(run: RunView, layer: str):
     """(TopImages with spatial maps, "") for DnD's 03_top_images artifact of `layer`, else
     (None, why); found by the run config's key, else through the paths of its 03 table."""
     from ..store import ArtifactStore
-    from ..top_images import STAGE, TopImages, choose_neurons, top_images_key
+    from ..stages.top_images import STAGE, TopImages, choose_neurons, top_images_key
 
     cfg, folder, table = run.cfg, None, run.top_images(layer)
     if layer not in (cfg.get("dnd.layers") or []) and table is None:

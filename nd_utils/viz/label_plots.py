@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from .activation_plots import draw_thumbnail
-from ..clip_dissect import n_concept_columns
+from ..stages.clip_dissect import n_concept_columns
 from ..similarity import RANK_REORDER_FLOOR
 
 

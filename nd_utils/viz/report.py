@@ -282,8 +282,8 @@ def quality_html(view: RunView) -> str:
 def probe_banners(view: RunView) -> list[str]:
     """The lines shown above the evaluation tables: 07's and 08's probe when it is not the
     configured one (or, for 07, when some classes have no image), as the stages printed them."""
-    from ..evaluation import evaluation_banner
-    from ..label_quality import quality_note
+    from ..stages.evaluation import evaluation_banner
+    from ..stages.label_quality import quality_note
     from ..probes import probe_set_names
 
     def names(key):

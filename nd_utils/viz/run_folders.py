@@ -22,6 +22,7 @@ import pandas as pd
 from ..config import Config
 from ..context import load_config
 from ..errors import NdUtilsError
+from ..stages import list_tables
 
 RANK_REORDER_FLOOR = -3.4028234663852886e38  # = nd_utils.similarity's; no torch import here
 
@@ -29,22 +30,9 @@ RANK_REORDER_FLOOR = -3.4028234663852886e38  # = nd_utils.similarity's; no torch
 RUN_FIELDS = ("config", "source", "force", "stages", "status", "started")
 RERUN = ("rerun the pipeline: python -m nd_utils run CONFIG (a profile such as offline, "
          "or a YAML path)")
-_TABLES = {  # kind -> (file name in results/, columns the readers rely on, notebook(s))
-    "clip_dissect": ("02_clip_dissect_{}.csv", ("unit", "description", "similarity"), "02"),
-    "top_images": ("03_top_images_{}.csv", ("unit", "rank", "image_id", "path", "activation"),
-                   "03"),
-    "dnd": ("06_dnd_{}.csv", ("Neuron ID", "Label 1"), "03-06"),
-    "dnd_candidates": ("06_dnd_candidates_{}.csv", ("unit", "rank", "candidate", "score",
-                                                    "images"), "03-06"),
-    "07_evaluation.csv": ("{}", (), "07"), "07_published.csv": ("{}", (), "07"),
-    "08_label_quality.csv": ("{}", ("layer", "unit", "source", "auc", "mad", "sim_r"), "08"),
-    "08_quality_summary.csv": ("{}", ("layer", "source", "metric", "mean"), "08"),
-    "08_method_comparison.csv": ("{}", ("layer", "metric", "clip_dissect", "dnd"), "08"),
-    "08_sanity_checks.csv": ("{}", ("layer", "metric", "method", "ok"), "08"),
-    "02_trust_summary.csv": ("{}", ("layer", "n_neurons", "n_trusted"), "02"),
-}
-QUALITY_TABLES = ("08_label_quality.csv", "08_quality_summary.csv", "08_method_comparison.csv",
-                  "08_sanity_checks.csv")
+# the result tables the stages declare (stage_cache.Table: kind, file, columns, notebooks)
+_TABLES = {t.kind: t for t in list_tables()}
+QUALITY_TABLES = tuple(t.kind for t in _TABLES.values() if t.notebooks == "08")
 # neuron_table() prefix -> `source` of 08_label_quality.csv; metrics copied per method
 QUALITY_SOURCES = {"cd": "clip_dissect", "dnd": "dnd"}
 QUALITY_METRICS = ("auc", "mad", "sim_r")
@@ -55,7 +43,10 @@ CD_TRUST = {"cd_heldout_r": "heldout_r", "cd_heldout_p": "heldout_p",
 DND_TRUST = {"dnd_heldout_r": "heldout_r", "dnd_heldout_p": "heldout_p",
              "dnd_cosy_auc": "cosy_auc"}
 TRUST_COLUMNS = (*CD_TRUST, "cd_trusted", "cd_trust_label", *DND_TRUST)
-_LAYER_RE = re.compile(r"^(?:02_clip_dissect|03_top_images|06_dnd_candidates|06_dnd)_(.+)\.csv$")
+# a per-layer table's file name -> its layer (longest prefix first: 06_dnd_candidates before 06_dnd)
+_LAYER_RE = re.compile("^(?:" + "|".join(sorted(
+    (re.escape(t.file.split("{}")[0].rstrip("_")) for t in _TABLES.values() if t.file != "{}"),
+    key=len, reverse=True)) + r")_(.+)\.csv$")
 
 
 def runs_dir() -> Path:
@@ -146,8 +137,9 @@ class RunView:
     def _table(self, kind: str, layer: "str | None" = None) -> "pd.DataFrame | None":
         key = (kind, layer)
         if key not in self._cache:
-            pattern, needed, notebooks = _TABLES[kind]
-            path = self.results / pattern.format(kind if layer is None else layer)
+            table_def = _TABLES[kind]
+            needed, notebooks = table_def.columns, table_def.notebooks
+            path = table_def.path(self.results, layer)
             table = None
             if path.is_file():
                 try:  # keep_default_na=False: a concept such as "null" or "NA" stays a string
@@ -219,7 +211,7 @@ class RunView:
     def probe(self):
         """The run's probe set (hashes every image once), or None when it cannot be loaded."""
         if "probe" not in self._cache:
-            from ..activations import load_probe_from_config
+            from ..stages.activations import load_probe_from_config
 
             try:
                 self._cache["probe"] = load_probe_from_config(self.cfg)
@@ -231,7 +223,7 @@ class RunView:
         """The layer's cached activations (LayerActivations), or None when not cached."""
         key = ("activations", layer)
         if key not in self._cache:
-            from ..activations import load_activations
+            from ..stages.activations import load_activations
 
             self._cache[key] = None
             if self.probe() is not None:

@@ -23,25 +23,34 @@ import torch
 from safetensors.torch import load_file
 
 from .activations import activation_key, load_activations, load_probe_from_config
-from .concept_sets import ConceptSet, load_concept_set
-from .config import Config
-from .context import run_context
-from .errors import ConfigError, DamagedArtifactError, MissingArtifactError
+from ..concept_sets import ConceptSet, load_concept_set
+from ..config import Config
+from ..context import run_context
+from ..errors import ConfigError, DamagedArtifactError, MissingArtifactError
 from .image_features import image_feature_key, load_image_features, vlm_key_params
-from .probes import ProbeSet
-from .cosines import Cosines, factorized
-from .similarity import get_similarity, similarity_on_device, top_concepts
-from .stages import STAGES, StageOutput, cached_stage, stage_output
-from .store import ArtifactStore, atomic_write_text, save_tensors
-from .backends.configured import load_vlm_from_config
-from .backends.vlm import VisionLanguageModel
+from ..probes import ProbeSet
+from ..cosines import Cosines, factorized
+from ..similarity import get_similarity, similarity_on_device, top_concepts
+from ..stage_cache import Stage, register_stage, StageOutput, cached_stage, stage_output, Table
+from ..store import ArtifactStore, atomic_write_text, save_tensors
+from ..backends.configured import load_vlm_from_config
+from ..backends.vlm import VisionLanguageModel
 
-TEXT_STAGE = STAGES["02_text_features"]
-LABEL_STAGE = STAGES["02_clip_dissect"]
+TEXT_STAGE = register_stage(Stage("02_text_features", "02_clip_dissect.ipynb", version=1,
+                                 reads=("vlm.name", "clip_dissect.concept_set", "clip_dissect.clean",
+                                        "clip_dissect.template")))
+# v2: rank_reorder floors pairs with mean cosine <= 0 (was NaN, ranked first); label
+# tables rank NaN last and break ties by concept index
+LABEL_STAGE = register_stage(Stage("02_clip_dissect", "02_clip_dissect.ipynb", version=2,
+                                  reads=("clip_dissect.similarity", "clip_dissect.hyperparameters"),
+                                  upstream=("01_activation_caching", "01_image_features", "02_text_features")))
 # texts per encoder call of artifacts that do not record theirs (written before
 # `vlm.batch_size` set it); whole batches of a cached list are reused as they are
 TEXT_BATCH = 256
-from .config_values import STORED_TOP  # concepts kept per neuron in the artifact; tables show top_n
+from ..config_values import STORED_TOP  # concepts kept per neuron in the artifact; tables show top_n
+
+TABLES = (Table("clip_dissect", "02_clip_dissect_{}.csv", ("unit", "description", "similarity"),
+                 "02"),)
 # appended by label_trust.with_trust (that module imports this one, so the names live here)
 TRUST_COLUMNS = ("trust_label", "trust_label_agrees", "heldout_r", "heldout_p", "heldout_q",
                  "cosy_auc", "trusted")
@@ -235,7 +244,7 @@ def write_label_tables(cfg: Config, results: "str | Path", tables: "dict[str, pd
         keep = ["layer", "unit", "description", "similarity"]
         keep += [c for j in range(1, n + 1) for c in (f"concept_{j}", f"score_{j}")]
         keep += [c for c in TRUST_COLUMNS if c in table.columns]   # after `label_trust`
-        path = Path(results) / f"02_clip_dissect_{layer}.csv"
+        path = TABLES[0].path(results, layer)
         atomic_write_text(path, table[keep].to_csv(index=False))
         out[layer] = path
     return out

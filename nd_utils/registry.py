@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
-from ..errors import unknown_name
+from .errors import unknown_name
 
 
 @dataclass

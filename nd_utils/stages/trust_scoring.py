@@ -16,15 +16,16 @@ from dataclasses import dataclass
 
 import torch
 
-from . import label_metrics as lm
-from . import trust_metrics as tm
-from .activations import cache_activations, cfg_for_root, load_activations
-from .config import Config
-from .context import run_context
-from .errors import ConfigError
+from .. import label_metrics as lm
+from .. import trust_metrics as tm
+from .activations import cache_activations, load_activations
+from .image_features import cfg_for_root
+from ..config import Config
+from ..context import run_context
+from ..errors import ConfigError
 from .image_features import load_image_features
-from .probe_split import split_ids
-from .probes import ProbeSet
+from ..probe_split import split_ids
+from ..probes import ProbeSet
 
 
 @dataclass(frozen=True)
@@ -163,7 +164,7 @@ class CosySource:
         return {c: acts[top[j]] for j, c in enumerate(wanted)}
 
     def _synthesised(self, wanted: list[str]) -> "dict[str, torch.Tensor]":
-        from .backends.configured import load_target_from_config
+        from ..backends.configured import load_target_from_config
         from .selection import label_image_activations
 
         target = self.target or load_target_from_config(self.cfg)
@@ -185,6 +186,6 @@ def cosy_by_label(acts_h: torch.Tensor, per_label: "dict[str, torch.Tensor]",
 
 
 def load_configured_vlm(cfg: Config):
-    from .backends.configured import load_vlm_from_config
+    from ..backends.configured import load_vlm_from_config
 
     return load_vlm_from_config(cfg)

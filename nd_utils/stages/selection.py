@@ -28,90 +28,20 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file
 
-from .config import Config
-from .context import run_context
-from .errors import NdUtilsError
-from .hooks import trace_images
-from .stages import STAGES, cached_stage, stage_output
-from .store import atomic_write_text, save_tensors
+from ..config import Config
+from ..context import run_context
+from ..hooks import trace_images
+from ..stage_cache import Stage, register_stage, cached_stage, stage_output
+from ..scoring import check_scoring, rank_by, score_candidates
+from ..store import atomic_write_text, save_tensors
 
-ACT_STAGE = STAGES["06_concept_activations"]
+ACT_STAGE = register_stage(Stage("06_concept_activations", "06_selection.ipynb", version=2,
+                                reads=("target.name", "target.pooling"),
+                                upstream=("05_concept_images",)))
 BATCHES_PER_UNIT = 4     # target batches per executor unit of concept_activations
-STAGE = STAGES["06_selection"]
-SCORINGS = {"mean": False, "topk-sq-mean": False, "image-products": True, "topk-compare": True}
-# value: higher is better?
-
-
-def candidate_ranks(activations: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """`H_j` per candidate: ascending global ranks of its images (rank 0 = highest activation)."""
-    values = np.concatenate([np.asarray(activations[c], dtype=np.float64) for c in activations]) \
-        if activations else np.zeros(0)
-    order = np.argsort(-values, kind="stable")
-    ranks = np.empty(len(values), dtype=np.int64)
-    ranks[order] = np.arange(len(values))
-    out, start = {}, 0
-    for c in activations:
-        n = len(activations[c])
-        out[c] = np.sort(ranks[start:start + n])
-        start += n
-    return out
-
-
-def topk_sq_mean(h: np.ndarray, beta: int = 5) -> float:
-    k = min(int(beta), len(h))
-    return float(np.mean(np.asarray(h[:k], dtype=np.float64) ** 2))
-
-
-def score_candidates(activations: dict[str, np.ndarray], beta: int = 5, zeta: int = 10,
-                     dtop_features: "torch.Tensor | None" = None,
-                     image_features: "dict[str, torch.Tensor] | None" = None) -> pd.DataFrame:
-    """All four scores for one neuron's candidates.
-
-    `activations`: {candidate: its images' activations `[n_j]`} (candidates without images are
-    left out by the caller). `dtop_features [n_top, D]` and `image_features` {candidate:
-    `[n_j, D]`} (unit-norm) are needed for image-products and topk-compare (NaN without them).
-    """
-    H = candidate_ranks(activations)
-    rows = []
-    for c, h in H.items():
-        w = float("nan")
-        if dtop_features is not None and image_features is not None:
-            in_top = h < int(zeta)
-            if in_top.any():
-                # images of c within the global top-zeta: positions in c's own list
-                own = np.argsort(-np.asarray(activations[c]), kind="stable")[:int(in_top.sum())]
-                feats = image_features[c][torch.as_tensor(own)]
-                w = float((dtop_features.float() @ feats.float().T).mean())
-            else:
-                w = -1.0
-        rows.append({"candidate": c, "mean": float(np.mean(h)), "topk_sq_mean": topk_sq_mean(h,
-                     beta), "image_products": w, "n_images": len(h)})
-    table = pd.DataFrame(rows, columns=["candidate", "mean", "topk_sq_mean", "image_products",
-                                        "n_images"])
-    position = table.topk_sq_mean.rank(method="first").astype(int) - 1
-    table["topk_compare"] = (len(table) - position) * table.image_products
-    return table
-
-
-def check_scoring(scoring: str) -> str:
-    if scoring not in SCORINGS:
-        raise NdUtilsError(f"selection.scoring {scoring!r} is unknown: use one of "
-                           f"{', '.join(SCORINGS)}")
-    return scoring
-
-
-def rank_by(table: pd.DataFrame, scoring: str) -> pd.DataFrame:
-    """Order candidates best first by `scoring`; adds `score` and `rank` (1 = chosen label)."""
-    check_scoring(scoring)
-    column = scoring.replace("-", "_")
-    higher = SCORINGS[scoring]
-    out = table.assign(score=table[column])
-    out = out.sort_values(["score", "candidate"], ascending=[not higher, True], kind="stable")
-    out = out.reset_index(drop=True)
-    out["rank"] = np.arange(1, len(out) + 1)
-    return out
-
-
+STAGE = register_stage(Stage("06_selection", "06_selection.ipynb", version=1,
+                            reads=("selection.scoring", "selection.beta", "selection.zeta", "selection.labels"),
+                            upstream=("03_top_images", "04_concepts", "06_concept_activations")))
 @dataclass
 class ConceptActivations:
     """Pooled activations `{layer: [n_images, K]}` and unit-norm VLM features `[n_images, D]`
@@ -198,9 +128,9 @@ def concept_activation_unit(cfg: Config, layers: tuple, features: bool, files: l
     """One unit of `concept_activations`: pooled `{layer: [n, K]}` and VLM features `[n, D]`
     (None without `features`) of some concept image files, in order. Without `target`/`vlm`
     (a Ray worker) the configured ones are loaded once per process."""
-    from .backends.configured import load_target_from_config, load_vlm_from_config
-    from .backends.vlm import encode_images_in_batches
-    from .executors import worker_model
+    from ..backends.configured import load_target_from_config, load_vlm_from_config
+    from ..backends.vlm import encode_images_in_batches
+    from ..executors import worker_model
 
     target = target or worker_model("target", cfg, lambda: load_target_from_config(cfg))
     if features:

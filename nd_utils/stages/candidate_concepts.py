@@ -34,17 +34,20 @@ from functools import partial
 from pathlib import Path
 
 import pandas as pd
-from tqdm.auto import tqdm
 
-from .config import Config
-from .context import run_context
-from .errors import NdUtilsError
-from .backends.configured import language_model_from_config
-from .backends.language_models import CachedLanguageModel, content_words, load_template
-from .stages import STAGES, StageOutput, cached_stage, stage_output
-from .store import atomic_write_text, canonical_json
+from ..config import Config
+from ..context import run_context
+from ..errors import NdUtilsError
+from ..backends.configured import language_model_from_config
+from ..backends.language_models import CachedLanguageModel, content_words, load_template
+from ..stage_cache import Stage, register_stage, StageOutput, cached_stage, stage_output
+from ..store import atomic_write_text, canonical_json
 
-STAGE = STAGES["04_concepts"]
+# v3: the background rule adds "<c> background" beside <c> (it replaced it); llm.guards
+STAGE = register_stage(Stage("04_concepts", "04_concepts.ipynb", version=3,
+                            reads=("llm.name", "llm.model", "llm.temperature", "llm.max_new_tokens",
+                                   "llm.summaries", "llm.prompts", "llm.guards", "seed"),
+                            upstream=("03_captions",)))
 MAX_WORDS, MAX_CHARS = 12, 120
 BACKGROUND_WORDS = {"design", "designs", "graphic", "graphics"}
 GUARDS = ("reference", "strict")
@@ -228,7 +231,7 @@ def concepts_of_neuron(cfg: Config, unit_captions: "tuple[int, list[str]]",
     Without `lm` (on a Ray worker) the configured model is loaded once per process. Returns
     the neuron's concepts and this unit's counters (model calls, cache hits and misses).
     """
-    from .executors import worker_model
+    from ..executors import worker_model
 
     lm = lm or worker_model("llm", cfg, lambda: language_model_from_config(cfg))
     before = lm.stats()
@@ -297,3 +300,8 @@ def write_concept_tables(results: "str | Path", concepts: "dict[str, LayerConcep
         out[layer] = atomic_write_text(Path(results) / f"04_concepts_{layer}.csv",
                                        lc.candidates.to_csv(index=False))
     return out
+
+
+def asks_language_model(cfg, stages: set) -> "str | None":
+    """Stage 04 always asks `llm.*`: it proposes the candidate concepts (the runner's preflight)."""
+    return "04 proposes the candidate concepts"

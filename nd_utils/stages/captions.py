@@ -17,16 +17,19 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image
 
-from .backends.captioners import Captioner, checkpoint_file, file_sha256
-from .backends.configured import load_captioner_from_config
-from .config import Config
-from .context import run_context
-from .jsonl_cache import JsonlCache
-from .stages import STAGES, StageOutput, cached_stage, stage_output
-from .store import atomic_write_text
+from ..backends.captioners import Captioner, checkpoint_file, file_sha256
+from ..backends.configured import load_captioner_from_config
+from ..config import Config
+from ..context import run_context
+from ..jsonl_cache import JsonlCache
+from ..stage_cache import Stage, register_stage, StageOutput, cached_stage, stage_output
+from ..store import atomic_write_text
 from .top_images import TopImages, image_sha256
 
-STAGE = STAGES["03_captions"]
+STAGE = register_stage(Stage("03_captions", "03_captions.ipynb", version=1,
+                            reads=("captioner.name", "captioner.model", "captioner.checkpoint",
+                                   "captioner.max_new_tokens"),
+                            upstream=("03_top_images",)))
 
 
 def caption_images(captioner: Captioner, images: list[Image.Image], hashes: list[str],
@@ -69,7 +72,7 @@ def caption_batch(cfg: Config, backend_id: str, cache_path: str,
 
     The worker loads the configured captioner once per process; returns the batch size.
     """
-    from .executors import worker_model
+    from ..executors import worker_model
 
     captioner = worker_model("captioner", cfg, lambda: load_captioner_from_config(cfg))
     if captioner.backend_id != backend_id:
@@ -89,7 +92,7 @@ def caption_batch(cfg: Config, backend_id: str, cache_path: str,
 
 def captioner_identity(cfg: Config, _unit=None) -> str:
     """The configured captioner's `backend_id`, loaded on (and kept by) the worker."""
-    from .executors import worker_model
+    from ..executors import worker_model
 
     return worker_model("captioner", cfg, lambda: load_captioner_from_config(cfg)).backend_id
 

@@ -15,16 +15,26 @@ from __future__ import annotations
 import torch
 from safetensors.torch import load_file
 
-from .activations import cfg_for_root
-from .backends.configured import load_vlm_from_config, vlm_dtype
-from .backends.vlm import VisionLanguageModel
-from .config import Config
-from .context import run_context
-from .decode_once import CacheJob
-from .probes import ProbeSet
-from .stages import STAGES, StageOutput, stage_output
+from ..backends.configured import load_vlm_from_config, vlm_dtype
+from ..backends.vlm import VisionLanguageModel
+from ..config import Config
+from ..context import run_context
+from ..decode_once import CacheJob
+from ..probes import ProbeSet
+from ..stage_cache import Stage, register_stage, StageOutput, stage_output
 
-IMAGE_STAGE = STAGES["01_image_features"]
+# the vision-language image features share stage 01's decode-once pass over the probe set
+IMAGE_STAGE = register_stage(Stage("01_image_features", "01_activation_caching.ipynb", version=1,
+                                  reads=("vlm.name", "probe.sets", "probe.limit")))
+
+
+def cfg_for_root(cfg: Config, probe: ProbeSet) -> Config:
+    """`cfg` with the split removed from `probe.sets`, so keys are those of the whole set."""
+    if probe.parent is None:
+        return cfg
+    specs = [{k: v for k, v in s.model_dump(exclude_unset=True).items() if k != "split"}
+             for s in run_context(cfg).settings.probe.sets]
+    return cfg.with_overrides({"probe.sets": specs})
 
 
 def vlm_key_params(cfg: Config) -> dict:

@@ -24,17 +24,21 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .activations import activation_key, load_activations, load_probe_from_config
-from .attention_crops import crop_boxes, forward_maps, pooled_activations, resize_square
-from .config import Config
-from .context import run_context
-from .errors import NdUtilsError
-from .probes import ProbeSet
-from .stages import STAGES, StageOutput, cached_stage, stage_output
-from .store import atomic_write_bytes, atomic_write_text, save_tensors
-from .backends.configured import load_target_from_config
-from .backends.targets import Target
+from ..attention_crops import crop_boxes, forward_maps, pooled_activations, resize_square
+from ..config import Config
+from ..context import run_context
+from ..errors import NdUtilsError
+from ..probes import ProbeSet
+from ..stage_cache import Stage, register_stage, StageOutput, cached_stage, stage_output
+from ..store import atomic_write_bytes, atomic_write_text, save_tensors
+from ..backends.configured import load_target_from_config
+from ..backends.targets import Target
 
-STAGE = STAGES["03_top_images"]
+# Describe-and-Dissect (03-06); keys also carry the layer and the chosen neurons
+# version 4: maps of torchvision-preset targets (ResNet-50) cover the whole image
+STAGE = register_stage(Stage("03_top_images", "03_captions.ipynb", version=4,
+                            reads=("dnd.top_k", "dnd.crops", "target.pooling"),
+                            upstream=("01_activation_caching",)))
 
 
 def choose_neurons(cfg: Config, layer: str, n_neurons: int) -> list[int]:

@@ -21,21 +21,27 @@ from pathlib import Path
 
 import pandas as pd
 
-from .activations import cfg_for_root, load_probe_from_config
-from .backends.configured import load_vlm_from_config
+from .activations import load_probe_from_config
+from .image_features import cfg_for_root
+from ..backends.configured import load_vlm_from_config
 from .image_features import (IMAGE_STAGE, image_feature_jobs_if_missing, image_feature_key,
                              load_image_features)
-from .backends.synthesizers import load_synthesizer
-from .config import Config
-from .context import run_context
-from .decode_once import run_decode_once
-from .errors import ProbeError
-from .probes import ProbeSet, load_probes
-from .stages import STAGES, StageOutput, cached_stage, stage_output
-from .store import atomic_write_bytes, atomic_write_text
+from ..backends.synthesizers import load_synthesizer
+from ..config import Config
+from ..context import run_context
+from ..decode_once import run_decode_once
+from ..errors import ProbeError
+from ..probe_split import load_probes
+from ..probes import ProbeSet
+from ..stage_cache import Stage, register_stage, StageOutput, cached_stage, stage_output
+from ..store import atomic_write_bytes, atomic_write_text
 from .top_images import png_bytes
 
-STAGE = STAGES["05_concept_images"]
+# one artifact per (backend, model, prompt, settings, seed): shared by neurons and runs
+STAGE = register_stage(Stage("05_concept_images", "05_synthesis.ipynb", version=1,
+                            reads=("synthesis.name", "synthesis.model", "synthesis.prompt",
+                                   "synthesis.images_per_concept", "synthesis.steps", "synthesis.scheduler",
+                                   "synthesis.guidance_scale", "synthesis.height", "synthesis.width", "seed")))
 
 
 def load_pool(cfg: Config) -> tuple[ProbeSet, str]:
@@ -139,7 +145,7 @@ def concept_images(cfg: Config, concepts: list[str], synth=None, progress: bool 
     second waits for the first's artifact (the store's key lock). `force` makes every
     concept's images again (replacing the cached ones).
     """
-    from .executors import load_executor
+    from ..executors import load_executor
 
     ctx = run_context(cfg)
     ex = executor or (load_executor("local") if synth is not None else ctx.executor)
@@ -174,7 +180,7 @@ def images_of_concept(cfg: Config, concept: str, synth=None, force: bool = False
     """One unit of stage 05: the images of `concept` (cached); returns their key, whether this
     call built them, and the backend. Without `synth` (on a Ray worker) the configured one is
     loaded once per process."""
-    from .executors import worker_model
+    from ..executors import worker_model
 
     synth = synth or worker_model("synthesizer", cfg, lambda: load_synthesizer_from_config(cfg))
     s = run_context(cfg).settings

@@ -39,24 +39,40 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import trust_metrics as tm
+from .. import trust_metrics as tm
 from .activations import activation_key, load_activations, load_probe_from_config
 from .clip_dissect import (cache_text_features, load_concepts_from_config,
                            similarity_hyperparameters, text_feature_key)
-from .concept_sets import ConceptSet
-from .config import Config
-from .context import run_context
-from .cosines import factorized
+from ..concept_sets import ConceptSet
+from ..config import Config
+from ..context import run_context
+from ..cosines import factorized
 from .image_features import image_feature_key, load_image_features
-from .probes import ProbeSet
-from .similarity import get_similarity, similarity_on_device, top_concepts
-from .stages import STAGES, cached_stage, stage_output
-from .store import atomic_write_text
+from ..probes import ProbeSet
+from ..similarity import get_similarity, similarity_on_device, top_concepts
+from ..stage_cache import Stage, register_stage, cached_stage, stage_output, Table
+from ..store import atomic_write_text
 from .trust_scoring import (CosySource, LazyModel, TrustSettings, fit_simulator,
                             load_configured_vlm, null_concept_ids, score_labels, trust_split)
 
-STAGE = STAGES["02_label_trust"]
-DND_STAGE = STAGES["06_label_trust"]
+TABLES = (Table("02_trust_summary.csv", "{}", ("layer", "n_neurons", "n_trusted"), "02"),)
+
+# a held-out trust score for every label (label_trust): keyed by the trust settings (added
+# from `trust:` by TrustSettings.key_params) and by the labels' inputs, so changing a trust
+# setting recomputes no label; the synthesis fields decide CoSy's images
+TRUST_READS = ("seed", "clip_dissect.similarity", "clip_dissect.hyperparameters",
+                "quality.cosy_prompt", "synthesis.name", "synthesis.model", "synthesis.steps",
+                "synthesis.scheduler", "synthesis.guidance_scale", "synthesis.height",
+                "synthesis.width", "target.name", "target.pooling")
+
+STAGE = register_stage(Stage("02_label_trust", "02_clip_dissect.ipynb", version=1,
+                            reads=TRUST_READS,
+                            upstream=("01_activation_caching", "01_image_features", "02_text_features")))
+# DnD's Label 1 of each neuron, scored as 02_label_trust (its D_top images left out)
+DND_STAGE = register_stage(Stage("06_label_trust", "06_selection.ipynb", version=1,
+                                reads=TRUST_READS,
+                                upstream=("01_activation_caching", "01_image_features", "02_text_features",
+                                          "03_top_images", "06_selection")))
 
 
 @dataclass
@@ -265,6 +281,6 @@ def trust_layers(cfg: Config, tables: "dict[str, pd.DataFrame]", probe: "ProbeSe
 
 
 def write_trust_summary(results: "str | Path", summary: pd.DataFrame) -> Path:
-    path = Path(results) / "02_trust_summary.csv"
+    path = TABLES[0].path(results)
     atomic_write_text(path, summary.to_csv(index=False))
     return path

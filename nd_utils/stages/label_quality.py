@@ -39,26 +39,40 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import label_metrics as lm
-from .activations import (cache_activations, cfg_for_root, load_activations,
-                          load_probe_from_config)
-from .backends.configured import load_target_from_config, load_vlm_from_config
+from .. import label_metrics as lm
+from .activations import cache_activations, load_activations, load_probe_from_config
+from .image_features import cfg_for_root
+from ..backends.configured import load_target_from_config, load_vlm_from_config
 from .clip_dissect import dissect_layer, load_concepts_from_config
 from .image_features import image_feature_jobs_if_missing, load_image_features
-from .config import Config
-from .context import run_context
+from ..config import Config
+from ..context import run_context
 from .dnd import dnd_selection
-from .errors import ConfigError, OfflineError, ProbeError
-from .probe_split import split_part, split_table
-from .probes import ProbeSet, load_probes, probe_set_names
-from .machine import seed_everything
+from ..errors import ConfigError, NdUtilsError, OfflineError, ProbeError
+from ..probe_split import split_part, split_table
+from ..probe_split import load_probes
+from ..probes import ProbeSet, probe_set_names
+from ..machine import seed_everything
 from .selection import label_image_activations
-from .stages import STAGES, cached_stage, stage_output
-from .notices import record_notice
-from .store import atomic_write_text
+from ..stage_cache import Stage, register_stage, cached_stage, stage_output, Table
+from ..notices import record_notice
+from ..store import atomic_write_text
 from .synthesis import load_pool
 
-STAGE = STAGES["08_label_quality"]
+TABLES = (Table("08_label_quality.csv", "{}", ("layer", "unit", "source", "auc", "mad", "sim_r"),
+                "08"),
+          Table("08_quality_summary.csv", "{}", ("layer", "source", "metric", "mean"), "08"),
+          Table("08_method_comparison.csv", "{}", ("layer", "metric", "clip_dissect", "dnd"),
+                "08"),
+          Table("08_sanity_checks.csv", "{}", ("layer", "metric", "method", "ok"), "08"))
+
+# label quality: the labels judged (see labelling_config) are an input, hashed with the
+# settings that decide the CoSy images, the simulator and the held-out activations
+STAGE = register_stage(Stage("08_label_quality", "08_label_quality.ipynb", version=1,
+                            reads=("quality.probe_sets", "quality.split", "quality.cosy_prompt",
+                                   "quality.cosy_images", "seed", "target.name", "target.pooling", "vlm.name",
+                                   "synthesis.name", "synthesis.model", "synthesis.steps", "synthesis.scheduler",
+                                   "synthesis.guidance_scale", "synthesis.height", "synthesis.width")))
 METRICS = ("auc", "mad", "auprc", "sim_r")
 METHODS = ("clip_dissect", "dnd")
 CONSTANT = "constant 'depiction'"
@@ -393,3 +407,30 @@ def write_quality_tables(results: "str | Path", result: QualityResult) -> dict[s
         out[name] = Path(results) / f"{name}.csv"
         atomic_write_text(out[name], df.to_csv(index=False))
     return out
+
+
+def asks_language_model(cfg, stages: set) -> "str | None":
+    """Why stage 08 would ask `llm.*` for candidate concepts, or None when it would not.
+
+    It does when it chooses the labels again on its select part (`labelling_config` says
+    "select": the run's own labels saw held-out images), and when it judges the run's own labels
+    but stage 04 is neither in this run nor in the store, so stage 08 computes it itself. When
+    the quality probe cannot be read, it is taken to re-choose (as `labelling_config` does).
+    Re-chosen labels count as asking even when an earlier stage 08 stored their concepts (their
+    key needs the target's activations); `llm.mode: replay` runs those without a key.
+    Costs one scan of the probe sets (cached), and only runs when a missing key is at stake.
+    """
+    import warnings
+
+    try:
+        with warnings.catch_warnings():  # stage 08 itself warns about a fallback probe
+            warnings.simplefilter("ignore")
+            qcfg = quality_config(cfg)
+            _, labels_from = labelling_config(cfg, qcfg, quality_parts(qcfg))
+    except NdUtilsError:
+        labels_from = "select"
+    if labels_from == "select":
+        return "08 chooses the DnD labels again on its select part"
+    if "04" not in stages and not run_context(cfg).store.find("04_concepts"):
+        return "08 computes the missing stage 04 for the run's own labels"
+    return None

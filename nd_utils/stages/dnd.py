@@ -21,20 +21,27 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from .backends.configured import (language_model_from_config, load_captioner_from_config,
+from ..backends.configured import (language_model_from_config, load_captioner_from_config,
                                   load_target_from_config, load_vlm_from_config)
 from .captions import cache_captions, caption_key
 from .candidate_concepts import STAGE as CONCEPT_STAGE
 from .candidate_concepts import LayerConcepts, concepts_key, generate_concepts
-from .config import Config
-from .context import run_context
-from .machine import seed_everything
+from ..config import Config
+from ..context import run_context
+from ..machine import seed_everything
 from .selection import STAGE as SELECT_STAGE
 from .selection import concept_activations, select_labels
-from .stages import cached_stage, stage_output
-from .store import atomic_write_text
+from ..stage_cache import cached_stage, stage_output, Table
+from ..store import atomic_write_text
 from .synthesis import ConceptImages, concept_images, load_synthesizer_from_config
 from .top_images import TopImages, build_top_images
+
+# the tables of DnD's notebooks 03-06, written here (write_top_image_tables, write_dnd_tables)
+TABLES = (Table("top_images", "03_top_images_{}.csv",
+                ("unit", "rank", "image_id", "path", "activation"), "03"),
+          Table("dnd", "06_dnd_{}.csv", ("Neuron ID", "Label 1"), "03-06"),
+          Table("dnd_candidates", "06_dnd_candidates_{}.csv",
+                ("unit", "rank", "candidate", "score", "images"), "03-06"))
 
 
 def dnd_layers(cfg: Config) -> list[str]:
@@ -150,7 +157,7 @@ def _dtop_features(top: TopImages, vlm, batch_size: "int | None" = None
                    ) -> dict[int, torch.Tensor]:
     """Unit-norm VLM embeddings `[n_top, D]` of each neuron's D_top items, at most
     `batch_size` (`vlm.batch_size`) images per encoder call."""
-    from .backends.vlm import encode_images_in_batches
+    from ..backends.vlm import encode_images_in_batches
 
     out = {}
     for unit in top.neurons:
@@ -166,14 +173,14 @@ def write_dnd_tables(results: "str | Path", selection: dict[str, LayerSelection]
     Label 1 when `trust` is given: `dnd_label_trust`) and `06_dnd_candidates_<layer>.csv`."""
     out = {}
     for layer, sel in selection.items():
-        path = Path(results) / f"06_dnd_{layer}.csv"
+        path = TABLES[1].path(results, layer)
         labels = sel.labels
         if trust and layer in trust:
             t = trust[layer].set_index("Neuron ID").reindex(labels["Neuron ID"].astype(int))
             labels = labels.assign(**{c: t[c].to_numpy(dtype=float)
                                       for c in ("heldout_r", "heldout_p", "cosy_auc")})
         atomic_write_text(path, labels.to_csv(index=False))
-        atomic_write_text(Path(results) / f"06_dnd_candidates_{layer}.csv",
+        atomic_write_text(TABLES[2].path(results, layer),
                           sel.candidates.to_csv(index=False))
         out[layer] = path
     return out
@@ -211,7 +218,7 @@ def write_top_image_tables(results: "str | Path", tops: dict[str, TopImages],
             c = captions[layer][["unit", "rank", "caption"]]
             t = t.merge(c, on=["unit", "rank"], how="left")
             t.loc[t["rank"] == 0, "caption"] = ""
-        path = Path(results) / f"03_top_images_{layer}.csv"
+        path = TABLES[0].path(results, layer)
         atomic_write_text(path, t.to_csv(index=False))
         out[layer] = path
     return out

@@ -20,19 +20,25 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file
 
-from .config import Config
-from .context import run_context
-from .decode_once import CacheJob, run_decode_once
-from .errors import NdUtilsError
-from .hooks import trace_batch, trace_images
-from .notices import record_notice
-from .probes import ProbeSet, load_probes
-from .stages import STAGES, StageOutput, stage_output
-from .store import Artifact
-from .backends.configured import load_target_from_config
-from .backends.targets import Target, is_pinned, is_random_init, random_init_id
+from ..config import Config
+from ..context import run_context
+from ..decode_once import CacheJob, run_decode_once
+from ..errors import NdUtilsError
+from ..hooks import trace_batch, trace_images
+from ..notices import record_notice
+from ..probe_split import load_probes
+from ..probes import ProbeSet
+from .image_features import IMAGE_STAGE, cfg_for_root, image_feature_job
+from ..stage_cache import Stage, register_stage, StageOutput, stage_output
+from ..store import Artifact
+from ..backends.configured import load_target_from_config
+from ..backends.targets import Target, is_pinned, is_random_init, random_init_id
 
-STAGE = STAGES["01_activation_caching"]
+# v2: top images merged chunk by chunk, equal activations by ascending image index and NaN
+# last (torch.topk over the whole layer left ties unspecified and put NaN first)
+STAGE = register_stage(Stage("01_activation_caching", "01_activation_caching.ipynb", version=2,
+                            reads=("target.name", "target.pooling", "probe.sets", "probe.limit",
+                                   "activations.top_k")))
 
 
 class TargetConsumer:
@@ -63,15 +69,6 @@ def load_probe_from_config(cfg: Config) -> ProbeSet:
             raise NdUtilsError(f"probe.limit must be a positive number of images or null, got {limit}")
         probe = probe.subset(int(limit))
     return probe
-
-
-def cfg_for_root(cfg: Config, probe: ProbeSet) -> Config:
-    """`cfg` with the split removed from `probe.sets`, so keys are those of the whole set."""
-    if probe.parent is None:
-        return cfg
-    specs = [{k: v for k, v in s.model_dump(exclude_unset=True).items() if k != "split"}
-             for s in run_context(cfg).settings.probe.sets]
-    return cfg.with_overrides({"probe.sets": specs})
 
 
 def target_identity(cfg: Config, target: "Target | None" = None) -> str:
@@ -161,7 +158,7 @@ def warn_if_disk_short(cfg: Config, target: Target, probe: ProbeSet, jobs: list)
     """Before stage 01 writes `jobs`: their size (images x the layers' pooled widths, from one
     blank image's forward pass, plus image features) against the free space of `data_dir`; a
     warning and a run notice when it is short (`run_faults.check_free_space`)."""
-    from .run_faults import check_free_space, human_bytes, stage01_bytes
+    from ..run_faults import check_free_space, human_bytes, stage01_bytes
 
     if not jobs or not len(probe):
         return
@@ -206,10 +203,9 @@ def activation_chunk_unit(cfg: Config, item: tuple) -> dict:
     """
     import time
 
-    from .backends.configured import load_target_from_config, load_vlm_from_config
-    from .decode_once import compute_chunk
-    from .executors import worker_model
-    from .image_features import IMAGE_STAGE, image_feature_job
+    from ..backends.configured import load_target_from_config, load_vlm_from_config
+    from ..decode_once import compute_chunk
+    from ..executors import worker_model
 
     c, lo, hi, wanted, batch_size = item
     probe = worker_model("probe", cfg, lambda: load_probe_from_config(cfg))

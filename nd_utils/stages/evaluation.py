@@ -36,21 +36,24 @@ import pandas as pd
 import torch
 
 from .activations import cache_activations, load_activations, load_probe_from_config
-from .backends.configured import load_target_from_config, load_vlm_from_config
+from ..backends.configured import load_target_from_config, load_vlm_from_config
 from .clip_dissect import cache_text_features, load_concepts_from_config
 from .image_features import image_feature_jobs_if_missing, load_image_features
-from .concept_sets import (PAPER_SETS, ConceptSet, _sha256_concepts, imagenet_label_lines,
+from ..concept_sets import (PAPER_SETS, ConceptSet, _sha256_concepts, imagenet_label_lines,
                        load_concept_set)
-from .config import Config
-from .context import run_context
-from .errors import NdUtilsError, OfflineError, ProbeError
-from .backends.sentence_encoders import load_sentence_encoder as sentence_encoder
-from .backends.sentence_models import MINILM
-from .cosines import factorized
-from .similarity import similarity_on_device, top_concepts
-from .notices import record_notice
-from .probes import probe_set_names
-from .store import atomic_write_text
+from ..config import Config
+from ..context import run_context
+from ..errors import NdUtilsError, OfflineError, ProbeError
+from ..backends.sentence_encoders import load_sentence_encoder as sentence_encoder
+from ..backends.sentence_models import MINILM
+from ..cosines import factorized
+from ..similarity import similarity_on_device, top_concepts
+from ..notices import record_notice
+from ..probes import probe_set_names
+from ..store import atomic_write_text
+from ..stage_cache import Table
+
+TABLES = (Table("07_evaluation.csv", "{}", (), "07"), Table("07_published.csv", "{}", (), "07"))
 
 BASELINE_LABEL = "depiction"
 CLASS_NAME_SETS = ("imagenet_classes", "imagenet_labels", "cifar100_classes")
