@@ -175,7 +175,8 @@ def test_stage_version_bump_recomputes(setup, monkeypatch):
         probe = nd.load_probe_from_config(cfg)
     old = activation_key(cfg, "fc", probe, target)
     nd.cache_activations(cfg, target=target, probe=probe, progress=False)
-    from nd_utils import activations, stages
+    from nd_utils import stage_cache as stages
+    from nd_utils.stages import activations
     newer = stages.Stage(**{**activations.STAGE.__dict__, "version": activations.STAGE.version + 1})
     monkeypatch.setattr(activations, "STAGE", newer)
     assert activation_key(cfg, "fc", probe, target) != old

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 import nd_utils
-from nd_utils import concept_sets, evaluation
+from nd_utils import concept_sets
+from nd_utils.stages import evaluation
 from nd_utils.concept_sets import PAPER_SETS, imagenet_label_lines, imagenet_labels_from_timm
 from nd_utils.errors import NdUtilsError
 from nd_utils.stages.evaluation import (_EmbeddingCache, ground_truth, mean_pair_cosine, reading_notes,

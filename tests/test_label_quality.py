@@ -112,7 +112,7 @@ def test_metrics_match_a_direct_computation(quality_cfg, result):
     from scipy.stats import pearsonr
     from sklearn.metrics import average_precision_score, roc_auc_score
 
-    from nd_utils import selection, synthesis
+    from nd_utils.stages import selection, synthesis
 
     qcfg = quality_config(quality_cfg)
     parts = quality_parts(qcfg)
