@@ -171,7 +171,8 @@ def test_reading_notes_name_the_circularity_of_conse():
 def test_imagenet_labels_as_concept_set_works_offline_and_equals_the_paper_set():
     pytest.importorskip("timm")
     gt, info = ground_truth(_short_names(), allow_download=False)
-    offline = evaluation._concepts_for({"clip_dissect.clean": None}, "imagenet_labels", gt, info)
+    cfg = nd_utils.load_config("offline", ["clip_dissect.clean=null"])
+    offline = evaluation._concepts_for(cfg, "imagenet_labels", gt, info)
     paper = concept_sets.load_concept_set("imagenet_labels", local_dir=REF_FILE.parent)
     assert offline.concepts == paper.concepts and offline.sha256 == paper.sha256
     assert offline.concepts[0] == "tench, Tinca tinca" and len(offline) == 1000

@@ -201,7 +201,8 @@ def test_run_labels_are_judged_only_when_held_out(quality_cfg, result):
                               **({"split": {"part": part, **split}} if part else {})}]
         cfg = quality_cfg.with_overrides({"probe.sets": spec(probe_part),
                                           "synthesis.pool": spec(pool_part),
-                                          "synthesis.name": synthesis})
+                                          "synthesis.name": synthesis,  # a valid config:
+                                          "synthesis.model": "CompVis/stable-diffusion-v1-4"})
         return label_quality.labelling_config(cfg, qcfg, parts)[1]
 
     assert decide("select", "pool") == "run"
