@@ -24,7 +24,8 @@ from .config import Config
 from .decode_once import CacheJob, run_decode_once
 from .errors import NdUtilsError
 from .hooks import trace_batch, trace_images
-from .probes import ProbeSet, load_probes
+from .probe_set import ProbeSet
+from .probes import load_probes
 from .machine import resolve_device
 from .stages import STAGES, StageOutput, stage_output
 from .store import Artifact, ArtifactStore
@@ -174,7 +175,7 @@ def warn_if_disk_short(cfg: Config, target: Target, probe: ProbeSet, jobs: list)
                                f"{sum(widths.values()):,} neurons, {human_bytes(need)} at its "
                                f"peak)")
     if message:
-        from .pipeline import record_notice  # lazy, as probes does: the runner's notices
+        from .pipeline import record_notice  # lazy, as probe_set does: the runner's notices
 
         record_notice("disk_space", message, stage="01")
 

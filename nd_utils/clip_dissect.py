@@ -27,7 +27,7 @@ from .concept_sets import ConceptSet, load_concept_set
 from .config import Config
 from .errors import ConfigError, DamagedArtifactError, MissingArtifactError
 from .image_features import image_feature_key, load_image_features, vlm_key_params
-from .probes import ProbeSet
+from .probe_set import ProbeSet
 from .machine import config_device
 from .cosines import Cosines, factorized
 from .similarity import get_similarity, similarity_on_device, top_concepts

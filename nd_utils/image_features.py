@@ -20,7 +20,7 @@ from .backends.configured import load_vlm_from_config, vlm_dtype
 from .backends.vlm import VisionLanguageModel
 from .config import Config
 from .decode_once import CacheJob
-from .probes import ProbeSet
+from .probe_set import ProbeSet
 from .stages import STAGES, StageOutput, stage_output
 from .store import ArtifactStore
 

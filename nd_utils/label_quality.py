@@ -49,7 +49,8 @@ from .config import Config
 from .dnd import dnd_selection
 from .errors import ConfigError, OfflineError, ProbeError
 from .probe_split import split_part, split_table
-from .probes import ProbeSet, load_probes, probe_set_names
+from .probe_set import ProbeSet
+from .probes import load_probes, probe_set_names
 from .machine import seed_everything
 from .selection import label_image_activations
 from .stages import STAGES, cached_stage, stage_output

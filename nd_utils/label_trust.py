@@ -48,7 +48,7 @@ from .config import Config
 from .cosines import factorized
 from .image_features import image_feature_key, load_image_features
 from .machine import config_device
-from .probes import ProbeSet
+from .probe_set import ProbeSet
 from .similarity import get_similarity, similarity_on_device, top_concepts
 from .stages import STAGES, cached_stage, stage_output
 from .store import ArtifactStore, atomic_write_text

@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import ConfigError
-from .probes import ProbeSet
+from .probe_set import ProbeSet
 
 DEFAULT_FRACTIONS = {"select": 0.4, "pool": 0.2, "calibrate": 0.1, "test": 0.3}
 PART_ORDER = ("select", "pool", "calibrate", "test")

@@ -29,7 +29,8 @@ from .backends.synthesizers import load_synthesizer
 from .config import Config
 from .decode_once import run_decode_once
 from .errors import ProbeError
-from .probes import ProbeSet, load_probes
+from .probe_set import ProbeSet
+from .probes import load_probes
 from .machine import resolve_device
 from .stages import STAGES, StageOutput, cached_stage, stage_output
 from .store import ArtifactStore, atomic_write_bytes, atomic_write_text

@@ -27,7 +27,7 @@ from .activations import activation_key, load_activations, load_probe_from_confi
 from .attention_crops import crop_boxes, forward_maps, pooled_activations, resize_square
 from .config import Config
 from .errors import NdUtilsError
-from .probes import ProbeSet
+from .probe_set import ProbeSet
 from .machine import resolve_device
 from .stages import STAGES, StageOutput, cached_stage, stage_output
 from .store import ArtifactStore, atomic_write_bytes, atomic_write_text, save_tensors

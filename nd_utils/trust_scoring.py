@@ -22,8 +22,8 @@ from .activations import cache_activations, cfg_for_root, load_activations
 from .config import Config
 from .errors import ConfigError
 from .image_features import load_image_features
+from .probe_set import ProbeSet
 from .probe_split import split_ids
-from .probes import ProbeSet
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,8 @@ import pytest
 # modules whose examples need no model weights, network or artifact store
 PURE = ["stages", "errors", "backends.registry", "machine", "hooks", "similarity", "cosines",
         "tensor_stream", "imagenet_sample",
-        "label_metrics", "probe_split", "config", "evaluation", "concept_sets", "trust_metrics",
-        "trust_scoring", "viz.trust_plots", "run_faults"]
+        "label_metrics", "probe_split", "config", "evaluation", "concept_sets", "concept_text",
+        "trust_metrics", "trust_scoring", "viz.trust_plots", "run_faults"]
 
 
 @pytest.mark.parametrize("name", PURE)
