@@ -61,7 +61,7 @@ def main() -> None:
     from nd_utils.backends.vlm import load_vlm
     from nd_utils.hooks import trace_images
     from nd_utils.machine import resolve_device
-    from nd_utils.probe_split import load_probes
+    from nd_utils.probes import load_probes
     from nd_utils.similarity import soft_wpmi
 
     device = resolve_device(args.device)

@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import ConfigError
-from .probes import ProbeSet, list_probes, load_probe, union
+from .probe_set import ProbeSet
 
 DEFAULT_FRACTIONS = {"select": 0.4, "pool": 0.2, "calibrate": 0.1, "test": 0.3}
 PART_ORDER = ("select", "pool", "calibrate", "test")
@@ -103,25 +103,3 @@ def split_table(probe: ProbeSet, fractions: "dict[str, float] | None" = None, se
                          "sha256": [it.sha256 for it in probe.items],
                          "label": [it.label for it in probe.items],
                          "path": [it.path for it in probe.items]})
-
-
-def load_probes(specs: list[dict]) -> ProbeSet:
-    """Load one probe set per spec dict ({"name": ..., **params}); several specs are unioned.
-
-    >>> load_probes([{"name": "imagenet-val", "path": "/x"}, {"name": "broden", "path": "/y"}])  # doctest: +SKIP
-    """
-    if not specs:
-        raise ConfigError("load_probes() needs at least one spec such as {'name': 'offline-sample'}.")
-    sets = []
-    for spec in specs:
-        if "name" not in spec:
-            raise ConfigError(f"probe spec {spec!r} has no 'name'; choose one of {', '.join(list_probes())}.")
-        params = {k: v for k, v in spec.items() if k not in ("name", "split")}
-        sets.append(load_probe(spec["name"], **params))
-    split = [s.get("split") for s in specs if s.get("split") is not None]
-    if split and len(specs) > 1:
-        raise ConfigError("a probe set with 'split' must be listed alone (a split of a union is "
-                          "not supported): keep one entry in the list")
-    if split:
-        return split_part(sets[0], split[0])
-    return sets[0] if len(sets) == 1 else union(*sets)

@@ -32,11 +32,11 @@ def tiny_sd_dir(tmp_path_factory) -> Path:
 @pytest.fixture
 def isolated_concepts(monkeypatch, tmp_path):
     """No test reads the user's concept cache or concept dir, and none touches the network."""
-    from nd_utils import concept_sets
+    from nd_utils import paper_concept_files
 
     monkeypatch.setenv("ND_CONCEPT_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("ND_CONCEPT_DIR", raising=False)
 
     def no_network(*a, **k):
         raise AssertionError("test tried to use the network")
-    monkeypatch.setattr(concept_sets, "urlopen", no_network)
+    monkeypatch.setattr(paper_concept_files, "urlopen", no_network)

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 import nd_utils
-from nd_utils import concept_sets
-from nd_utils.concept_sets import ConceptSet, list_concept_sets, load_concept_set, parse_concept_text
+from nd_utils import concept_text, paper_concept_files
+from nd_utils.concept_sets import ConceptSet, list_concept_sets, load_concept_set
+from nd_utils.concept_text import parse_concept_text
 from nd_utils.errors import NdUtilsError, OfflineError, UnknownNameError
 
 
@@ -61,9 +62,10 @@ def test_file_report_counts_blank_lines(tmp_path):
 
 # ---------------------------------------------------------------- paper files
 @needs_ref
-@pytest.mark.parametrize("name", list(concept_sets.PAPER_SETS))
+@pytest.mark.parametrize("name", list(paper_concept_files.PAPER_SETS))
 def test_pins_match_reference_copies(name):
-    assert hashlib.sha256((REF / f"{name}.txt").read_bytes()).hexdigest() == concept_sets.PAPER_SETS[name][0]
+    pin = paper_concept_files.PAPER_SETS[name][0]
+    assert hashlib.sha256((REF / f"{name}.txt").read_bytes()).hexdigest() == pin
 
 
 @needs_ref
@@ -71,8 +73,8 @@ def test_pins_match_reference_copies(name):
                                        ("broden_labels_clean", 1197), ("imagenet_labels", 1000)])
 def test_load_paper_sets_locally(name, size, monkeypatch):
     cs = load_concept_set(name, local_dir=REF, dedupe=False)
-    assert len(cs) == size == concept_sets.PAPER_SETS[name][1]
-    assert cs.report["file_sha256"] == concept_sets.PAPER_SETS[name][0]
+    assert len(cs) == size == paper_concept_files.PAPER_SETS[name][1]
+    assert cs.report["file_sha256"] == paper_concept_files.PAPER_SETS[name][0]
     monkeypatch.setenv("ND_CONCEPT_DIR", str(REF))
     assert load_concept_set(name, dedupe=False).concepts == cs.concepts
 
@@ -115,19 +117,19 @@ class _Resp(io.BytesIO):
 
 
 def _pin(monkeypatch, data: bytes):
-    monkeypatch.setitem(concept_sets.PAPER_SETS, "3k", (hashlib.sha256(data).hexdigest(), 3))
+    monkeypatch.setitem(paper_concept_files.PAPER_SETS, "3k", (hashlib.sha256(data).hexdigest(), 3))
 
 
 def test_download_offline(monkeypatch, tmp_path):
     def fail(url, timeout=None):
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
-    monkeypatch.setattr(concept_sets, "urlopen", fail)
+    monkeypatch.setattr(paper_concept_files, "urlopen", fail)
     with pytest.raises(OfflineError) as err:
         load_concept_set("20k", cache_dir=tmp_path / "c")
     msg = str(err.value)
     for alt in ("words-20k", "imagenet_classes", "cifar100_classes", "ND_CONCEPT_DIR", "local_dir"):
         assert alt in msg
-    assert str(tmp_path / "c" / "20k.txt") in msg and concept_sets.PAPER_SETS["20k"][0] in msg
+    assert str(tmp_path / "c" / "20k.txt") in msg and paper_concept_files.PAPER_SETS["20k"][0] in msg
     assert not (tmp_path / "c").exists() or not any((tmp_path / "c").iterdir())
     with pytest.raises(OfflineError, match="allow_download=False"):
         load_concept_set("20k", cache_dir=tmp_path / "c", allow_download=False)
@@ -141,10 +143,10 @@ def test_download_caches_after_hash_check(monkeypatch, tmp_path):
     def serve(url, timeout=None):
         urls.append(url)
         return _Resp(data)
-    monkeypatch.setattr(concept_sets, "urlopen", serve)
+    monkeypatch.setattr(paper_concept_files, "urlopen", serve)
     cs = load_concept_set("3k", cache_dir=tmp_path)
-    assert list(cs) == ["red", "green", "blue"] and cs.source == concept_sets.BASE_URL + "3k.txt"
-    assert urls == [concept_sets.BASE_URL + "3k.txt"]
+    assert list(cs) == ["red", "green", "blue"] and cs.source == paper_concept_files.BASE_URL + "3k.txt"
+    assert urls == [paper_concept_files.BASE_URL + "3k.txt"]
     assert (tmp_path / "3k.txt").read_bytes() == data
     again = load_concept_set("3k", cache_dir=tmp_path, allow_download=False)  # from the cache
     assert again.concepts == cs.concepts and len(urls) == 1 and again.source == str(tmp_path / "3k.txt")
@@ -152,7 +154,8 @@ def test_download_caches_after_hash_check(monkeypatch, tmp_path):
 
 def test_download_wrong_bytes_caches_nothing(monkeypatch, tmp_path):
     _pin(monkeypatch, b"red\ngreen\n")
-    monkeypatch.setattr(concept_sets, "urlopen", lambda url, timeout=None: _Resp(b"<html>moved</html>"))
+    monkeypatch.setattr(paper_concept_files, "urlopen",
+                        lambda url, timeout=None: _Resp(b"<html>moved</html>"))
     with pytest.raises(NdUtilsError, match="nothing was cached"):
         load_concept_set("3k", cache_dir=tmp_path / "c")
     assert not (tmp_path / "c" / "3k.txt").exists()
@@ -164,7 +167,7 @@ def test_damaged_cache_is_replaced(monkeypatch, tmp_path):
     (tmp_path / "3k.txt").write_bytes(b"tampered\n")
     with pytest.raises(NdUtilsError, match="replace or delete"):
         load_concept_set("3k", cache_dir=tmp_path, allow_download=False)
-    monkeypatch.setattr(concept_sets, "urlopen", lambda url, timeout=None: _Resp(data))
+    monkeypatch.setattr(paper_concept_files, "urlopen", lambda url, timeout=None: _Resp(data))
     assert list(load_concept_set("3k", cache_dir=tmp_path)) == ["red", "green"]
     assert (tmp_path / "3k.txt").read_bytes() == data
 
@@ -264,7 +267,7 @@ def test_long_concept_names_file_line_length_and_fix(tmp_path):
     cs = load_concept_set(str(p), max_concept_chars=300)      # the documented way round it
     assert list(cs)[2] == "x" * 300 and len(cs) == 5
     ok = tmp_path / "ok.txt"
-    ok.write_text("a" * concept_sets.MAX_CONCEPT_CHARS + "\n")    # the limit itself is allowed
+    ok.write_text("a" * concept_text.MAX_CONCEPT_CHARS + "\n")    # the limit itself is allowed
     assert len(load_concept_set(str(ok))[0]) == 256
 
 
@@ -289,13 +292,13 @@ def test_huge_file_refused_reading_at_most_the_limit(tmp_path, monkeypatch):
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert peak < 3 * concept_sets.MAX_FILE_BYTES                   # never the whole gigabyte
+    assert peak < 3 * concept_text.MAX_FILE_BYTES                   # never the whole gigabyte
     msg = str(err.value)
-    assert str(p) in msg and "1,073,741,824 bytes" in msg and f"{concept_sets.MAX_FILE_BYTES:,}" in msg
+    assert str(p) in msg and "1,073,741,824 bytes" in msg and f"{concept_text.MAX_FILE_BYTES:,}" in msg
     assert "line 1 alone holds a concept of at least 8,388,608 characters" in msg
     # many short lines: the size alone is the reason given
     many = tmp_path / "many.txt"
-    many.write_bytes(b"word\n" * (concept_sets.MAX_FILE_BYTES // 5 + 1))
+    many.write_bytes(b"word\n" * (concept_text.MAX_FILE_BYTES // 5 + 1))
     with pytest.raises(NdUtilsError, match=r"many.txt has 8,388,610 bytes.*probably not a list"):
         load_concept_set(str(many))
     # the 10 MB line that once exhausted memory while encoding: named by its line
@@ -305,7 +308,7 @@ def test_huge_file_refused_reading_at_most_the_limit(tmp_path, monkeypatch):
         load_concept_set(str(big))
     # a paper-set name in ND_CONCEPT_DIR is size-checked before its hash is computed
     with open(tmp_path / "3k.txt", "wb") as fh:
-        fh.truncate(concept_sets.MAX_FILE_BYTES + 1)
+        fh.truncate(concept_text.MAX_FILE_BYTES + 1)
     monkeypatch.setenv("ND_CONCEPT_DIR", str(tmp_path))
     with pytest.raises(NdUtilsError, match="3k.txt has 8,388,609 bytes"):
         load_concept_set("3k")
@@ -313,13 +316,13 @@ def test_huge_file_refused_reading_at_most_the_limit(tmp_path, monkeypatch):
 
 def test_shipped_sets_are_within_the_limits():
     for name in ("imagenet_classes", "cifar100_classes", "words-20k"):
-        assert max(map(len, load_concept_set(name))) <= concept_sets.MAX_CONCEPT_CHARS // 2
+        assert max(map(len, load_concept_set(name))) <= concept_text.MAX_CONCEPT_CHARS // 2
 
 
 @needs_ref
 def test_reference_sets_are_within_the_limits():
     for path in sorted(REF.glob("*.txt")):
-        assert path.stat().st_size < concept_sets.MAX_FILE_BYTES // 50, path
+        assert path.stat().st_size < concept_text.MAX_FILE_BYTES // 50, path
         assert max(map(len, parse_concept_text(path.read_text("utf-8")))) <= 121, path
 
 

@@ -9,7 +9,7 @@ import pytest
 # modules whose examples need no model weights, network or artifact store
 PURE = ["stage_cache", "stages", "errors", "registry", "machine", "hooks", "similarity",
         "cosines", "tensor_stream", "imagenet_sample", "scoring", "notices", "config_values",
-        "context", "label_metrics", "probe_split", "config", "stages.evaluation", "concept_sets",
+        "context", "label_metrics", "probe_split", "config", "stages.evaluation", "concept_sets", "concept_text",
         "trust_metrics", "stages.trust_scoring", "viz.trust_plots", "run_faults", "plugins"]
 
 

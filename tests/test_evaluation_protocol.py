@@ -14,9 +14,10 @@ import pytest
 import torch
 
 import nd_utils
-from nd_utils import concept_sets
+from nd_utils import concept_sets, imagenet_labels
+from nd_utils.imagenet_labels import imagenet_label_lines, imagenet_labels_from_timm
+from nd_utils.paper_concept_files import PAPER_SETS
 from nd_utils.stages import evaluation
-from nd_utils.concept_sets import PAPER_SETS, imagenet_label_lines, imagenet_labels_from_timm
 from nd_utils.errors import NdUtilsError
 from nd_utils.stages.evaluation import (_EmbeddingCache, ground_truth, mean_pair_cosine, reading_notes,
                                  topk_accuracy)
@@ -76,7 +77,7 @@ def test_the_timm_rebuild_is_checked_against_the_pinned_file(monkeypatch):
 def test_without_any_copy_the_short_names_are_used_with_a_warning(monkeypatch):
     def no_timm():
         raise NdUtilsError("rebuilding imagenet_labels offline needs the 'timm' package")
-    monkeypatch.setattr(concept_sets, "imagenet_labels_from_timm", no_timm)
+    monkeypatch.setattr(imagenet_labels, "imagenet_labels_from_timm", no_timm)
     with pytest.raises(NdUtilsError, match="local copy: .* timm: .*needs the 'timm'"):
         imagenet_label_lines(allow_download=False)
     names = _short_names()

@@ -77,7 +77,7 @@ def test_local_executor_keeps_order_and_names_are_checked():
 
 def test_executor_is_never_part_of_a_key(tmp_path):
     from nd_utils.stages.activations import activation_key
-    from nd_utils.probe_split import load_probes
+    from nd_utils.probes import load_probes
 
     probe = load_probes([{"name": "offline-sample"}]).subset(8)
     keys = {activation_key(nd.load_config("offline", [f"executor.name={name}",

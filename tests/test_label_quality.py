@@ -12,7 +12,7 @@ from nd_utils.stages.label_quality import quality_config, quality_parts
 from nd_utils.stages import image_features, label_quality
 from nd_utils.errors import ConfigError
 from nd_utils.probe_split import split_ids, split_part, split_table
-from nd_utils.probe_split import load_probes
+from nd_utils.probes import load_probes
 from nd_utils.probes import load_probe
 
 PARTS = ("select", "pool", "calibrate", "test")

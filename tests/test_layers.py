@@ -18,8 +18,8 @@ LAYERS = {
     # the package root only maps public names to modules, loaded on first use
     "core": ("__init__", "errors", "locks", "store", "jsonl_cache", "tensor_stream", "machine",
              "hooks", "registry", "notices", "run_faults", "plugins"),
-    "data": ("probes", "probe_sources", "probe_split", "concept_sets", "concept_sources",
-             "concept_cleaning", "imagenet_sample", "data"),
+    "data": ("probes", "probe_set", "probe_sources", "probe_split", "concept_sets",
+             "concept_text", "paper_concept_files", "imagenet_labels", "imagenet_sample", "data"),
     "config": ("config", "config_values", "config_schema"),
     "models and methods": ("backends", "similarity", "similarity_pmi", "similarity_blocks",
                            "similarity_registry", "cosines", "trust_metrics", "attention_crops",

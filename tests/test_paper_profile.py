@@ -21,7 +21,7 @@ import pytest
 import nd_utils as nd
 from nd_utils.config import REPO_ROOT
 from nd_utils.pipeline import list_notebooks
-from nd_utils.probe_split import load_probes
+from nd_utils.probes import load_probes
 
 from paper_standins import (ConceptServer, paper_overrides, place_resnet50_checkpoint,
                              standin_env)

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from nd_utils import probes
+from nd_utils import probe_sources
 from nd_utils.errors import ConfigError, OfflineError, ProbeError, UnknownNameError
-from nd_utils.probe_split import load_probes
-from nd_utils.probes import ProbeSet, list_probes, load_probe, union
+from nd_utils.probe_set import ProbeSet, union
+from nd_utils.probes import list_probes, load_probe, load_probes
 
 
 def _save(path, color, fmt=None, size=(24, 16)):
@@ -71,7 +71,7 @@ def test_offline_sample():
 
 
 def test_offline_sample_without_packages(monkeypatch):
-    monkeypatch.setattr(probes, "_package_dir", lambda name: None)
+    monkeypatch.setattr(probe_sources, "_package_dir", lambda name: None)
     with pytest.raises(ProbeError, match="pip install"):
         load_probe("offline-sample")
 
@@ -189,7 +189,7 @@ def test_imagenet_val_wnid_folders(tmp_path, monkeypatch):
     _save(root / "n99999999" / "x.JPEG", (9, 9, 9), "JPEG")
     with pytest.warns(UserWarning, match="raw wnids"):
         assert load_probe("imagenet-val", path=root).labels[-1] == "n99999999"
-    monkeypatch.setattr(probes, "imagenet_wnids", lambda: [])
+    monkeypatch.setattr(probe_sources, "imagenet_wnids", lambda: [])
     with pytest.warns(UserWarning, match="raw wnids"):
         assert load_probe("imagenet-val", path=root).labels[:2] == ["n01440764", "n01443537"]
 

@@ -28,7 +28,7 @@ from PIL import Image
 
 from ..config import Config
 from ..errors import NdUtilsError, OfflineError
-from ..probes import ProbeSet
+from ..probe_set import ProbeSet
 from ..machine import resolve_device
 from ..registry import Registry
 

@@ -26,8 +26,8 @@ from ..decode_once import CacheJob, run_decode_once
 from ..errors import NdUtilsError
 from ..hooks import trace_batch, trace_images
 from ..notices import record_notice
-from ..probe_split import load_probes
-from ..probes import ProbeSet
+from ..probes import load_probes
+from ..probe_set import ProbeSet
 from .image_features import IMAGE_STAGE, cfg_for_root, image_feature_job
 from ..stage_cache import Stage, register_stage, StageOutput, stage_output
 from ..store import Artifact

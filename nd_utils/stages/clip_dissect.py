@@ -28,7 +28,7 @@ from ..config import Config
 from ..context import run_context
 from ..errors import ConfigError, DamagedArtifactError, MissingArtifactError
 from .image_features import image_feature_key, load_image_features, vlm_key_params
-from ..probes import ProbeSet
+from ..probe_set import ProbeSet
 from ..cosines import Cosines, factorized
 from ..similarity import get_similarity, similarity_on_device, top_concepts
 from ..stage_cache import Stage, register_stage, StageOutput, cached_stage, stage_output, Table

@@ -5,7 +5,7 @@ section 2, "Evaluation of the paper"; the reference's similarity-function compar
 - ground truth of neuron k: line k of the paper's `imagenet_labels` file, the WHOLE line (class
   name with its synonyms, e.g. "tench, Tinca tinca"), embedded as one string. Offline the lines
   come from timm and are checked to be byte-identical to the pinned file
-  (`concepts.imagenet_label_lines`); when no copy is available the target's short class names are
+  (`imagenet_label_lines`); when no copy is available the target's short class names are
   used with a warning, and the table's `ground_truth` column says which was used. For a target
   that is not an ImageNet classifier, its own class names are the ground truth;
 - predicted label of neuron k: the concept with the highest similarity (`top_concepts`, ties by
@@ -39,8 +39,9 @@ from .activations import cache_activations, load_activations, load_probe_from_co
 from ..backends.configured import load_target_from_config, load_vlm_from_config
 from .clip_dissect import cache_text_features, load_concepts_from_config
 from .image_features import image_feature_jobs_if_missing, load_image_features
-from ..concept_sets import (PAPER_SETS, ConceptSet, _sha256_concepts, imagenet_label_lines,
-                       load_concept_set)
+from ..concept_sets import ConceptSet, _sha256_concepts, load_concept_set
+from ..imagenet_labels import imagenet_label_lines
+from ..paper_concept_files import PAPER_SETS
 from ..config import Config
 from ..context import run_context
 from ..errors import NdUtilsError, OfflineError, ProbeError

@@ -20,7 +20,7 @@ from ..backends.vlm import VisionLanguageModel
 from ..config import Config
 from ..context import run_context
 from ..decode_once import CacheJob
-from ..probes import ProbeSet
+from ..probe_set import ProbeSet
 from ..stage_cache import Stage, register_stage, StageOutput, stage_output
 
 # the vision-language image features share stage 01's decode-once pass over the probe set

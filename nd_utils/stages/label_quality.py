@@ -50,8 +50,9 @@ from ..context import run_context
 from .dnd import dnd_selection
 from ..errors import ConfigError, NdUtilsError, OfflineError, ProbeError
 from ..probe_split import split_part, split_table
-from ..probe_split import load_probes
-from ..probes import ProbeSet, probe_set_names
+from ..probes import load_probes
+from ..probe_set import ProbeSet
+from ..probes import probe_set_names
 from ..machine import seed_everything
 from .selection import label_image_activations
 from ..stage_cache import Stage, register_stage, cached_stage, stage_output, Table

@@ -48,7 +48,7 @@ from ..config import Config
 from ..context import run_context
 from ..cosines import factorized
 from .image_features import image_feature_key, load_image_features
-from ..probes import ProbeSet
+from ..probe_set import ProbeSet
 from ..similarity import get_similarity, similarity_on_device, top_concepts
 from ..stage_cache import Stage, register_stage, cached_stage, stage_output, Table
 from ..store import atomic_write_text

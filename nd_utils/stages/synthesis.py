@@ -31,8 +31,8 @@ from ..config import Config
 from ..context import run_context
 from ..decode_once import run_decode_once
 from ..errors import ProbeError
-from ..probe_split import load_probes
-from ..probes import ProbeSet
+from ..probes import load_probes
+from ..probe_set import ProbeSet
 from ..stage_cache import Stage, register_stage, StageOutput, cached_stage, stage_output
 from ..store import atomic_write_bytes, atomic_write_text
 from .top_images import png_bytes

@@ -28,7 +28,7 @@ from ..attention_crops import crop_boxes, forward_maps, pooled_activations, resi
 from ..config import Config
 from ..context import run_context
 from ..errors import NdUtilsError
-from ..probes import ProbeSet
+from ..probe_set import ProbeSet
 from ..stage_cache import Stage, register_stage, StageOutput, cached_stage, stage_output
 from ..store import atomic_write_bytes, atomic_write_text, save_tensors
 from ..backends.configured import load_target_from_config

@@ -25,7 +25,7 @@ from ..context import run_context
 from ..errors import ConfigError
 from .image_features import load_image_features
 from ..probe_split import split_ids
-from ..probes import ProbeSet
+from ..probe_set import ProbeSet
 
 
 @dataclass(frozen=True)

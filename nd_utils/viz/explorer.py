@@ -14,22 +14,19 @@ from __future__ import annotations
 
 import contextlib
 import html
-import io
 import re
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
-from ..attention_crops import normalise_map
 from ..errors import NdUtilsError
-from .figures import blank, cached_top_images, readable_layers
+from .explorer_figure import NeuronFigure
+from .explorer_view import ExplorerView, _Layer
+from .figures import cached_top_images, readable_layers
 from .run_folders import QUALITY_METRICS, RERUN, RunView, open_run_folder, runs_dir
-from .trust_plots import rank_by_trust, row_trust, trust_text, trusted_choices
+from .trust_plots import rank_by_trust, row_trust, trusted_choices
 
 MAX_MATCHES = 200
 MAP_NOTE = "spatial map not cached (neuron not in dnd.neurons)"
@@ -44,68 +41,7 @@ def list_runs(base: "str | Path | None" = None) -> list[Path]:
                   reverse=True)
 
 
-@dataclass
-class ExplorerView:
-    """What the explorer shows for the current neuron (tests and the notebook read it)."""
-
-    run: str = ""
-    layer: str = ""
-    unit: int = -1
-    n_units: int = 0
-    cd_label: "str | None" = None
-    cd_score: "float | None" = None
-    concepts: list = field(default_factory=list)     # [(concept, score)], best first
-    dnd_labels: list = field(default_factory=list)
-    dnd_score: "float | None" = None
-    candidates: list = field(default_factory=list)   # [(candidate, score, [image paths])]
-    quality: list = field(default_factory=list)  # [(method, CoSy AUC, MAD, sim r, label)], 08
-    cd_trust: dict = field(default_factory=dict)     # held-out r, p, q, auc, trusted, label; 02
-    dnd_trust: dict = field(default_factory=dict)    # held-out r, p, auc of Label 1; 06
-    n_images: int = 0                                # top probe images drawn
-    n_maps: int = 0                                  # of which with a spatial-map overlay
-    map_overlay: bool = False                        # n_maps > 0
-    histogram: bool = False
-    similar: list = field(default_factory=list)      # [(layer, unit, jaccard, label)]
-    notes: list = field(default_factory=list)        # what is missing and how to get it
-
-    @property
-    def labels(self) -> list[str]:
-        return [x for x in [self.cd_label, *self.dnd_labels] if x]
-
-    @property
-    def quality_line(self) -> str:
-        """Stage 08's scores of both labels on one line ("" when the run has none)."""
-        def fmt(x):
-            return "n/a" if x is None else f"{x:.3f}"
-
-        return " | ".join(f"{m}{f' “{lab}”' if lab else ''}: AUC {fmt(a)} · MAD {fmt(d)} · "
-                          f"sim r {fmt(r)}" for m, a, d, r, lab in self.quality)
-
-    @property
-    def cd_trust_text(self) -> str:
-        """CLIP-Dissect's held-out trust score and verdict ("" when the run has none)."""
-        return trust_text(**self.cd_trust)
-
-    @property
-    def dnd_trust_text(self) -> str:
-        """DnD's Label 1 held-out score ("" when the run has none)."""
-        return trust_text(**self.dnd_trust)
-
-
-@dataclass
-class _Layer:
-    n_units: int
-    acts: object              # LayerActivations or None
-    tops: dict                # unit -> top probe images (DataFrame)
-    cands: dict               # unit -> DnD candidates, best first
-    rows: dict                # unit -> neuron_table row
-    top: object               # TopImages with maps, or None
-    top_note: str             # why `top` is None
-    notes: list
-    chosen: "list | None"     # the layer's dnd.neurons, when the config and cache say
-
-
-class NeuronExplorer:
+class NeuronExplorer(NeuronFigure):
     """Browse a run's neurons: run / layer / neuron pickers, label search, one figure each."""
 
     def __init__(self, run: "str | Path | RunView | None" = None, k: int = 5,
@@ -391,91 +327,6 @@ class NeuronExplorer:
             chosen = d.top.neurons if d.top is not None else d.chosen
             v.notes.append(MAP_NOTE if chosen is not None and unit not in chosen
                            else d.top_note or MAP_NOTE)
-
-    def _thumb(self, path: str, image_id=None, square: bool = False, size: int = 160):
-        """An image as a small array (cached: neurons share images); None if unreadable."""
-        key = (path, None, square) if path else (str(self.run.path), image_id, square)
-        if key not in self._thumbs:
-            try:
-                im = self.run.load_image(path, image_id)
-            except (OSError, ValueError):
-                return None
-            im = im.resize((size, size)) if square else im  # maps cover the stretched square
-            im.thumbnail((size, size))
-            if len(self._thumbs) > 800:
-                self._thumbs.clear()
-            self._thumbs[key] = np.asarray(im)
-        return self._thumbs[key]
-
-    def _draw(self, d: _Layer, v: ExplorerView) -> bytes:
-        """The neuron's figure as PNG bytes; counts drawn images and map overlays in `v`."""
-        k, nc, unit = self.k, self.candidate_images, v.unit
-        cols = max(k, nc + 1)
-        heights = [1.0, 1.0] + [0.8] * len(v.candidates)
-        fig = Figure(figsize=(1.6 * cols, 1.7 * sum(heights) + 0.3))
-        FigureCanvasAgg(fig)  # a renderer of its own: no pyplot state, nothing auto-displayed
-        grid = fig.add_gridspec(len(heights), cols, height_ratios=heights)
-        tops = d.tops.get(unit)
-        maps = tops is not None and d.top is not None and unit in d.top.neurons
-        if tops is None:
-            blank(fig.add_subplot(grid[0, :]), "no top images cached")
-        for c, r in enumerate(tops.head(k).itertuples() if tops is not None else []):
-            ax = fig.add_subplot(grid[0, c])
-            ax.set_axis_off()
-            img = self._thumb(r.path, r.image_id, square=maps)
-            ax.set_title(f"#{r.image_id}  {float(r.activation):.2f}"
-                         + ("" if img is not None else "\nunreadable"), fontsize=7)
-            if img is None:
-                continue
-            ax.imshow(img)
-            v.n_images += 1
-            m = d.top.spatial_map(unit, int(r.image_id)) if maps else None
-            if m is not None and (m := normalise_map(m)) is not None:  # None: a constant map
-                ax.imshow(m.numpy(), cmap="jet", alpha=0.4, interpolation="bilinear",
-                          extent=(-0.5, img.shape[1] - 0.5, img.shape[0] - 0.5, -0.5))
-                v.n_maps += 1
-                v.map_overlay = True
-        half = max(cols // 2, 1)
-        ax = fig.add_subplot(grid[1, :half])
-        if d.acts is not None and unit < d.n_units:
-            values = d.acts.activations[:, unit].numpy()
-            ax.hist(values, bins=30, color="#4c72b0")
-            ax.vlines(tops.activation.head(k) if tops is not None else [], 0, 1, color="tab:red",
-                      lw=1, transform=ax.get_xaxis_transform())
-            ax.set_title(f"activation over {len(values)} probe images (top {k} red)", fontsize=8)
-            ax.tick_params(labelsize=7)
-            v.histogram = True
-        else:
-            blank(ax, "no activation cache")
-        ax = fig.add_subplot(grid[1, half:])
-        if v.concepts:
-            names, scores = zip(*v.concepts)
-            y = np.arange(len(names))[::-1]
-            ax.barh(y, scores, color="#dd8452")
-            for yy, name in zip(y, names):  # names inside the bars: no tick-label margin needed
-                ax.text(0.01, yy, name[:30], fontsize=7, va="center",
-                        transform=ax.get_yaxis_transform())
-            ax.set_yticks([])
-            ax.set_title("CLIP-Dissect top concepts (score)", fontsize=8)
-            ax.tick_params(axis="x", labelsize=7)
-        else:
-            blank(ax, "no CLIP-Dissect labels")
-        for i, (name, score, paths) in enumerate(v.candidates):
-            ax = fig.add_subplot(grid[2 + i, 0])
-            ax.set_axis_off()
-            ax.text(0.0, 0.5, f"DnD #{i + 1}\n{name[:28]}\nscore {score:.3f}", fontsize=8,
-                    va="center", transform=ax.transAxes)
-            for j, p in enumerate(paths[:nc]):
-                ax = fig.add_subplot(grid[2 + i, 1 + j])
-                ax.set_axis_off()
-                if (img := self._thumb(p)) is not None:
-                    ax.imshow(img)
-        inch = fig.get_figheight()  # a fixed layout: tight_layout would cost a second draw
-        fig.subplots_adjust(left=0.04, right=0.98, bottom=0.3 / inch, top=1 - 0.25 / inch,
-                            hspace=0.45, wspace=0.12)
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=self.dpi, pil_kwargs={"compress_level": 1})
-        return buf.getvalue()
 
     def snapshot(self):
         """The current neuron's figure as an IPython Image (a static notebook output)."""

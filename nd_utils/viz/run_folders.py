@@ -283,7 +283,7 @@ class RunView:
         """An image as RGB PIL: from `path` when it exists, else probe item `image_id`."""
         from PIL import Image
 
-        from ..probes import _to_rgb
+        from ..probe_set import _to_rgb
 
         if path and os.path.isfile(path):
             with Image.open(path) as im:
