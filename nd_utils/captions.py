@@ -20,6 +20,7 @@ from PIL import Image
 from .backends.captioners import Captioner, checkpoint_file, file_sha256
 from .backends.configured import load_captioner_from_config
 from .config import Config
+from .config_schema import Captioner as CaptionerSection
 from .jsonl_cache import JsonlCache
 from .stages import STAGES, StageOutput, cached_stage, stage_output
 from .store import ArtifactStore, atomic_write_text
@@ -107,13 +108,23 @@ def caption_cache(data_dir: "str | Path") -> JsonlCache:
     return JsonlCache(Path(data_dir) / "cache" / "captions.jsonl")
 
 
+def captioner_own_keys(cfg: Config) -> dict:
+    """The keys of `captioner:` beyond the schema's (a registered captioner's own settings, as
+    `{"captioner.<key>": value}`): they decide its captions, so they join the stage key, and
+    only when present, so a config without any keeps its key."""
+    section = cfg.get("captioner") or {}
+    return {f"captioner.{k}": v for k, v in section.items()
+            if k not in CaptionerSection.model_fields}
+
+
 def caption_output(cfg: Config, top: TopImages) -> StageOutput:
     inputs = {}
     checkpoint = cfg.get("captioner.checkpoint") if cfg.get("captioner.name") == "blip" else None
     weights_file = checkpoint_file(checkpoint) if checkpoint else None
     if weights_file is not None:  # new bytes at the same path are other weights: another key
         inputs["checkpoint_sha256"] = file_sha256(weights_file)
-    return stage_output(STAGE, {**cfg.select(STAGE.reads), "layer": top.layer}, inputs=inputs,
+    params = {**cfg.select(STAGE.reads), **captioner_own_keys(cfg), "layer": top.layer}
+    return stage_output(STAGE, params, inputs=inputs,
                         upstream={"03_top_images": top.key})
 
 

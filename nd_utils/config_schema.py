@@ -53,8 +53,8 @@ def _registry(module: str, attr: str):
     return names
 
 
-_similarities = _registry("similarity", "SIMILARITY_FUNCTIONS")
-_scorings = _registry("selection", "SCORINGS")
+_similarities = _registry("similarity", "list_similarities")
+_scorings = _registry("selection", "list_scorings")
 _captioners = _registry("backends.captioners", "list_captioners")
 _language_models = _registry("backends.language_models", "list_language_models")
 _synthesizers = _registry("backends.synthesizers", "list_synthesizers")
@@ -275,6 +275,9 @@ class Dnd(_Section):
 
 
 class Captioner(_Section):
+    """Keys every captioner has; a captioner's own keys may follow (extra keys, checked against
+    its loader's parameters by `_cross_checks` and passed to it by `load_captioner_from_config`)."""
+    model_config = ConfigDict(strict=True, extra="allow")
     name: Annotated[str, _one_of("captioner", _captioners)] = _f(
         "a captioner name (see nd_utils.list_captioners())")
     model: Optional[str] = _f(_MODEL)
@@ -318,7 +321,7 @@ class Synthesis(_Section):
 
 class Selection(_Section):
     scoring: Annotated[str, _one_of("scoring function", _scorings)] = _f(
-        "a scoring function name (see nd_utils.SCORINGS)")
+        "a scoring function name (see nd_utils.selection.list_scorings())")
     beta: PosInt = _f("a whole number >= 1 (ranks averaged by topk-sq-mean)")
     zeta: PosInt = _f("a whole number >= 1 (global top images for image-products)")
     labels: PosInt = _f("a whole number >= 1 (labels kept per neuron)")
@@ -371,8 +374,8 @@ def _cross_checks(cfg: Schema) -> list[tuple[tuple, Any, str]]:
         if missing:
             out.append((("dnd", "neurons"), neurons, f"an entry for every layer of dnd.layers "
                         f"(missing: {', '.join(missing)}), or one count or list for all layers"))
-    from .similarity import SIMILARITY_FUNCTIONS
-    fn = SIMILARITY_FUNCTIONS[cfg.clip_dissect.similarity]
+    from .similarity import get_similarity
+    fn = get_similarity(cfg.clip_dissect.similarity)
     accepted = [p.name for p in inspect.signature(fn).parameters.values()
                 if p.kind == p.KEYWORD_ONLY
                 and p.name not in ("layer", "device", "chunk_size", "num_workers")]
@@ -380,6 +383,7 @@ def _cross_checks(cfg: Schema) -> list[tuple[tuple, Any, str]]:
         if name not in accepted:
             out.append((("clip_dissect", "hyperparameters", name), value,
                         f"a keyword of {fn.__name__}: one of {', '.join(accepted)}"))
+    out += _captioner_keys(cfg.captioner)
     parts = {"select", "pool", "calibrate", "test"}
     if cfg.quality is not None and (set(cfg.quality.split) != parts
                                     or abs(sum(cfg.quality.split.values()) - 1) > 1e-6):
@@ -389,6 +393,20 @@ def _cross_checks(cfg: Schema) -> list[tuple[tuple, Any, str]]:
         out.append((("synthesis", "model"), cfg.synthesis.model,
                     "a diffusers pipeline id or folder when synthesis.name is diffusers, "
                     "e.g. CompVis/stable-diffusion-v1-4"))
+    return out
+
+
+def _captioner_keys(section: Captioner) -> list[tuple]:
+    """The extra keys of `captioner:` that its captioner's loader does not take (all of them are
+    taken by a loader with **kwargs), as unknown keys."""
+    from .backends.captioners import captioner_parameters
+    accepted, takes_any = captioner_parameters(section.name)
+    out = []
+    for key, value in (section.model_extra or {}).items():
+        if not takes_any and key not in accepted:
+            near = closest(key, [*Captioner.model_fields, *sorted(accepted)], n=3)
+            out.append((("captioner", key), value, "no such key: remove it" + (
+                f", or did you mean {' / '.join(near)}?" if near else ""), "extra_forbidden"))
     return out
 
 

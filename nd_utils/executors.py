@@ -30,7 +30,7 @@ from typing import Any, Callable, Sequence
 
 from tqdm.auto import tqdm
 
-from .backends.registry import Registry
+from .registry import Registry
 from .errors import NdUtilsError
 
 _MODELS: dict = {}   # per process: models loaded by units, so a worker loads each one once

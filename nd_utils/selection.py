@@ -12,7 +12,9 @@ candidate j from `H_j`, the ascending ranks of its images (METHODS.md section 3.
 * `topk-compare` (the released default): R_j = |T| - position of j by topk-sq-mean (best = |T|),
   score = R_j * W_j. Higher is better.
 
-Every function is selectable with `selection.scoring` (the reference ignores its own flag).
+Every function is selectable with `selection.scoring` (the reference ignores its own flag). They
+are a `Registry` (`SCORINGS`, `list_scorings`); `register_scoring(name, higher=...)` adds one: a
+function of the table of `score_candidates` (one row per candidate) giving each row's score.
 
 Example:
     >>> scores = score_candidates({"dog": [0, 3], "cat": [1, 2]}, beta=5)  # doctest: +SKIP
@@ -21,6 +23,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
+from operator import itemgetter
+from typing import Callable
 from pathlib import Path
 
 import numpy as np
@@ -31,14 +35,48 @@ from safetensors.torch import load_file
 from .config import Config
 from .errors import NdUtilsError
 from .hooks import trace_images
+from .registry import Registry
 from .stages import STAGES, cached_stage, stage_output
 from .store import ArtifactStore, atomic_write_text, save_tensors
 
 ACT_STAGE = STAGES["06_concept_activations"]
 BATCHES_PER_UNIT = 4     # target batches per executor unit of concept_activations
 STAGE = STAGES["06_selection"]
-SCORINGS = {"mean": False, "topk-sq-mean": False, "image-products": True, "topk-compare": True}
-# value: higher is better?
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """A scoring function: `score(table)` gives a score per row of `score_candidates`' table;
+    `higher`: is a higher score better?"""
+
+    score: Callable[[pd.DataFrame], "pd.Series"]
+    higher: bool
+
+
+SCORINGS = Registry("scoring function", sort=False)
+
+
+def register_scoring(name: str, score: "Callable | None" = None, *, higher: bool):
+    """Add (or replace) the scoring `name`: `score(table) -> one value per row` (usable as a
+    decorator); `higher` says whether a higher score is better. `selection.scoring: <name>`
+    then selects it."""
+    def add(fn: Callable) -> Callable:
+        SCORINGS.register(name, Scoring(fn, bool(higher)))
+        return fn
+    return add(score) if score is not None else add
+
+
+# the four of METHODS.md section 3.3, each a column of score_candidates' table
+register_scoring("mean", itemgetter("mean"), higher=False)
+register_scoring("topk-sq-mean", itemgetter("topk_sq_mean"), higher=False)
+register_scoring("image-products", itemgetter("image_products"), higher=True)
+register_scoring("topk-compare", itemgetter("topk_compare"), higher=True)
+
+
+def list_scorings() -> list[str]:
+    """Names of the scoring functions: the four of METHODS.md in its order, then any added with
+    `register_scoring`."""
+    return SCORINGS.names()
 
 
 def candidate_ranks(activations: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -95,17 +133,17 @@ def score_candidates(activations: dict[str, np.ndarray], beta: int = 5, zeta: in
 def check_scoring(scoring: str) -> str:
     if scoring not in SCORINGS:
         raise NdUtilsError(f"selection.scoring {scoring!r} is unknown: use one of "
-                           f"{', '.join(SCORINGS)}")
+                           f"{', '.join(list_scorings())}")
     return scoring
 
 
 def rank_by(table: pd.DataFrame, scoring: str) -> pd.DataFrame:
     """Order candidates best first by `scoring`; adds `score` and `rank` (1 = chosen label)."""
     check_scoring(scoring)
-    column = scoring.replace("-", "_")
-    higher = SCORINGS[scoring]
-    out = table.assign(score=table[column])
-    out = out.sort_values(["score", "candidate"], ascending=[not higher, True], kind="stable")
+    scorer = SCORINGS.get(scoring)
+    out = table.assign(score=scorer.score(table))
+    out = out.sort_values(["score", "candidate"], ascending=[not scorer.higher, True],
+                          kind="stable")
     out = out.reset_index(drop=True)
     out["rank"] = np.arange(1, len(out) + 1)
     return out

@@ -7,7 +7,8 @@ import importlib
 import pytest
 
 # modules whose examples need no model weights, network or artifact store
-PURE = ["stages", "errors", "backends.registry", "machine", "hooks", "similarity", "cosines",
+PURE = ["stages", "errors", "registry", "machine", "hooks", "similarity", "similarity_blocks",
+        "similarity_formulas", "cosines",
         "tensor_stream", "imagenet_sample",
         "label_metrics", "probe_split", "config", "evaluation", "concept_sets", "trust_metrics",
         "trust_scoring", "viz.trust_plots", "run_faults"]

@@ -257,7 +257,7 @@ def test_cosy_images_from_a_registered_synthesizer_go_through_stages_05_and_06(p
     """Any backend other than `retrieve` (diffusers, a user's) makes CoSy's images through the
     stage-05 cache and scores them through stage 06's target pass."""
     from nd_utils.backends import synthesizers
-    from nd_utils.backends.registry import _Entry
+    from nd_utils.registry import _Entry
 
     class Painter:  # paints the colour its prompt names, with seeded texture
         backend_id, prompts = "painter-v1", []

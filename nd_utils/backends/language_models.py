@@ -43,7 +43,7 @@ import torch
 
 from ..errors import NdUtilsError, OfflineError, UnknownNameError, unknown_name
 from .gguf_parts import SplitFile, cached_file, default_model_cache, sha256_file
-from .registry import Registry
+from ..registry import Registry
 from ..locks import process_lock
 from ..jsonl_cache import JsonlCache
 

@@ -30,7 +30,7 @@ from ..config import Config
 from ..errors import NdUtilsError, OfflineError
 from ..probes import ProbeSet
 from ..machine import resolve_device
-from .registry import Registry
+from ..registry import Registry
 
 BLANK_STD = 2.0        # pixel std (0-255) below which an image counts as blank
 RETRIEVE_MAX_SIDE = 512

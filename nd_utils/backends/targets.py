@@ -39,7 +39,7 @@ from torchvision import transforms as T
 
 from ..errors import NdUtilsError, OfflineError, unknown_name
 from ..machine import resolve_device
-from .registry import Registry
+from ..registry import Registry
 
 __all__ = ["Target", "EfficientNetLiteNet", "MissingPackageError", "TARGETS",
            "list_targets", "load_target", "register_target", "from_module",

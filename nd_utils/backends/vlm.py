@@ -36,7 +36,7 @@ from typing import Callable
 import torch
 
 from ..errors import ConfigError, OfflineError, unknown_name
-from .registry import Registry
+from ..registry import Registry
 from ..machine import resolve_device
 from .sentence_encoders import MeanPooledSentenceEncoder
 

@@ -22,7 +22,7 @@ import pandas as pd
 from ..config import Config, load_config
 from ..errors import NdUtilsError
 
-RANK_REORDER_FLOOR = -3.4028234663852886e38  # = nd_utils.similarity's; no torch import here
+RANK_REORDER_FLOOR = -3.4028234663852886e38  # = similarity_formulas'; no torch import here
 
 # Keys every run.json written by the current runner holds (nd_utils.pipeline.run_pipeline).
 RUN_FIELDS = ("config", "source", "force", "stages", "status", "started")
