@@ -6,7 +6,7 @@ image and text features [N, 512] / [M, 512] sharing one direction (cosines ~0.17
 as CLIP's are positive) and activations randn [N, K]. Three ways to pass P:
 
 - dense: P = I @ T.T formed first (its seconds shown apart), then f(P, A);
-- factorized: f(similarity.factorized(I, T), A), blocks of P computed where they are read (what
+- factorized: f(cosines.factorized(I, T), A), blocks of P computed where they are read (what
   stages 02, 07 and 08 do);
 - reference: the released code's approach, written out here from METHODS.md: softmax(a*P) [N, M]
   whole and a Python loop over neurons (wpmi, soft_wpmi); normalised or centred-and-cubed copies
@@ -99,7 +99,8 @@ def reference_mb(name: str, n: int, m: int, k: int) -> float:
 def worker(spec: dict) -> dict:
     import torch
 
-    from nd_utils.similarity import factorized, get_similarity
+    from nd_utils.cosines import factorized
+    from nd_utils.similarity import get_similarity
 
     name, mode, (n, m, k) = spec["function"], spec["mode"], spec["shape"]
     fn = get_similarity(name)
@@ -219,7 +220,9 @@ def cuda_section(n: int, m: int, k: int) -> None:
     """soft_wpmi on CUDA vs CPU at [n, m] x k, P factorized as stage 02 passes it."""
     import torch
 
-    from nd_utils.similarity import factorized, similarity_on_device, soft_wpmi
+    from nd_utils.cosines import factorized
+    from nd_utils.similarity import similarity_on_device
+    from nd_utils.similarity_formulas import soft_wpmi
 
     if not torch.cuda.is_available():
         print("\nCUDA section skipped: CUDA is not available here")

@@ -4,7 +4,7 @@ the top-1 label of a neuron agrees, and how far the features move.
 One target layer's activations `[N, K]` on N probe images, the VLM's image features `[N, D]` and
 text features `[M, D]` of M concept words, once in float32 and once in the reduced dtype (float16
 on CUDA, as the reference's `clip.load` runs CLIP; bfloat16 on the CPU, where float16 is slow),
-both from the same weights. Both feature sets go through `soft_wpmi` (nd_utils.similarity) with the
+both from the same weights. Both feature sets go through `soft_wpmi` (nd_utils.similarity_formulas) with the
 same activations, and the labels (argmax over concepts) are compared.
 
 Printed: the fraction of neurons whose top-1 label agrees; the fraction whose float32 top-1 is
@@ -62,7 +62,7 @@ def main() -> None:
     from nd_utils.hooks import trace_images
     from nd_utils.machine import resolve_device
     from nd_utils.probes import load_probes
-    from nd_utils.similarity import soft_wpmi
+    from nd_utils.similarity_formulas import soft_wpmi
 
     device = resolve_device(args.device)
     dtype = args.dtype or ("float16" if device.type == "cuda" else "bfloat16")

@@ -153,6 +153,9 @@ class Dnd(_Section):
 
 
 class Captioner(_Section):
+    """Keys every captioner has; a captioner's own keys may follow (extra keys, checked against
+    its loader's parameters by `_cross_checks` and passed to it by `load_captioner_from_config`)."""
+    model_config = ConfigDict(strict=True, extra="allow")
     name: Annotated[str, one_of("captioner", "captioner")] = expect(
         "a captioner name (see nd_utils.list_captioners())")
     model: Optional[str] = expect(_MODEL)
@@ -258,6 +261,7 @@ def _cross_checks(cfg: Schema, names: Mapping) -> list[tuple[tuple, Any, str]]:
             out.append((("clip_dissect", "hyperparameters", name), value,
                         f"a keyword of {cfg.clip_dissect.similarity}: one of "
                         f"{', '.join(accepted)}"))
+    out += _captioner_keys(cfg.captioner, names)
     parts = {"select", "pool", "calibrate", "test"}
     if cfg.quality is not None and (set(cfg.quality.split) != parts
                                     or abs(sum(cfg.quality.split.values()) - 1) > 1e-6):
@@ -267,6 +271,22 @@ def _cross_checks(cfg: Schema, names: Mapping) -> list[tuple[tuple, Any, str]]:
         out.append((("synthesis", "model"), cfg.synthesis.model,
                     "a diffusers pipeline id or folder when synthesis.name is diffusers, "
                     "e.g. CompVis/stable-diffusion-v1-4"))
+    return out
+
+
+def _captioner_keys(section: Captioner, names: Mapping) -> list[tuple]:
+    """The extra keys of `captioner:` that its captioner's loader does not take (a loader with
+    **kwargs takes all), as unknown keys; unchecked without the loaders' parameters in `names`."""
+    found = (names.get("captioner_parameters") or {}).get(section.name)
+    if found is None:
+        return []
+    accepted, takes_any = found
+    out = []
+    for key, value in (section.model_extra or {}).items():
+        if not takes_any and key not in accepted:
+            near = closest(key, [*Captioner.model_fields, *sorted(accepted)], n=3)
+            out.append((("captioner", key), value, "no such key: remove it" + (
+                f", or did you mean {' / '.join(near)}?" if near else ""), "extra_forbidden"))
     return out
 
 

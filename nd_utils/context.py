@@ -33,7 +33,7 @@ _STAGE_KEYWORDS = ("layer", "device", "chunk_size", "num_workers")
 
 def registered_names() -> dict:
     """{family: names} of every registry a config chooses from (see config_values.one_of)."""
-    from .backends.captioners import list_captioners
+    from .backends.captioners import captioner_parameters, list_captioners
     from .backends.language_models import list_language_models, list_templates
     from .backends.synthesizers import list_synthesizers
     from .probes import list_probes
@@ -46,8 +46,10 @@ def registered_names() -> dict:
         params = inspect.signature(get_similarity(name)).parameters.values()
         keywords[name] = [p.name for p in params
                           if p.kind == p.KEYWORD_ONLY and p.name not in _STAGE_KEYWORDS]
+    captioners = list_captioners()
     return {"similarity": similarities, "scoring": list_scorings(),
-            "captioner": list_captioners(), "language_model": list_language_models(),
+            "captioner": captioners,
+            "captioner_parameters": {name: captioner_parameters(name) for name in captioners}, "language_model": list_language_models(),
             "synthesizer": list_synthesizers(), "probe_set": list_probes(),
             "executor": list_executors(), "prompt_version": list_templates(),
             "similarity_keywords": keywords}

@@ -1,6 +1,6 @@
 """P = I @ T.T `[N, M]` by its factors: blocks of image-concept cosines computed as they are read.
 
-The similarity functions (`nd_utils.similarity`) read P only by column blocks (and row blocks
+The similarity functions (`nd_utils.similarity_formulas`) read P only by column blocks (and row blocks
 for wpmi's normaliser). `factorized(image_features, text_features)` hands them a `Cosines`, whose
 blocks are computed where they are read, so P is never formed whole (9 GB at the paper's
 113,000 images and 20,000 concepts); `read_columns` / `read_rows` read a block of either
@@ -117,7 +117,7 @@ def factorized(image_features, text_features) -> Cosines:
     image_features [N, D], text_features [M, D] (L2-normalised rows for cosines). The result is
     the same as with the dense P on the CPU (bit for bit) and never holds more than a block:
     the pipeline's stages 02, 07 and 08 pass P this way.
-    >>> from nd_utils.similarity import soft_wpmi
+    >>> from nd_utils.similarity_formulas import soft_wpmi
     >>> I, T, A = torch.rand(60, 8), torch.rand(5, 8), torch.rand(60, 3)
     >>> torch.equal(soft_wpmi(factorized(I, T), A, top_k=10), soft_wpmi(I @ T.T, A, top_k=10))
     True

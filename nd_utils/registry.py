@@ -1,9 +1,12 @@
-"""One registry type for every backend family (targets, VLMs, captioners, language models,
-synthesizers): names map to loaders, and `list_*` is derived from what was registered.
+"""One registry type for every named family: the backends (targets, VLMs, captioners, language
+models, synthesizers), the executors and the methods (similarity functions, scorings). Names map
+to what was registered (a backend's loader, a method's function), and `list_*` is derived from it.
 
 An entry is an exact name (`conse`) or a prefix family (`open_clip`, for names
 `open_clip:<model>:<pretrained>`), whose loader gets the rest of the name; a family may list
-examples and a catalogue of names it accepts. Users add their own with `register_*`:
+examples and a catalogue of names it accepts. `load(name, **kwargs)` calls a backend's loader;
+`get(name)` returns what was registered, uncalled (a method). Users add their own with
+`register_*`:
 
 Example:
     >>> CAPTIONERS = Registry("captioner")
@@ -15,6 +18,8 @@ Example:
     ['constant']
     >>> CAPTIONERS.load("constant", device="cpu").device
     'cpu'
+    >>> CAPTIONERS.get("constant") is Constant, "constant" in CAPTIONERS
+    (True, True)
 """
 from __future__ import annotations
 
@@ -34,13 +39,14 @@ class _Entry:
 
 @dataclass
 class Registry:
-    """Named loaders of one backend family; `load(name, **kwargs)` builds one."""
+    """Named loaders of one family; `load(name, **kwargs)` builds one, `get(name)` returns it."""
 
     kind: str
     hint: str = ""
     entries: dict = field(default_factory=dict)
     fallback: "Callable | None" = None   # loader for names no entry claims (e.g. torchvision)
     fallback_names: "Callable[[], Iterable[str]] | None" = None
+    sort: bool = True   # names() sorts the exact names; False keeps the order of registration
 
     def register(self, name: str, loader: "Callable | None" = None, *, prefix: bool = False,
                  examples: Iterable[str] = (), catalogue=None):
@@ -59,13 +65,29 @@ class Registry:
 
     def names(self) -> list[str]:
         """Exact names, then each family's examples and catalogue, then the fallback's names."""
-        out = sorted(n for n, e in self.entries.items() if not e.prefix)
+        out = [n for n, e in self.entries.items() if not e.prefix]
+        out = sorted(out) if self.sort else out
         for n, e in sorted(self.entries.items()):
             if e.prefix:
                 out += list(e.examples) + list(e.catalogue() if e.catalogue else [])
         if self.fallback_names:
             out += [n for n in self.fallback_names() if n not in out]
         return out
+
+    def __contains__(self, name) -> bool:
+        """True for an exact registered name (not a prefix family's or the fallback's names)."""
+        try:
+            entry = self.entries.get(name)
+        except TypeError:  # unhashable: not a name
+            return False
+        return entry is not None and not entry.prefix
+
+    def get(self, name: str) -> Callable:
+        """What was registered under the exact name `name`, uncalled (UnknownNameError listing
+        the valid names otherwise): a method family's function, or a backend's loader."""
+        if name in self:
+            return self.entries[name].loader
+        raise unknown_name(self.kind, str(name), self.names(), hint=self.hint)
 
     def load(self, name: str, **kwargs):
         entry = self.entries.get(name)

@@ -13,6 +13,8 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from operator import itemgetter
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -24,33 +26,37 @@ from .registry import Registry
 
 @dataclass(frozen=True)
 class Scoring:
-    """How candidates are ranked: by `column` of `score_candidates`' table, best first."""
+    """A scoring function: `score(table)` gives a score per row of `score_candidates`' table;
+    `higher`: is a higher score better?"""
 
-    name: str
-    column: str
-    higher_is_better: bool
-
-
-SCORINGS = Registry("scoring function", hint="set selection.scoring to one of them, or "
-                    "register your own with nd_utils.scoring.register_scoring")
+    score: Callable[[pd.DataFrame], "pd.Series"]
+    higher: bool
 
 
-def register_scoring(name: str, column: str, higher_is_better: bool) -> Scoring:
-    """Make `selection.scoring: <name>` rank candidates by `column` (a column of the table of
-    `score_candidates`, or one a plugin adds to it)."""
-    rule = Scoring(name, column, higher_is_better)
-    SCORINGS.register(name, lambda: rule)
-    return rule
+SCORINGS = Registry("scoring function", sort=False)
+
+
+def register_scoring(name: str, score: "Callable | None" = None, *, higher: bool):
+    """Add (or replace) the scoring `name`: `score(table) -> one value per row` (usable as a
+    decorator); `higher` says whether a higher score is better. `selection.scoring: <name>`
+    then selects it."""
+    def add(fn: Callable) -> Callable:
+        SCORINGS.register(name, Scoring(fn, bool(higher)))
+        return fn
+    return add(score) if score is not None else add
+
+
+# the four of METHODS.md section 3.3, each a column of score_candidates' table
+register_scoring("mean", itemgetter("mean"), higher=False)
+register_scoring("topk-sq-mean", itemgetter("topk_sq_mean"), higher=False)
+register_scoring("image-products", itemgetter("image_products"), higher=True)
+register_scoring("topk-compare", itemgetter("topk_compare"), higher=True)
 
 
 def list_scorings() -> list[str]:
-    """The scoring names, in registration order (the paper's four first)."""
-    return list(SCORINGS.entries)
-
-
-for _name, _higher in (("mean", False), ("topk-sq-mean", False), ("image-products", True),
-                       ("topk-compare", True)):
-    register_scoring(_name, _name.replace("-", "_"), _higher)
+    """Names of the scoring functions: the four of METHODS.md in its order, then any added with
+    `register_scoring`."""
+    return SCORINGS.names()
 
 
 def candidate_ranks(activations: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -105,7 +111,7 @@ def score_candidates(activations: dict[str, np.ndarray], beta: int = 5, zeta: in
 
 
 def check_scoring(scoring: str) -> str:
-    if scoring not in SCORINGS.entries:
+    if scoring not in SCORINGS:
         raise NdUtilsError(f"selection.scoring {scoring!r} is unknown: use one of "
                            f"{', '.join(list_scorings())}")
     return scoring
@@ -114,10 +120,10 @@ def check_scoring(scoring: str) -> str:
 def rank_by(table: pd.DataFrame, scoring: str) -> pd.DataFrame:
     """Order candidates best first by `scoring`; adds `score` and `rank` (1 = chosen label)."""
     check_scoring(scoring)
-    rule = SCORINGS.load(scoring)
-    column, higher = rule.column, rule.higher_is_better
-    out = table.assign(score=table[column])
-    out = out.sort_values(["score", "candidate"], ascending=[not higher, True], kind="stable")
+    scorer = SCORINGS.get(scoring)
+    out = table.assign(score=scorer.score(table))
+    out = out.sort_values(["score", "candidate"], ascending=[not scorer.higher, True],
+                          kind="stable")
     out = out.reset_index(drop=True)
     out["rank"] = np.arange(1, len(out) + 1)
     return out

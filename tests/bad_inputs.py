@@ -732,7 +732,7 @@ def _(tmp):
 def _(tmp):
     import torch
 
-    from nd_utils.similarity import rank_reorder
+    from nd_utils.similarity_formulas import rank_reorder
 
     g = torch.Generator().manual_seed(0)
     P = torch.rand(200, 30, generator=g) * 2 - 1          # cosines in [-1, 1]

@@ -8,7 +8,7 @@ from nd_utils.stages.activations import activation_key
 from nd_utils.stages.clip_dissect import load_concepts_from_config, load_vlm_from_config
 from nd_utils.stages.image_features import image_feature_jobs_if_missing, load_image_features
 from nd_utils.errors import MissingArtifactError, UnknownNameError
-from nd_utils.similarity import SIMILARITY_FUNCTIONS
+from nd_utils.similarity import get_similarity
 from nd_utils.backends.vlm import VisionLanguageModel
 from nd_utils.stages import clip_dissect, image_features
 from nd_utils.store import ArtifactStore
@@ -70,7 +70,7 @@ def test_labels_match_a_direct_computation(wired):
     acts = nd.load_activations(cfg, "act", probe=probe, target=target)
     feats = load_image_features(cfg, probe)
     P = feats @ vlm.encode_texts(list(concepts)).T
-    sim = SIMILARITY_FUNCTIONS["soft_wpmi"](P, acts.activations, top_k=3)
+    sim = get_similarity("soft_wpmi")(P, acts.activations, top_k=3)
     assert list(table.description) == [concepts[int(i)] for i in sim.argmax(1)]
     assert torch.allclose(torch.tensor(table.similarity.values, dtype=torch.float32),
                           sim.max(1).values, atol=1e-5)
@@ -110,14 +110,14 @@ def test_unknown_similarity_and_count_mismatch(wired):
                          probe=probe, target=target)
     P = torch.rand(12, 3)
     with pytest.raises(nd.NdUtilsError, match="12"):
-        SIMILARITY_FUNCTIONS["soft_wpmi"](P, torch.rand(11, 4))
+        get_similarity("soft_wpmi")(P, torch.rand(11, 4))
 
 
 def test_nonfinite_activations_name_layer_and_neuron():
     A = torch.rand(20, 5)
     A[3, 2] = float("nan")
     with pytest.raises(nd.NdUtilsError) as err:
-        SIMILARITY_FUNCTIONS["wpmi"](torch.rand(20, 4), A, top_k=5, layer="layer4")
+        get_similarity("wpmi")(torch.rand(20, 4), A, top_k=5, layer="layer4")
     assert "layer4" in str(err.value) and "2" in str(err.value)
 
 
@@ -185,7 +185,7 @@ def test_rank_reorder_never_labels_a_concept_with_negative_cosines(wired, tmp_pa
     table = nd.dissect_layer(rr, "act", probe=probe, target=target)
     assert "not red" not in set(table.description)
     assert (table.concept_4 == "not red").all()
-    assert (table.score_4 == nd.similarity.RANK_REORDER_FLOOR).all()
+    assert (table.score_4 == nd.similarity_formulas.RANK_REORDER_FLOOR).all()
     assert all(math.isfinite(s) for c in ("similarity", "score_1", "score_4") for s in table[c])
     written = pd.read_csv(nd.write_label_tables(rr, tmp_path, {"act": table})["act"])
     assert all(math.isfinite(s) for s in written.score_4)     # CSV round trip keeps it finite

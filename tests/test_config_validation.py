@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 import nd_utils as nd
-from nd_utils.similarity import SIMILARITY_FUNCTIONS
+from nd_utils.similarity import list_similarities
 import nd_utils.config
 import nd_utils.config_schema
 import nd_utils.context
@@ -212,7 +212,7 @@ def test_choices_come_from_the_registries():
     assert "one of mean, topk-sq-mean, image-products, topk-compare" in error_of(
         ["selection.scoring=best"])
     msg = error_of(["clip_dissect.similarity=soft_wmpi"])
-    assert ", ".join(SIMILARITY_FUNCTIONS) in msg and "(closest: soft_wpmi)" in msg
+    assert ", ".join(list_similarities()) in msg and "(closest: soft_wpmi)" in msg
     assert "one of blip, classifier" in error_of(["captioner.name=blib"])
     assert "one of keywords, openai, transformers" in error_of(["llm.name=gpt"])
 

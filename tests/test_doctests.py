@@ -7,7 +7,8 @@ import importlib
 import pytest
 
 # modules whose examples need no model weights, network or artifact store
-PURE = ["stage_cache", "stages", "errors", "registry", "machine", "hooks", "similarity",
+PURE = ["stage_cache", "stages", "errors", "registry", "machine", "hooks", "similarity", "similarity_blocks",
+        "similarity_formulas",
         "cosines", "tensor_stream", "imagenet_sample", "scoring", "notices", "config_values",
         "context", "label_metrics", "probe_split", "config", "stages.evaluation", "concept_sets", "concept_text",
         "trust_metrics", "stages.trust_scoring", "viz.trust_plots", "run_faults", "plugins"]

@@ -12,7 +12,7 @@ from nd_utils.viz.explorer import NeuronExplorer
 from nd_utils.viz.figures import write_figures
 from nd_utils.viz.report import write_report
 from nd_utils.viz.run_folders import open_run_folder
-from nd_utils.similarity import RANK_REORDER_FLOOR
+from nd_utils.similarity_formulas import RANK_REORDER_FLOOR
 from test_report import _data, make_run
 
 FLOOR = RANK_REORDER_FLOOR

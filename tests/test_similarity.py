@@ -8,9 +8,8 @@ import pytest
 import torch
 
 from nd_utils.errors import NdUtilsError, UnknownNameError
-from nd_utils.similarity import (RANK_REORDER_FLOOR, SIMILARITY_FUNCTIONS, get_similarity,
-                                 list_similarities, pmi_with_prior, rank_reorder, soft_wpmi,
-                                 top_concepts, wpmi)
+from nd_utils.similarity import get_similarity, list_similarities, pmi_with_prior, top_concepts
+from nd_utils.similarity_formulas import RANK_REORDER_FLOOR, rank_reorder, soft_wpmi, wpmi
 
 FIXTURE = Path(__file__).parent / "data" / "similarity_public.npz"
 NAMES = ["cos_similarity", "cos_similarity_cubed", "rank_reorder", "wpmi", "soft_wpmi"]
@@ -99,14 +98,14 @@ def golden():
 
 @pytest.mark.parametrize("name", NAMES)
 def test_parity_with_reference_fixture(golden, name):
-    out = SIMILARITY_FUNCTIONS[name](golden["clip_feats"], golden["target_feats"])
+    out = get_similarity(name)(golden["clip_feats"], golden["target_feats"])
     assert out.shape == golden[name].shape and out.dtype == torch.float32
     assert rel_err(out, golden[name], rows=name == "rank_reorder") < 1e-5
 
 
 def test_rank_reorder_seed0_reproduces_reference_normaliser(golden):
     """Perms drawn as the reference does (5 randperm per neuron, seed 0): even unnormalised rows agree."""
-    out = SIMILARITY_FUNCTIONS["rank_reorder"](golden["clip_feats"], golden["target_feats"])
+    out = get_similarity("rank_reorder")(golden["clip_feats"], golden["target_feats"])
     assert rel_err(out, golden["rank_reorder"]) < 1e-5
 
 
@@ -132,7 +131,7 @@ CASES = [
 @pytest.mark.parametrize("name,shape,hp,tol", CASES)
 def test_matches_float64_reference(name, shape, hp, tol):
     P, A = random_inputs(*shape, seed=len(hp) + shape[0])
-    out = SIMILARITY_FUNCTIONS[name](P, A, **hp)
+    out = get_similarity(name)(P, A, **hp)
     ref = REFS[name](P.double(), A.double(), **hp)
     assert rel_err(out, ref, rows=name == "rank_reorder") < tol
 
@@ -152,7 +151,7 @@ def test_rank_reorder_ties_broken_by_activation_rank():
     P[:, 0] = 0.0
     P[::2, 0] = -0.0
     hp = {"top_fraction": 0.25}
-    out = SIMILARITY_FUNCTIONS["rank_reorder"](P + 0.2 * (P == 0), A, **hp)
+    out = get_similarity("rank_reorder")(P + 0.2 * (P == 0), A, **hp)
     ref = ref_rank_reorder((P + 0.2 * (P == 0)).double(), A.double(), **hp)
     assert rel_err(out, ref, rows=True) < 1e-5
 
@@ -239,7 +238,7 @@ def test_top_concepts_nan_last_ties_by_index():
 @pytest.mark.parametrize("name", NAMES)
 def test_chunking_and_workers_do_not_change_results(name):
     P, A = random_inputs(400, 333, 21)
-    f = SIMILARITY_FUNCTIONS[name]
+    f = get_similarity(name)
     base = f(P, A)
     one = f(P, A, chunk_size=1)
     if name.startswith("cos"):  # BLAS re-associates sums: GEMV (one neuron) and GEMM differ
@@ -259,7 +258,7 @@ def test_threads_restored_after_call():
 @pytest.mark.parametrize("name", ["wpmi", "soft_wpmi"])
 def test_one_neuron_lam1_scores_zero(name):
     P, A = random_inputs(150, 40, 1)
-    out = SIMILARITY_FUNCTIONS[name](P, A, lam=1)
+    out = get_similarity(name)(P, A, lam=1)
     assert torch.equal(out, torch.zeros_like(out))
 
 
@@ -267,12 +266,12 @@ def test_one_neuron_lam1_scores_zero(name):
 def test_stored_layer_prior_scores_subset_as_whole_layer(name):
     P, A = random_inputs(300, 90, 12)
     sim, prior = pmi_with_prior(name, P, A)
-    assert torch.equal(sim, SIMILARITY_FUNCTIONS[name](P, A))
+    assert torch.equal(sim, get_similarity(name)(P, A))
     assert prior.shape == (90,)
     subset = [3, 7]
-    assert torch.equal(SIMILARITY_FUNCTIONS[name](P, A[:, subset], prior=prior), sim[subset])
+    assert torch.equal(get_similarity(name)(P, A[:, subset], prior=prior), sim[subset])
     # without the stored prior a single neuron is degenerate (all zeros with lam=1)
-    assert not torch.equal(SIMILARITY_FUNCTIONS[name](P, A[:, :1], prior=prior, lam=1),
+    assert not torch.equal(get_similarity(name)(P, A[:, :1], prior=prior, lam=1),
                            torch.zeros(1, 90))
 
 
@@ -291,7 +290,7 @@ def test_registry():
 def test_image_count_mismatch_names_both_counts(name):
     P, A = random_inputs(60, 7, 3)
     with pytest.raises(NdUtilsError, match=r"60 rows.*layer 'fc' has 59"):
-        SIMILARITY_FUNCTIONS[name](P, A[:59], layer="fc")
+        get_similarity(name)(P, A[:59], layer="fc")
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -301,28 +300,28 @@ def test_non_finite_inputs(name):
     bad[5, 2] = float("nan")
     bad[9, 3] = float("inf")
     with pytest.raises(NdUtilsError, match=r"layer 'layer4' has NaN/inf for neuron\(s\) \[2, 3\]"):
-        SIMILARITY_FUNCTIONS[name](P, bad, layer="layer4")
+        get_similarity(name)(P, bad, layer="layer4")
     badP = P.clone()
     badP[1, 6] = float("nan")
     with pytest.raises(NdUtilsError, match=r"clip_feats has NaN/inf for concept\(s\) \[6\]"):
-        SIMILARITY_FUNCTIONS[name](badP, A)
+        get_similarity(name)(badP, A)
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_non_2d_inputs(name):
     P, A = random_inputs(60, 7, 4)
     with pytest.raises(NdUtilsError, match="2-D"):
-        SIMILARITY_FUNCTIONS[name](P[0], A)
+        get_similarity(name)(P[0], A)
     with pytest.raises(NdUtilsError, match="2-D"):
-        SIMILARITY_FUNCTIONS[name](P, A[None])
+        get_similarity(name)(P, A[None])
 
 
 @pytest.mark.parametrize("name", ["wpmi", "soft_wpmi"])
 def test_top_k_above_n_is_clamped_with_warning(name):
     P, A = random_inputs(20, 6, 3)
     with pytest.warns(UserWarning, match="top_k = 500 > N = 20"):
-        out = SIMILARITY_FUNCTIONS[name](P, A, top_k=500, layer="fc")
-    assert torch.equal(out, SIMILARITY_FUNCTIONS[name](P, A, top_k=20))
+        out = get_similarity(name)(P, A, top_k=500, layer="fc")
+    assert torch.equal(out, get_similarity(name)(P, A, top_k=20))
 
 
 def test_bad_hyperparameters():
@@ -330,7 +329,7 @@ def test_bad_hyperparameters():
     with pytest.raises(NdUtilsError, match=r"\[0, 1\]"):
         soft_wpmi(P, A, top_k=10, p_start=1.5)
     with pytest.raises(NdUtilsError, match="top_fraction"):
-        SIMILARITY_FUNCTIONS["rank_reorder"](P, A, top_fraction=0)
+        get_similarity("rank_reorder")(P, A, top_fraction=0)
     with pytest.raises(TypeError):
         wpmi(P, A, p_start=0.9)                            # not a wpmi hyper-parameter
 
@@ -338,5 +337,5 @@ def test_bad_hyperparameters():
 def test_dead_neuron_gives_zero_cosines_not_nan():
     P, A = random_inputs(30, 5, 3)
     A[:, 1] = 0
-    out = SIMILARITY_FUNCTIONS["cos_similarity"](P, A)
+    out = get_similarity("cos_similarity")(P, A)
     assert torch.isfinite(out).all() and torch.equal(out[1], torch.zeros(5))

@@ -6,11 +6,13 @@ import warnings
 import pytest
 import torch
 
-from nd_utils import decode_once, machine, similarity
+from nd_utils import decode_once, machine, similarity_formulas
 from nd_utils.stages import clip_dissect
 from nd_utils.machine import config_device, fit_chunk, pins_memory
-from nd_utils.similarity import (SIMILARITY_FUNCTIONS, Cosines, factorized,
-                                 neuron_chunk, similarity_on_device)
+from nd_utils.cosines import Cosines, factorized
+from nd_utils.errors import NdUtilsError
+from nd_utils.similarity import get_similarity, list_similarities, similarity_on_device
+from nd_utils.similarity_blocks import neuron_chunk
 from test_clip_dissect import wired  # noqa: F401  (the stage-02 fixture)
 
 GiB = 2**30
@@ -105,7 +107,7 @@ def test_first_cuda_chunk_comes_from_free_memory(fake_cuda):
     assert 1 <= seen[0] <= 50
 
 
-@pytest.mark.parametrize("name", list(SIMILARITY_FUNCTIONS))
+@pytest.mark.parametrize("name", list_similarities())
 def test_lazy_cosines_give_the_dense_results_bit_for_bit(name):
     # shapes with tails: 16 + 3 rows of the normaliser, a last cosine slice 6 wide, U < N
     g = torch.Generator().manual_seed(0)
@@ -113,13 +115,13 @@ def test_lazy_cosines_give_the_dense_results_bit_for_bit(name):
         img = torch.nn.functional.normalize(torch.randn(n, 32, generator=g), dim=1)
         txt = torch.nn.functional.normalize(torch.randn(m, 32, generator=g), dim=1)
         A = torch.randn(n, k, generator=g)
-        f = SIMILARITY_FUNCTIONS[name]
+        f = get_similarity(name)
         assert torch.equal(f(Cosines(img, txt), A), f(img @ txt.T, A))
         assert torch.equal(similarity_on_device(name, Cosines(img, txt), A, device="cpu"),
                            f(img @ txt.T, A))
 
 
-@pytest.mark.parametrize("name", list(SIMILARITY_FUNCTIONS))
+@pytest.mark.parametrize("name", list_similarities())
 def test_cosine_blocks_by_chunks_of_the_long_factor_are_bit_identical(name, monkeypatch):
     # chunks of 100: 403 rows end in a 3-row tail, 1030 concepts in a 30-column one (both join
     # their neighbour); the products are still the dense P's entries, bit for bit
@@ -129,7 +131,7 @@ def test_cosine_blocks_by_chunks_of_the_long_factor_are_bit_identical(name, monk
     dense = img @ txt.T
     assert torch.equal(P.columns(0, 64), dense[:, :64])
     assert torch.equal(P.rows(0, 64), dense[:64])
-    f = SIMILARITY_FUNCTIONS[name]
+    f = get_similarity(name)
     assert torch.equal(f(P, A), f(dense, A))
 
 
@@ -138,12 +140,12 @@ def test_factorized_p_is_the_lazy_cosines():
     P = factorized(img, txt)
     assert isinstance(P, Cosines) and P.shape == (50, 40)
     assert torch.equal(P.dense(), img @ txt.T)
-    with pytest.raises(similarity.NdUtilsError, match="one D"):
+    with pytest.raises(NdUtilsError, match="one D"):
         factorized(img, torch.rand(40, 7))
     bad = txt.clone()
     bad[7, 0] = float("nan")
-    with pytest.raises(similarity.NdUtilsError, match=r"concept\(s\) \[7\]"):
-        similarity.wpmi(Cosines(img, bad), torch.rand(50, 3))
+    with pytest.raises(NdUtilsError, match=r"concept\(s\) \[7\]"):
+        similarity_formulas.wpmi(Cosines(img, bad), torch.rand(50, 3))
 
 
 def test_pin_memory_only_for_cuda(monkeypatch):
@@ -221,39 +223,39 @@ def _unit_factors(seed: int, n: int, m: int, k: int, d: int = 16):
     return img, txt, torch.randn(n, k, generator=g)
 
 
-@pytest.mark.parametrize("name", list(SIMILARITY_FUNCTIONS))
+@pytest.mark.parametrize("name", list_similarities())
 def test_factorized_p_is_computed_in_blocks_never_whole(name):
     # N x M = 2.4 M entries; the blocks read are at most N x 1024 (cosines' slices) or 64 x M
     n, m, k = 400, 6000, 6
     img, txt, A = _unit_factors(0, n, m, k)
     with _LargestOutput() as seen:
-        sim = SIMILARITY_FUNCTIONS[name](factorized(img, txt), A)
+        sim = get_similarity(name)(factorized(img, txt), A)
     assert sim.shape == (k, m)
     assert seen.largest <= n * m // 4, (name, seen.largest)
     with _LargestOutput() as dense:  # the check sees a whole P where one is formed
-        SIMILARITY_FUNCTIONS[name](img @ txt.T, A)
+        get_similarity(name)(img @ txt.T, A)
     assert dense.largest >= n * m
 
 
 def test_rank_reorder_scores_do_not_depend_on_its_block_width(monkeypatch):
     img, txt, A = _unit_factors(3, 300, 150, 5)
-    wide = similarity.rank_reorder(factorized(img, txt), A)
-    monkeypatch.setattr(similarity, "RANK_BLOCK_ELEMENTS", 300 * 8)   # 8 concepts per block
-    assert similarity._rank_block_width(300) == 8
-    narrow = similarity.rank_reorder(factorized(img, txt), A)
+    wide = similarity_formulas.rank_reorder(factorized(img, txt), A)
+    monkeypatch.setattr(similarity_formulas, "RANK_BLOCK_ELEMENTS", 300 * 8)   # 8 concepts per block
+    assert similarity_formulas._rank_block_width(300) == 8
+    narrow = similarity_formulas.rank_reorder(factorized(img, txt), A)
     # embedding_bag's mean over 8 columns rounds a few sums differently from 64: ~1e-6 relative
     assert torch.allclose(narrow, wide, rtol=1e-5, atol=0)
     assert torch.equal(narrow.argmax(1), wide.argmax(1))
-    assert torch.equal(similarity.rank_reorder(img @ txt.T, A), narrow)   # dense = factorized
+    assert torch.equal(similarity_formulas.rank_reorder(img @ txt.T, A), narrow)   # dense = factorized
 
 
 def test_cubed_in_parts_of_neurons_agrees_with_one_part(monkeypatch):
     img, txt, A = _unit_factors(4, 500, 300, 40)
-    whole = similarity.cos_similarity_cubed(factorized(img, txt), A)
-    monkeypatch.setattr(similarity, "_TRANSFORMED_A_BYTES", 4 * 500 * 16)   # 3 parts
-    parts = similarity.cos_similarity_cubed(factorized(img, txt), A)
+    whole = similarity_formulas.cos_similarity_cubed(factorized(img, txt), A)
+    monkeypatch.setattr(similarity_formulas, "_TRANSFORMED_A_BYTES", 4 * 500 * 16)   # 3 parts
+    parts = similarity_formulas.cos_similarity_cubed(factorized(img, txt), A)
     assert torch.allclose(parts, whole, rtol=0, atol=1e-6)   # GEMMs of 14 vs 40 rows round apart
-    assert torch.equal(similarity.cos_similarity_cubed(img @ txt.T, A), parts)
+    assert torch.equal(similarity_formulas.cos_similarity_cubed(img @ txt.T, A), parts)
 
 
 class _FreshAllocations:
@@ -294,7 +296,7 @@ def test_pmi_reuses_its_block_buffers_instead_of_allocating_each(name):
     # other temporaries (embedding_bag's outputs, A.T) under the counted size.
     n, m, k = 2000, 1100, 30
     img, txt, A = _unit_factors(3, n, m, k)
-    f = SIMILARITY_FUNCTIONS[name]
+    f = get_similarity(name)
     with _FreshAllocations(numel=64 * m) as big:
         sim = f(factorized(img, txt), A, num_workers=1, top_k=10)
     assert torch.equal(sim, f(img @ txt.T, A, top_k=10))

@@ -1,4 +1,4 @@
-"""The models the pipeline runs, one registry per family (`registry.Registry`).
+"""The models the pipeline runs, one registry per family (`nd_utils.registry.Registry`).
 
 | family | module | list / load / add |
 |---|---|---|

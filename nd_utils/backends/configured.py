@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..config import Config
 from ..machine import resolve_device
-from .captioners import Captioner, load_captioner
+from .captioners import Captioner, captioner_settings, load_captioner
 from .language_models import CachedLanguageModel, load_language_model
 from .targets import Target, load_target
 from .vlm import VisionLanguageModel, load_vlm
@@ -45,12 +45,12 @@ def vlm_dtype(cfg: Config) -> str:
 
 
 def load_captioner_from_config(cfg: Config) -> Captioner:
-    """The captioner of `captioner.*` on the configured device."""
-    extra = {}
-    if cfg["captioner.name"] == "blip":
-        extra = {"model": cfg["captioner.model"], "checkpoint": cfg["captioner.checkpoint"],
-                 "max_new_tokens": cfg["captioner.max_new_tokens"]}
-    return load_captioner(cfg["captioner.name"], device=_device(cfg), **extra)
+    """The captioner of `captioner.*` on the configured device, given the keys of its section
+    that its loader takes (`captioner_settings`: blip's model, checkpoint and max_new_tokens; a
+    registered captioner's own keys); None values are left to the loader's defaults."""
+    name = cfg["captioner.name"]
+    return load_captioner(name, device=_device(cfg),
+                          **captioner_settings(name, cfg["captioner"]))
 
 
 def language_model_from_config(cfg: Config, backend=None) -> CachedLanguageModel:

@@ -111,6 +111,14 @@ def caption_cache(data_dir: "str | Path") -> JsonlCache:
     return JsonlCache(Path(data_dir) / "cache" / "captions.jsonl")
 
 
+def captioner_own_keys(cfg: Config) -> dict:
+    """The keys of `captioner:` beyond the schema's (a registered captioner's own settings, as
+    `{"captioner.<key>": value}`): they decide its captions, so they join the stage key, and
+    only when present, so a config without any keeps its key."""
+    extra = run_context(cfg).settings.captioner.model_extra or {}
+    return {f"captioner.{k}": v for k, v in extra.items()}
+
+
 def caption_output(cfg: Config, top: TopImages) -> StageOutput:
     inputs = {}
     captioner = run_context(cfg).settings.captioner
@@ -118,7 +126,8 @@ def caption_output(cfg: Config, top: TopImages) -> StageOutput:
     weights_file = checkpoint_file(checkpoint) if checkpoint else None
     if weights_file is not None:  # new bytes at the same path are other weights: another key
         inputs["checkpoint_sha256"] = file_sha256(weights_file)
-    return stage_output(STAGE, {**cfg.select(STAGE.reads), "layer": top.layer}, inputs=inputs,
+    params = {**cfg.select(STAGE.reads), **captioner_own_keys(cfg), "layer": top.layer}
+    return stage_output(STAGE, params, inputs=inputs,
                         upstream={"03_top_images": top.key})
 
 

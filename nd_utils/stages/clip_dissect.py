@@ -141,7 +141,7 @@ def concept_similarity(cfg: Config, probe: ProbeSet, concepts: ConceptSet,
                        vlm: "VisionLanguageModel | None" = None, force: bool = False
                        ) -> Cosines:
     """`P = I @ T.T`, the `[N, M]` image-concept cosines, as its factors
-    (`similarity.factorized`): what the similarity functions take, as stage 02 passes it.
+    (`cosines.factorized`): what the similarity functions take, as stage 02 passes it.
 
     `.columns(m0, m1)` / `.rows(i0, i1)` give blocks; `.dense()` forms P whole (N x M x 4 bytes:
     9 GB at the paper's 113,000 images and 20,000 concepts).

@@ -12,7 +12,9 @@ candidate j from `H_j`, the ascending ranks of its images (METHODS.md section 3.
 * `topk-compare` (the released default): R_j = |T| - position of j by topk-sq-mean (best = |T|),
   score = R_j * W_j. Higher is better.
 
-Every function is selectable with `selection.scoring` (the reference ignores its own flag).
+Every function is selectable with `selection.scoring` (the reference ignores its own flag). They
+are a `Registry` (`SCORINGS`, `list_scorings`); `register_scoring(name, higher=...)` adds one: a
+function of the table of `score_candidates` (one row per candidate) giving each row's score.
 
 Example:
     >>> scores = score_candidates({"dog": [0, 3], "cat": [1, 2]}, beta=5)  # doctest: +SKIP

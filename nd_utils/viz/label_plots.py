@@ -10,7 +10,7 @@ import pandas as pd
 
 from .activation_plots import draw_thumbnail
 from ..stages.clip_dissect import n_concept_columns
-from ..similarity import RANK_REORDER_FLOOR
+from ..similarity_formulas import RANK_REORDER_FLOOR
 
 
 def _score(x) -> "float | None":

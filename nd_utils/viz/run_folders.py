@@ -24,7 +24,7 @@ from ..context import load_config
 from ..errors import NdUtilsError
 from ..stages import list_tables
 
-RANK_REORDER_FLOOR = -3.4028234663852886e38  # = nd_utils.similarity's; no torch import here
+RANK_REORDER_FLOOR = -3.4028234663852886e38  # = similarity_formulas'; no torch import here
 
 # Keys every run.json written by the current runner holds (nd_utils.pipeline.run_pipeline).
 RUN_FIELDS = ("config", "source", "force", "stages", "status", "started")
