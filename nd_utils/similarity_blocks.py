@@ -160,14 +160,15 @@ class _Scratch:
         return buf[:n].view(shape)
 
 
+# the published defaults of the hyperparameters that size a chunk; similarity_formulas uses them
+# as its functions' defaults, so `neuron_chunk` needs no lookup of the functions themselves
+WPMI_TOP_K, SOFT_WPMI_TOP_K, RANK_REORDER_TOP_FRACTION = 28, 100, 0.05
+_DEFAULTS = {("wpmi", "top_k"): WPMI_TOP_K, ("soft_wpmi", "top_k"): SOFT_WPMI_TOP_K,
+             ("rank_reorder", "top_fraction"): RANK_REORDER_TOP_FRACTION}
+
+
 def _default(name: str, key: str, hyper: dict):
-    import inspect
-
-    from .similarity import get_similarity  # the registry imports the formulas, which import this
-
-    if key in hyper:
-        return hyper[key]
-    return inspect.signature(get_similarity(name)).parameters[key].default
+    return hyper[key] if key in hyper else _DEFAULTS[name, key]
 
 
 def neuron_chunk(name: str, n_images: int, n_concepts: int, n_neurons: int, device,

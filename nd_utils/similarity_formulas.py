@@ -20,8 +20,9 @@ import torch.nn.functional as F
 from .cosines import Cosines, read_columns, read_rows
 from .errors import NdUtilsError
 from .machine import fit_chunk
-from .similarity_blocks import (_Scratch, _blocks, _col_norm, _pool, _prepare, _slice_width,
-                                _top_images, _where, neuron_chunk)
+from .similarity_blocks import (RANK_REORDER_TOP_FRACTION, SOFT_WPMI_TOP_K, WPMI_TOP_K, _blocks,
+                                _col_norm, _pool, _prepare, _Scratch, _slice_width, _top_images,
+                                _where, neuron_chunk)
 
 _TRANSFORMED_A_BYTES = 2**29  # cos_similarity_cubed's cubed A is built in parts of this size
 
@@ -133,8 +134,9 @@ def _floor_invalid(score: torch.Tensor, cmean: torch.Tensor, scale_p) -> torch.T
     return score.masked_fill_(~(cmean > 0), RANK_REORDER_FLOOR)
 
 
-def rank_reorder(clip_feats, target_feats, *, p=3, top_fraction=0.05, scale_p=0.5, seed=0,
-                 generator=None, chunk_size=None, device=None, layer=None, num_workers=None):
+def rank_reorder(clip_feats, target_feats, *, p=3, top_fraction=RANK_REORDER_TOP_FRACTION,
+                 scale_p=0.5, seed=0, generator=None, chunk_size=None, device=None, layer=None,
+                 num_workers=None):
     """Rank-reorder score: -(error of re-ordering top activations by a concept) / mean(c)^scale_p.
 
     Shapes: clip_feats [N, M], target_feats [N, K] -> [K, M]. n = int(N * top_fraction) top images
@@ -335,8 +337,9 @@ def _pmi(P, A, *, soft, top_k, a, lam, min_prob, p_start, p_end, prior, return_p
     return (out, prior_out) if return_prior else out
 
 
-def wpmi(clip_feats, target_feats, *, top_k=28, a=2, lam=0.6, min_prob=1e-7, prior=None,
-         return_prior=False, chunk_size=None, device=None, layer=None, num_workers=None):
+def wpmi(clip_feats, target_feats, *, top_k=WPMI_TOP_K, a=2, lam=0.6, min_prob=1e-7,
+         prior=None, return_prior=False, chunk_size=None, device=None, layer=None,
+         num_workers=None):
     """Weighted pointwise mutual information over each neuron's top_k images -> [K, M].
 
     L[k, m] = sum over top images of log(softmax(a*P)[i, m] + min_prob); sim = L - lam * prior,
@@ -352,9 +355,9 @@ def wpmi(clip_feats, target_feats, *, top_k=28, a=2, lam=0.6, min_prob=1e-7, pri
                 chunk_size=chunk_size, device=device, layer=layer, num_workers=num_workers)
 
 
-def soft_wpmi(clip_feats, target_feats, *, top_k=100, a=10, lam=1, min_prob=1e-7, p_start=0.998,
-              p_end=0.97, prior=None, return_prior=False, chunk_size=None, device=None, layer=None,
-              num_workers=None):
+def soft_wpmi(clip_feats, target_feats, *, top_k=SOFT_WPMI_TOP_K, a=10, lam=1, min_prob=1e-7,
+              p_start=0.998, p_end=0.97, prior=None, return_prior=False, chunk_size=None,
+              device=None, layer=None, num_workers=None):
     """Soft WPMI (the default): rank r of a neuron's top_k images has membership p_r -> [K, M].
 
     L[k, m] = sum_r log(1 + p_r * (Q[i_r, m] - 1) + min_prob), Q = softmax(a*P) per image,

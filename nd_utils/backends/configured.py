@@ -48,9 +48,9 @@ def load_captioner_from_config(cfg: Config) -> Captioner:
     """The captioner of `captioner.*` on the configured device, given the keys of its section
     that its loader takes (`captioner_settings`: blip's model, checkpoint and max_new_tokens; a
     registered captioner's own keys); None values are left to the loader's defaults."""
-    name = cfg["captioner.name"]
-    return load_captioner(name, device=_device(cfg),
-                          **captioner_settings(name, cfg["captioner"]))
+    section = cfg.settings.captioner
+    return load_captioner(section.name, device=_device(cfg), **captioner_settings(
+        section.name, section.model_dump(exclude_unset=True)))
 
 
 def language_model_from_config(cfg: Config, backend=None) -> CachedLanguageModel:
