@@ -176,7 +176,7 @@ class NeuronExplorer(NeuronFigure):
         if acts is None:
             notes.append(f"no activation cache for layer {layer} in {run.cfg.data_dir}: no "
                          f"histogram; run notebook 01 with this run's config")
-        elif layer in (run.cfg.get("dnd.layers") or []):
+        elif layer in run.cfg.settings.dnd.layers:
             from ..stages.top_images import choose_neurons
             with contextlib.suppress(NdUtilsError):
                 chosen = choose_neurons(run.cfg, layer, acts.n_neurons)

@@ -58,13 +58,13 @@ def readable_layers(view: RunView) -> list[str]:
 def cached_top_images(run: RunView, layer: str):
     """(TopImages with spatial maps, "") for DnD's 03_top_images artifact of `layer`, else
     (None, why); found by the run config's key, else through the paths of its 03 table."""
-    from ..store import ArtifactStore
+    from ..context import run_context
     from ..stages.top_images import STAGE, TopImages, choose_neurons, top_images_key
 
     cfg, folder, table = run.cfg, None, run.top_images(layer)
-    if layer not in (cfg.get("dnd.layers") or []) and table is None:
+    if layer not in cfg.settings.dnd.layers and table is None:
         return None, f"spatial map not cached (layer {layer} is not in dnd.layers)"
-    acts, probe, store = run.activations(layer), run.probe(), ArtifactStore(cfg.data_dir)
+    acts, probe, store = run.activations(layer), run.probe(), run_context(cfg).store
     if acts is not None and probe is not None:
         with contextlib.suppress(NdUtilsError):  # e.g. a target outside the registry
             key = top_images_key(cfg, layer, choose_neurons(cfg, layer, acts.n_neurons), probe)
@@ -247,7 +247,7 @@ def similarity_functions(run: RunView):
     ev = run.evaluation()
     if ev is None or not {"similarity", "concept_set"} <= set(ev.columns):
         raise _Skip("no results/07_evaluation.csv: run notebook 07")
-    layer = run.cfg.get("evaluation.layer") or "final layer"
+    layer = run.cfg.settings.evaluation.layer
     ev = ev.assign(**{c: _num(ev[c]).values for c in ("top1", "top5", "vlm_cos", "sentence_cos")
                       if c in ev})
     acc = ev.dropna(subset=["top1"]) if "top1" in ev else ev.iloc[0:0]
@@ -367,7 +367,7 @@ def write_figures(run: "str | Path | RunView" = "latest", out: "str | Path | Non
     jobs = [(f"neuron_cards_{re.sub(r'[^A-Za-z0-9._-]', '_', layer)}",
              lambda layer=layer: neuron_cards(view, layer, neurons_per_layer))
             for layer in view.layers]
-    final = re.sub(r"[^A-Za-z0-9._-]", "_", str(view.cfg.get("evaluation.layer") or "final"))
+    final = re.sub(r"[^A-Za-z0-9._-]", "_", view.cfg.settings.evaluation.layer)
     jobs += [(f"similarity_functions_{final}", lambda: similarity_functions(view)),
              ("label_similarity", lambda: label_similarity(view)),
              ("evaluation_table", lambda: evaluation_table(view))]

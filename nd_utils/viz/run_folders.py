@@ -128,10 +128,11 @@ class RunView:
                 m = _LAYER_RE.match(p.name)
                 if m and m.group(1) not in found:
                     found.append(m.group(1))
-        configured = list(self.cfg.get("target.layers") or [])
+        settings = self.cfg.settings
+        configured = list(settings.target.layers)
         # The run's effective config names every layer it used; other names matching the
         # pattern (e.g. a comparison table) are not layers.
-        known = set(configured) | set(self.cfg.get("dnd.layers") or [])
+        known = set(configured) | set(settings.dnd.layers)
         return configured + [x for x in found if x not in configured and x in known]
 
     def _table(self, kind: str, layer: "str | None" = None) -> "pd.DataFrame | None":
