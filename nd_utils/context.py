@@ -5,7 +5,7 @@
 against the registries, and resolves `target.name` to the weights it means. `run_context(cfg)`
 then builds, once per config object, what stage code receives instead of rebuilding it from the
 config in each function: `settings` (attributes, not dotted strings), the `ArtifactStore`, the
-executor, the torch device, and the models the settings name, loaded on demand.
+executor and the torch device.
 
 Example:
     >>> cfg = load_config("offline")
@@ -24,7 +24,6 @@ from .config import Config, import_configured_plugins, read_config
 from .config_schema import Schema, validate_config
 from .executors import executor_from_config, list_executors
 from .machine import resolve_device
-from .notices import record_notice
 from .store import ArtifactStore
 
 # keyword arguments every similarity function takes from the stage, not from hyperparameters
@@ -68,8 +67,9 @@ def load_config(
     cfg = read_config(config, overrides)
     # before validating: the names a plugin registers (target.name, captioner.name) are valid
     # only once it has run; a malformed list is left to validate_config's error listing
-    import_configured_plugins(cfg.to_dict())
-    validate_config(cfg.to_dict(), cfg.source, names=registered_names())
+    data = cfg.to_dict()
+    import_configured_plugins(data)
+    validate_config(data, cfg.source, names=registered_names())
     cfg.set("data_dir", str(cfg.data_dir))
     cfg.set("target.name", resolve_target_name(cfg["target.name"]))
     return cfg
@@ -98,9 +98,10 @@ def resolve_target_name(name: str) -> str:
 class RunContext:
     """What the stages of one config share, each part built on first use.
 
-    `cfg` (for cache keys: `cfg.select(stage.reads)`), `settings` (typed), `store`, `executor`,
-    `device`, `notice(kind, message)`, and the models: `target()`, `vlm()`, `captioner()`,
-    `language_model()`, `synthesizer()` (each loaded when called; the caller keeps it).
+    `cfg` (for cache keys: `cfg.select(stage.reads)`), `settings` (typed), `store`, `executor`
+    and `device`. Models are loaded where a stage needs them, by `nd_utils.backends.configured`
+    (one `*_from_config` per family, reading these settings), and not kept here: a context lives
+    as long as its config, and holding every model of a run would hold their memory too.
     """
 
     def __init__(self, cfg: Config):
@@ -121,24 +122,6 @@ class RunContext:
     @cached_property
     def device(self):
         return resolve_device(self.settings.device)
-
-    notice = staticmethod(record_notice)
-
-    def target(self, device=None):
-        from .backends.configured import load_target_from_config
-        return load_target_from_config(self.cfg, device=device)
-
-    def vlm(self):
-        from .backends.configured import load_vlm_from_config
-        return load_vlm_from_config(self.cfg)
-
-    def captioner(self):
-        from .backends.configured import load_captioner_from_config
-        return load_captioner_from_config(self.cfg)
-
-    def language_model(self, backend=None):
-        from .backends.configured import language_model_from_config
-        return language_model_from_config(self.cfg, backend=backend)
 
     def __repr__(self) -> str:
         return f"RunContext({self.cfg!r}, store={self.cfg.data_dir})"
