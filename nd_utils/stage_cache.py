@@ -57,18 +57,26 @@ def register_stage(stage: Stage) -> Stage:
 class Table:
     """A result table a stage writes into a run's `results/`.
 
-    `kind`: the name readers ask for; `file`: its file name, `{}` standing for the layer (or for
-    the kind itself when the table has no layer); `columns`: those the readers rely on;
-    `notebooks`: the notebook(s) that write it, as the run reader's errors name them.
+    `kind`: the name readers ask for; `file`: its file name, `{}` standing for the layer in a
+    per-layer table (a table with one file per run is named by its kind: `file` left empty); `columns`: those the readers rely on; `notebooks`: the notebook(s) that
+    write it, as the run reader's errors name them.
     """
 
     kind: str
-    file: str
+    file: str = ""
     columns: tuple[str, ...] = ()
     notebooks: str = ""
 
+    def __post_init__(self):
+        if not self.file:
+            object.__setattr__(self, "file", self.kind)
+
+    @property
+    def per_layer(self) -> bool:
+        return "{}" in self.file
+
     def path(self, results: "str | Path", layer: "str | None" = None) -> Path:
-        return Path(results) / self.file.format(self.kind if layer is None else layer)
+        return Path(results) / (self.file.format(layer) if self.per_layer else self.file)
 
 
 def _lookup(name: str) -> Stage:

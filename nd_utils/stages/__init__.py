@@ -11,8 +11,8 @@ read those declarations; a new stage is its module, its notebook and its YAML se
 Example:
     >>> get_stage("02").name
     '02_clip_dissect'
-    >>> table_of("clip_dissect").file.format("fc")
-    '02_clip_dissect_fc.csv'
+    >>> [t.path("results", "fc").name for t in list_tables()][:2]
+    ['02_clip_dissect_fc.csv', '02_trust_summary.csv']
 """
 from __future__ import annotations
 
@@ -51,14 +51,6 @@ def list_tables() -> list[Table]:
     """The result tables every stage declares (`TABLES`), in notebook order."""
     found = [t for module in stage_modules() for t in getattr(module, "TABLES", ())]
     return sorted(found, key=lambda t: t.notebooks)  # stable: declaration order within one
-
-
-def table_of(kind: str) -> Table:
-    """The declared table of `kind` (e.g. `clip_dissect`, `07_evaluation.csv`)."""
-    tables = {t.kind: t for t in list_tables()}
-    if kind not in tables:
-        raise unknown_name("result table", kind, list(tables))
-    return tables[kind]
 
 
 def language_model_stages(cfg, stages) -> dict[str, str]:

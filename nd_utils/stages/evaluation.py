@@ -54,7 +54,7 @@ from ..probes import probe_set_names
 from ..store import atomic_write_text
 from ..stage_cache import Table
 
-TABLES = (Table("07_evaluation.csv", "{}", (), "07"), Table("07_published.csv", "{}", (), "07"))
+TABLES = (Table("07_evaluation.csv", notebooks="07"), Table("07_published.csv", notebooks="07"))
 
 BASELINE_LABEL = "depiction"
 CLASS_NAME_SETS = ("imagenet_classes", "imagenet_labels", "cifar100_classes")

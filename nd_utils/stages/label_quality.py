@@ -60,12 +60,14 @@ from ..notices import record_notice
 from ..store import atomic_write_text
 from .synthesis import load_pool
 
-TABLES = (Table("08_label_quality.csv", "{}", ("layer", "unit", "source", "auc", "mad", "sim_r"),
-                "08"),
-          Table("08_quality_summary.csv", "{}", ("layer", "source", "metric", "mean"), "08"),
-          Table("08_method_comparison.csv", "{}", ("layer", "metric", "clip_dissect", "dnd"),
-                "08"),
-          Table("08_sanity_checks.csv", "{}", ("layer", "metric", "method", "ok"), "08"))
+TABLES = (Table("08_label_quality.csv",
+                columns=("layer", "unit", "source", "auc", "mad", "sim_r"), notebooks="08"),
+          Table("08_quality_summary.csv", columns=("layer", "source", "metric", "mean"),
+                notebooks="08"),
+          Table("08_method_comparison.csv", columns=("layer", "metric", "clip_dissect", "dnd"),
+                notebooks="08"),
+          Table("08_sanity_checks.csv", columns=("layer", "metric", "method", "ok"),
+                notebooks="08"))
 
 # label quality: the labels judged (see labelling_config) are an input, hashed with the
 # settings that decide the CoSy images, the simulator and the held-out activations

@@ -55,7 +55,8 @@ from ..store import atomic_write_text
 from .trust_scoring import (CosySource, LazyModel, TrustSettings, fit_simulator,
                             load_configured_vlm, null_concept_ids, score_labels, trust_split)
 
-TABLES = (Table("02_trust_summary.csv", "{}", ("layer", "n_neurons", "n_trusted"), "02"),)
+TABLES = (Table("02_trust_summary.csv", columns=("layer", "n_neurons", "n_trusted"),
+                notebooks="02"),)
 
 # a held-out trust score for every label (label_trust): keyed by the trust settings (added
 # from `trust:` by TrustSettings.key_params) and by the labels' inputs, so changing a trust

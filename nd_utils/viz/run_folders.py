@@ -45,7 +45,7 @@ DND_TRUST = {"dnd_heldout_r": "heldout_r", "dnd_heldout_p": "heldout_p",
 TRUST_COLUMNS = (*CD_TRUST, "cd_trusted", "cd_trust_label", *DND_TRUST)
 # a per-layer table's file name -> its layer (longest prefix first: 06_dnd_candidates before 06_dnd)
 _LAYER_RE = re.compile("^(?:" + "|".join(sorted(
-    (re.escape(t.file.split("{}")[0].rstrip("_")) for t in _TABLES.values() if t.file != "{}"),
+    (re.escape(t.file.split("{}")[0].rstrip("_")) for t in _TABLES.values() if t.per_layer),
     key=len, reverse=True)) + r")_(.+)\.csv$")
 
 
