@@ -16,10 +16,12 @@ import time
 import torch
 
 from nd_utils.backends import language_models as lmod
+from nd_utils.backends.prompt_templates import load_template
+from nd_utils.errors import NdUtilsError
 
 
 def _jobs():
-    simp, summ = lmod.load_template("simplify.v1"), lmod.load_template("summarize.v1")
+    simp, summ = load_template("simplify.v1"), load_template("summarize.v1")
     caps = ["a photo of a goose standing in the grass", "a photo of a dung beetle",
             "a photo of a beaker, or possibly a measuring cup", "a photo of a cannon on a wall"]
     return ([simp.messages(caption=c) for c in caps]
@@ -76,5 +78,5 @@ if __name__ == "__main__":
     for name in models:
         try:
             bench(name)
-        except lmod.NdUtilsError as exc:  # a model whose package is not installed
+        except NdUtilsError as exc:  # a model whose package is not installed
             print(f"{name}: skipped ({exc})")

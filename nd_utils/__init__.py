@@ -34,7 +34,7 @@ _PUBLIC = {
     # inputs and models
     "load_probe": "probes", "list_probes": "probes", "load_probe_from_config": "stages.activations",
     "load_target": "backends.targets", "list_targets": "backends.targets",
-    "from_module": "backends.targets", "load_vlm": "backends.vlm", "list_vlms": "backends.vlm",
+    "from_module": "backends.target_network", "load_vlm": "backends.vlm", "list_vlms": "backends.vlm",
     "load_concept_set": "concept_sets", "list_concept_sets": "concept_sets",
     "trace_images": "hooks",
     # 01 activations, 02 CLIP-Dissect

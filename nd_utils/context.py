@@ -33,7 +33,8 @@ _STAGE_KEYWORDS = ("layer", "device", "chunk_size", "num_workers")
 def registered_names() -> dict:
     """{family: names} of every registry a config chooses from (see config_values.one_of)."""
     from .backends.captioners import captioner_parameters, list_captioners
-    from .backends.language_models import list_language_models, list_templates
+    from .backends.language_models import list_language_models
+    from .backends.prompt_templates import list_templates
     from .backends.synthesizers import list_synthesizers
     from .probes import list_probes
     from .scoring import list_scorings

@@ -11,7 +11,7 @@ from nd_utils.stages.candidate_concepts import (STAGE, clean_candidates, clean_c
                                          generate_concepts, parse_answer_reference,
                                          propose_concepts)
 from nd_utils.errors import NdUtilsError
-from nd_utils.backends.language_models import CachedLanguageModel
+from nd_utils.backends.answer_cache import CachedLanguageModel
 from nd_utils.backends.synthesizers import DiffusersSynthesizer
 
 

@@ -12,8 +12,9 @@ from nd_utils.stages.candidate_concepts import (answer_problem, clean_candidates
                                          parse_answer, propose_concepts)
 from nd_utils.errors import NdUtilsError
 from nd_utils.jsonl_cache import JsonlCache
-from nd_utils.backends.language_models import (CachedLanguageModel, KeywordsLM, ReplayMissError,
-                                      load_template, most_frequent_phrase)
+from nd_utils.backends.answer_cache import CachedLanguageModel, ReplayMissError
+from nd_utils.backends.language_models import KeywordsLM, most_frequent_phrase
+from nd_utils.backends.prompt_templates import load_template
 from nd_utils.scoring import candidate_ranks, rank_by, score_candidates
 
 

@@ -10,7 +10,8 @@ import pytest
 PURE = ["stage_cache", "stages", "errors", "registry", "machine", "hooks", "similarity", "similarity_blocks",
         "similarity_formulas",
         "cosines", "tensor_stream", "imagenet_sample", "scoring", "notices", "config_values",
-        "context", "label_metrics", "probe_split", "config", "stages.evaluation", "concept_sets", "concept_text",
+        "context", "label_metrics", "probe_split", "config", "stages.evaluation",
+        "stages.evaluation_metrics", "concept_sets", "concept_text",
         "trust_metrics", "stages.trust_scoring", "viz.trust_plots", "run_faults", "plugins"]
 
 

@@ -17,10 +17,10 @@ import nd_utils
 from nd_utils import concept_sets, imagenet_labels
 from nd_utils.imagenet_labels import imagenet_label_lines, imagenet_labels_from_timm
 from nd_utils.paper_concept_files import PAPER_SETS
-from nd_utils.stages import evaluation
+from nd_utils.stages import evaluation, evaluation_metrics
 from nd_utils.errors import NdUtilsError
-from nd_utils.stages.evaluation import (_EmbeddingCache, ground_truth, mean_pair_cosine, reading_notes,
-                                 topk_accuracy)
+from nd_utils.stages.evaluation import ground_truth, reading_notes
+from nd_utils.stages.evaluation_metrics import _EmbeddingCache, mean_pair_cosine, topk_accuracy
 
 
 def _shared() -> Path:
@@ -191,9 +191,9 @@ def test_topk_accuracy_counts_only_the_covered_neurons():
 def test_covered_neurons_are_the_classes_with_an_image():
     from types import SimpleNamespace as Item
     probe = Item(items=[Item(class_index=c) for c in (4, 1, None, 4, 1000, -1)])
-    assert evaluation.covered_neurons(probe, 1000).tolist() == [1, 4]
+    assert evaluation_metrics.covered_neurons(probe, 1000).tolist() == [1, 4]
     unlabelled = Item(items=[Item(class_index=None)] * 3)   # coverage unknown: every neuron
-    assert evaluation.covered_neurons(unlabelled, 5).tolist() == [0, 1, 2, 3, 4]
+    assert evaluation_metrics.covered_neurons(unlabelled, 5).tolist() == [0, 1, 2, 3, 4]
 
 
 def _table(probe, n_images, n_neurons, n_classes=1000):

@@ -94,7 +94,7 @@ def test_module_called_twice_warns():
 def _tiny_target():
     from torchvision import transforms as T
 
-    from nd_utils.backends.targets import from_module
+    from nd_utils.backends.target_network import from_module
 
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),

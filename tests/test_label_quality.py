@@ -9,7 +9,7 @@ import nd_utils as nd
 from nd_utils.stages.clip_dissect import load_vlm_from_config
 from nd_utils.stages.image_features import load_image_features
 from nd_utils.stages.label_quality import quality_config, quality_parts
-from nd_utils.stages import image_features, label_quality
+from nd_utils.stages import image_features, label_quality, quality_statistics
 from nd_utils.errors import ConfigError
 from nd_utils.probe_split import split_ids, split_part, split_table
 from nd_utils.probes import load_probes
@@ -148,7 +148,7 @@ def test_summary_comparison_and_sanity_tables(result):
     s, c, san = result.summary, result.comparison, result.sanity
     assert set(s.layer) == {"head", "fc", "all"}
     assert ((s.ci_low <= s["mean"] + 1e-12) & (s["mean"] <= s.ci_high + 1e-12)).all()
-    assert set(c.metric) == set(label_quality.METRICS) and set(c.layer) == {"head", "fc", "all"}
+    assert set(c.metric) == set(quality_statistics.METRICS) and set(c.layer) == {"head", "fc", "all"}
     row = c[(c.layer == "all") & (c.metric == "auc")].iloc[0]
     t = result.table
     cd = t[t.source == "clip_dissect"].auc.mean()

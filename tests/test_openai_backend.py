@@ -273,7 +273,8 @@ def test_key_never_leaks(server, sleeps, capsys, caplog):
 
 def test_answers_are_cached_replayed_and_keyless_on_disk(server, sleeps, tmp_path):
     """Through the answer cache: one request per distinct prompt; replay needs no server."""
-    from nd_utils.backends.language_models import CachedLanguageModel, ReplayMissError, load_template
+    from nd_utils.backends.answer_cache import CachedLanguageModel, ReplayMissError
+    from nd_utils.backends.prompt_templates import load_template
 
     tpl = load_template("simplify.v1")
     server.script((429, error_body("slow down"), {"Retry-After": "0"}),
@@ -297,7 +298,8 @@ def test_replay_from_the_config_needs_no_key(server, env, tmp_path):
     """llm.mode=replay with llm.name=openai: no OPENAI_API_KEY, no request, same answers."""
     import nd_utils as nd
     from nd_utils.backends.configured import language_model_from_config
-    from nd_utils.backends.language_models import ReplayMissError, load_template
+    from nd_utils.backends.answer_cache import ReplayMissError
+    from nd_utils.backends.prompt_templates import load_template
 
     env.setenv("OPENAI_BASE_URL", server.base_url)
     tpl = load_template("simplify.v1")

@@ -60,7 +60,7 @@ def test_offline_language_model_is_installed_without_dependencies():
 def test_prompt_templates_ship_with_the_package():
     project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
     assert "prompts/*.txt" in project["tool"]["setuptools"]["package-data"]["nd_utils"]
-    from nd_utils.backends.language_models import list_templates
+    from nd_utils.backends.prompt_templates import list_templates
     assert {"simplify.v1", "summarize.v1", "reask.v1"} <= set(list_templates())
 
 

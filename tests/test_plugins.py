@@ -46,7 +46,8 @@ from pathlib import Path
 
 from torchvision import transforms as T
 
-from nd_utils.backends.targets import from_module, register_target
+from nd_utils.backends.target_network import from_module
+from nd_utils.backends.targets import register_target
 
 WEIGHTS = Path(__file__).with_name("tiny_net_weights.pt")
 
@@ -119,7 +120,7 @@ def test_runner_uses_a_plugin_target_by_name(plugin_dir, tmp_path):
                                                                       "fc": [4, 7]}
     # the weights the plugin loaded from its own file, not a fresh initialisation
     import torch
-    from nd_utils.backends.targets import _state_dict_hash
+    from nd_utils.backends.target_network import _state_dict_hash
 
     arch = {}
     exec(ARCH, arch)

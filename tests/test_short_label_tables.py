@@ -7,7 +7,7 @@ import math
 import pandas as pd
 import pytest
 
-from nd_utils.viz import run_folders
+from nd_utils.viz import neuron_table
 from nd_utils.viz.explorer import NeuronExplorer
 from nd_utils.viz.figures import write_figures
 from nd_utils.viz.report import write_report
@@ -32,7 +32,7 @@ def shorten(run, n_concepts=2, floor_units=(1,)):
 
 
 def test_floor_constant_matches_similarity():
-    assert run_folders.RANK_REORDER_FLOOR == RANK_REORDER_FLOOR
+    assert neuron_table.RANK_REORDER_FLOOR == RANK_REORDER_FLOOR
 
 
 def test_reader_and_report_tolerate_short_tables_and_the_floor(tmp_path):

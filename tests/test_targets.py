@@ -14,7 +14,8 @@ from PIL import Image
 from torch import nn
 
 from nd_utils.errors import OfflineError, UnknownNameError
-from nd_utils.backends.targets import EfficientNetLiteNet, from_module, list_targets, load_target
+from nd_utils.backends.target_network import from_module
+from nd_utils.backends.targets import EfficientNetLiteNet, list_targets, load_target
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from nd_utils.backends import language_models as lmod
-from nd_utils.backends.language_models import SMOLLM2, SMOLLM2_FILE, TransformersLM, load_template
+from nd_utils.backends.language_models import SMOLLM2, SMOLLM2_FILE, TransformersLM
+from nd_utils.backends.prompt_templates import load_template
 
 try:
     lmod.smollm2_path()

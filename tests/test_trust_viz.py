@@ -15,7 +15,8 @@ import pytest
 from nd_utils.viz import trust_plots
 from nd_utils.viz.explorer import NeuronExplorer
 from nd_utils.viz.report import write_report
-from nd_utils.viz.run_folders import TRUST_COLUMNS, open_run_folder
+from nd_utils.viz.neuron_table import TRUST_COLUMNS
+from nd_utils.viz.run_folders import open_run_folder
 from nd_utils.viz.trust_plots import rank_by_trust, trust_text
 from test_explorer import add_fc_labels
 from test_report import _csv, _data, _png, make_run

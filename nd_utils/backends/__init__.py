@@ -2,10 +2,10 @@
 
 | family | module | list / load / add |
 |---|---|---|
-| target networks | `targets` | `list_targets`, `load_target`, `register_target`, `from_module` |
+| target networks | `targets` (the type: `target_network`) | `list_targets`, `load_target`, `register_target`, `from_module` (`target_network`) |
 | vision-language models | `vlm` | `list_vlms`, `load_vlm`, `register_vlm` |
 | captioners | `captioners` | `list_captioners`, `load_captioner`, `register_captioner` |
-| language models | `language_models` (+ `openai_backend`, `gguf_parts`) | `list_language_models`, `load_language_model`, `register_language_model` |
+| language models | `language_models` (+ `openai_backend`, `gguf_parts`; prompts in `prompt_templates`, answers cached by `answer_cache`) | `list_language_models`, `load_language_model`, `register_language_model` |
 | concept-image synthesizers | `synthesizers` | `list_synthesizers`, `load_synthesizer`, `register_synthesizer` |
 | sentence embeddings | `sentence_models`, `sentence_encoders` | `load_sentence_model`, `load_sentence_encoder` |
 

@@ -34,7 +34,8 @@ from PIL import Image
 from ..errors import NdUtilsError, OfflineError
 from ..machine import resolve_device
 from ..registry import Registry
-from .targets import _state_dict_hash, load_target
+from .target_network import _state_dict_hash
+from .targets import load_target
 
 BLIP_BASE = "Salesforce/blip-image-captioning-base"
 

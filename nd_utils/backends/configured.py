@@ -14,8 +14,10 @@ from pathlib import Path
 from ..config import Config
 from ..machine import resolve_device
 from .captioners import Captioner, captioner_settings, load_captioner
-from .language_models import CachedLanguageModel, load_language_model
-from .targets import Target, load_target
+from .answer_cache import CachedLanguageModel
+from .language_models import load_language_model
+from .target_network import Target
+from .targets import load_target
 from .vlm import VisionLanguageModel, load_vlm
 
 

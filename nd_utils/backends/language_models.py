@@ -1,4 +1,4 @@
-"""Language models for DnD concept generation (registry), prompt templates and the answer cache.
+"""Language models for DnD concept generation: the registry and its backends.
 
 Registry names (`list_language_models`, `load_language_model`):
 
@@ -18,13 +18,13 @@ Registry names (`list_language_models`, `load_language_model`):
 * `keywords`: no model. Simplify = the caption without filler words; summarise = the most
   frequent content phrase across the descriptions. For tests and as a last resort.
 
-Every answer goes through `CachedLanguageModel`: a JSONL cache keyed by (model id, template id
-and hash, filled prompt, temperature, seed). `mode="replay"` answers only from the cache and
-raises `ReplayMissError` on a miss, so a published run can be re-executed without the model.
+The prompt templates live in `prompt_templates`; every answer goes through the JSONL answer
+cache of `answer_cache` (`CachedLanguageModel`, live or replayed).
 
 Example:
-    >>> lm = CachedLanguageModel(load_language_model("keywords"), cache_path, temperature=0.3)
-    >>> lm.ask(load_template("simplify.v1"), {"caption": "a photo of a red car"}, seed=0)
+    >>> lm = load_language_model("keywords")
+    >>> lm.complete("", temperature=0.3, seed=0, task="simplify.v1",
+    ...             fields={"caption": "a photo of a red car"})
     'red car'
 """
 from __future__ import annotations
@@ -36,18 +36,15 @@ import os
 import re
 import shutil
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ..errors import NdUtilsError, OfflineError, UnknownNameError, unknown_name
+from ..errors import OfflineError, UnknownNameError
 from .gguf_parts import SplitFile, cached_file, default_model_cache, sha256_file
 from ..registry import Registry
 from ..locks import process_lock
-from ..jsonl_cache import JsonlCache
 
-PROMPT_DIR = Path(__file__).resolve().parents[1] / "prompts"  # nd_utils/prompts
 SMOLLM2 = "smollm2-135m-instruct"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 QWEN_CODER = "qwen2.5-coder-0.5b-instruct"
@@ -67,60 +64,6 @@ MISNAMED_MODELS = {
     "qwen2.5-0.5b-instruct": QWEN_CODER, "qwen2.5-0.5b-instruct-q4_k_m": QWEN_CODER,
 }
 OFFLINE_MODELS = (SMOLLM2, QWEN_CODER)
-
-
-class ReplayMissError(NdUtilsError):
-    """Replay mode met a prompt that is not in the answer cache."""
-
-
-ROLE_LINE = re.compile(r"^\[(system|user|assistant)\]\s*$")
-
-
-@dataclass(frozen=True)
-class PromptTemplate:
-    """A versioned prompt file `prompts/<name>.<version>.txt` with `{field}` slots.
-
-    The file is a chat: `[system]`, `[user]` and `[assistant]` lines open messages, so the
-    paper's worked examples are real example turns (small instruct models follow those far
-    better than examples pasted into one message). `fill` flattens the chat into one text,
-    which is what the answer cache keys on.
-    """
-
-    id: str          # e.g. "summarize.v1"
-    text: str
-
-    @property
-    def sha256(self) -> str:
-        return hashlib.sha256(self.text.encode()).hexdigest()
-
-    def messages(self, **fields) -> list[dict]:
-        """The filled chat as `[{"role": ..., "content": ...}]` (one user turn without roles)."""
-        out: list[dict] = []
-        for line in self.text.splitlines():
-            m = ROLE_LINE.match(line)
-            if m:
-                out.append({"role": m.group(1), "content": []})
-            elif out:
-                out[-1]["content"].append(line)
-            elif line.strip():
-                out.append({"role": "user", "content": [line]})
-        return [{"role": m["role"], "content": "\n".join(m["content"]).strip().format(**fields)}
-                for m in out]
-
-    def fill(self, **fields) -> str:
-        return "\n\n".join(f"[{m['role']}]\n{m['content']}" for m in self.messages(**fields))
-
-
-def list_templates() -> list[str]:
-    return sorted(p.stem for p in PROMPT_DIR.glob("*.txt"))
-
-
-def load_template(template_id: str) -> PromptTemplate:
-    """Load `prompts/<template_id>.txt`, e.g. `summarize.v1`."""
-    path = PROMPT_DIR / f"{template_id}.txt"
-    if not path.is_file():
-        raise unknown_name("prompt template", template_id, list_templates())
-    return PromptTemplate(template_id, path.read_text(encoding="utf-8"))
 
 
 # ---------------------------------------------------------------- backends
@@ -355,50 +298,3 @@ def load_language_model(name: str, model: "str | None" = None, device="cpu",
     """Load a backend by registry name; `model` picks the checkpoint (ignored by `keywords`)."""
     return LANGUAGE_MODELS.load(name, model=model, device=device, max_new_tokens=max_new_tokens,
                                 **kwargs)
-
-
-class CachedLanguageModel:
-    """A backend behind the JSONL answer cache, with `live` or `replay` mode and call counters."""
-
-    def __init__(self, backend, cache: "JsonlCache | str | Path", temperature: float = 0.3,
-                 mode: str = "live"):
-        if mode not in ("live", "replay"):
-            raise NdUtilsError(f"llm.mode must be 'live' or 'replay', got {mode!r}")
-        self.backend, self.mode, self.temperature = backend, mode, float(temperature)
-        self.cache = cache if isinstance(cache, JsonlCache) else JsonlCache(cache)
-        self.calls = 0
-
-    @property
-    def model_id(self) -> str:
-        return self.backend.model_id
-
-    def request(self, template: PromptTemplate, prompt: str, seed: int) -> dict:
-        return {"model": self.model_id, "template": template.id,
-                "template_sha256": template.sha256, "prompt": prompt,
-                "temperature": self.temperature, "seed": int(seed)}
-
-    def ask(self, template: PromptTemplate, fields: dict, seed: int) -> str:
-        """The answer to `template` filled with `fields`, from the cache or the model."""
-        prompt = template.fill(**fields)
-        request = self.request(template, prompt, seed)
-        key = self.cache.key(request)
-        hit = self.cache.get(key)
-        if hit is not None:
-            return hit["answer"]
-        if self.mode == "replay":
-            raise ReplayMissError(
-                f"replay mode: no cached answer of {self.model_id} for template {template.id} "
-                f"(prompt begins {prompt[:60]!r}) in {self.cache.path}; run with llm.mode: live")
-        extra = {}
-        if getattr(self.backend, "structured", False):
-            extra = {"task": template.id, "fields": fields}
-        elif getattr(self.backend, "chat", False):
-            extra = {"messages": template.messages(**fields)}
-        answer = self.backend.complete(prompt, temperature=self.temperature, seed=int(seed),
-                                       **extra)
-        self.calls += 1
-        self.cache.put(key, request, answer)
-        return answer
-
-    def stats(self) -> dict:
-        return {"model_calls": self.calls, **self.cache.stats()}

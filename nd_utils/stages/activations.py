@@ -32,7 +32,8 @@ from .image_features import IMAGE_STAGE, cfg_for_root, image_feature_job
 from ..stage_cache import Stage, register_stage, StageOutput, stage_output
 from ..store import Artifact
 from ..backends.configured import load_target_from_config
-from ..backends.targets import Target, is_pinned, is_random_init, random_init_id
+from ..backends.target_network import Target
+from ..backends.targets import is_pinned, is_random_init, random_init_id
 
 # v2: top images merged chunk by chunk, equal activations by ascending image index and NaN
 # last (torch.topk over the whole layer left ties unspecified and put NaN first)

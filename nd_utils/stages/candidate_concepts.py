@@ -39,7 +39,9 @@ from ..config import Config
 from ..context import run_context
 from ..errors import NdUtilsError
 from ..backends.configured import language_model_from_config
-from ..backends.language_models import CachedLanguageModel, content_words, load_template
+from ..backends.answer_cache import CachedLanguageModel
+from ..backends.language_models import content_words
+from ..backends.prompt_templates import load_template
 from ..stage_cache import Stage, register_stage, StageOutput, cached_stage, stage_output
 from ..store import atomic_write_text, canonical_json
 

@@ -32,7 +32,7 @@ from ..probe_set import ProbeSet
 from ..stage_cache import Stage, register_stage, StageOutput, cached_stage, stage_output
 from ..store import atomic_write_bytes, atomic_write_text, save_tensors
 from ..backends.configured import load_target_from_config
-from ..backends.targets import Target
+from ..backends.target_network import Target
 
 # Describe-and-Dissect (03-06); keys also carry the layer and the chosen neurons
 # version 4: maps of torchvision-preset targets (ResNet-50) cover the whole image

@@ -2,7 +2,8 @@
 and the regenerated `figures/`.
 
 Modules: `activation_plots`, `label_plots`, `dnd_plots`, `quality_plots` (matplotlib figures the
-notebooks draw), `run_folders` (a finished run folder as tables), `trust_plots` (labels' held-out
+notebooks draw), `run_folders` (a finished run folder as tables; its neuron table in
+`neuron_table`), `trust_plots` (labels' held-out
 trust scores as text, neurons ranked by trust), `report` (static HTML),
 `explorer` (ipywidgets over a run; its records in `explorer_view`, its figure in
 `explorer_figure`) and `figures` (PNG + PDF + JSON provenance). Their public

@@ -25,7 +25,8 @@ from ..errors import NdUtilsError
 from .explorer_figure import NeuronFigure
 from .explorer_view import ExplorerView, _Layer
 from .figures import cached_top_images, readable_layers
-from .run_folders import QUALITY_METRICS, RERUN, RunView, open_run_folder, runs_dir
+from .neuron_table import QUALITY_METRICS
+from .run_folders import RERUN, RunView, open_run_folder, runs_dir
 from .trust_plots import rank_by_trust, row_trust, trusted_choices
 
 MAX_MATCHES = 200

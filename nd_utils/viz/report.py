@@ -24,7 +24,8 @@ from importlib import resources
 from pathlib import Path
 
 from ..errors import NdUtilsError
-from .run_folders import QUALITY_METRICS, RunView, open_run_folder
+from .neuron_table import QUALITY_METRICS
+from .run_folders import RunView, open_run_folder
 from .trust_plots import row_trust
 from ..store import atomic_write_text
 
