@@ -3,7 +3,8 @@ its upstream), its result tables, and the one way an output is keyed, built and 
 
 A stage's output key is `hash(stage name, version, the fields below, content inputs, upstream
 keys)`: changing a field a stage reads (`Stage.reads`) changes its key and every downstream key; changing any
-other field changes nothing. Bump `version` whenever a stage's output format or numerics change,
+other field changes nothing. A stage that reads a backend's name (`<section>.name`) also reads
+that section's extra keys, a registered backend's own settings (`stage_params`), only when present. Bump `version` whenever a stage's output format or numerics change,
 so that older cache folders are recomputed rather than reused.
 
 Every stage output goes through one mechanism: `stage_output` gathers what decides it (params,
@@ -51,6 +52,25 @@ def register_stage(stage: Stage) -> Stage:
     """Add a stage's record (its module calls this at import); the record is returned."""
     STAGES[stage.name] = stage
     return stage
+
+
+def stage_params(cfg, stage: Stage) -> dict:
+    """The config fields that decide `stage`'s outputs: `cfg.select(stage.reads)`, then, for
+    each section whose `name` it reads (a backend family's: `target`, `vlm`, `llm`, `synthesis`,
+    `captioner`), that section's extra keys as `{"<section>.<key>": value}`.
+
+    The extra keys are a backend's own settings (see `nd_utils.families`): they decide what it
+    computes, so they join the key, and only when present, so a config without any keeps its keys.
+    """
+    params = cfg.select(stage.reads)
+    settings = cfg.settings
+    for read in stage.reads:
+        section, _, leaf = read.partition(".")
+        if leaf != "name":
+            continue
+        extra = getattr(getattr(settings, section, None), "model_extra", None) or {}
+        params.update({f"{section}.{k}": v for k, v in extra.items()})
+    return params
 
 
 @dataclass(frozen=True)
