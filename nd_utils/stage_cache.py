@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from .config_schema import Schema
 from .errors import NdUtilsError
 from .store import Artifact, ArtifactStore
 
@@ -63,14 +64,24 @@ def stage_params(cfg, stage: Stage) -> dict:
     computes, so they join the key, and only when present, so a config without any keeps its keys.
     """
     params = cfg.select(stage.reads)
-    settings = cfg.settings
     for read in stage.reads:
         section, _, leaf = read.partition(".")
-        if leaf != "name":
-            continue
-        extra = getattr(getattr(settings, section, None), "model_extra", None) or {}
-        params.update({f"{section}.{k}": v for k, v in extra.items()})
+        if leaf == "name":
+            params.update({f"{section}.{k}": v for k, v in _extra_keys(cfg, section).items()})
     return params
+
+
+def _extra_keys(cfg, section: str) -> dict:
+    """The keys of `section` that its schema does not list, for a section that allows them (read
+    from the config as written, so that computing a key never needs the whole config valid)."""
+    field = Schema.model_fields.get(section)
+    model = field.annotation if field is not None else None
+    if not (isinstance(model, type) and model.model_config.get("extra") == "allow"):
+        return {}
+    data = cfg.get(section)
+    if not isinstance(data, Mapping):
+        return {}
+    return {k: v for k, v in data.items() if k not in model.model_fields}
 
 
 @dataclass(frozen=True)
