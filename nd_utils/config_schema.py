@@ -21,12 +21,11 @@ from typing import Annotated, Any, Literal, Mapping, Optional, get_args
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
-from .config_values import (UNION_TAGS, Neurons, PosInt, Similarity, Text, Unit, check_device,
+from .config_values import (BACKEND_SECTIONS, UNION_TAGS, Neurons, PosInt, Similarity, Text, Unit, check_device,
                             check_gpus, check_image_side, check_module_name, check_path,
                             check_prompt, check_prompt_version, check_template, check_top_n,
                             expect, one_of)
 from .errors import ConfigError, closest
-from .families import FAMILIES
 
 
 _BATCH = "a whole number >= 1 (items per batch)"
@@ -41,7 +40,7 @@ class _Section(BaseModel):
 
 
 class _BackendSection(_Section):
-    """The section of a backend family (`families.FAMILIES`): the keys every backend of the
+    """The section of a backend family (`config_values.BACKEND_SECTIONS`): the keys every backend of the
     family has, then a backend's own keys (extra keys, checked against its loader's parameters
     by `_backend_keys` and passed to it by its `*_from_config`)."""
     model_config = ConfigDict(strict=True, extra="allow")
@@ -285,10 +284,10 @@ def _backend_keys(cfg: Schema, names: Mapping) -> list[tuple]:
     as unknown keys (a loader with **kwargs takes all but a near-copy of a schema key: a typo);
     a family is unchecked without its loaders' parameters (`<family>_parameters`) in `names`."""
     out = []
-    for family in FAMILIES.values():
-        section = getattr(cfg, family.section)
+    for section_name, names_key in BACKEND_SECTIONS.items():
+        section = getattr(cfg, section_name)
         extra = section.model_extra or {}
-        table = names.get(f"{family.names}_parameters") if extra else None
+        table = names.get(f"{names_key}_parameters") if extra else None
         found = table.get(section.name) if table is not None else None
         if found is None:
             continue
@@ -299,7 +298,7 @@ def _backend_keys(cfg: Schema, names: Mapping) -> list[tuple]:
             if (takes_any and not typo) or key in accepted:
                 continue
             near = closest(key, [*fields, *sorted(accepted)], n=3)
-            out.append(((family.section, key), value, "no such key: remove it" + (
+            out.append(((section_name, key), value, "no such key: remove it" + (
                 f", or did you mean {' / '.join(near)}?" if near else ""), "extra_forbidden"))
     return out
 

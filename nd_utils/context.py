@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from .config import Config, import_configured_plugins, read_config
+from .config_values import BACKEND_SECTIONS
 from .config_schema import Schema, validate_config
 from .executors import executor_from_config, list_executors
 from .machine import resolve_device
@@ -38,7 +39,7 @@ def registered_names() -> dict:
     from .backends.language_models import list_language_models
     from .backends.prompt_templates import list_templates
     from .backends.synthesizers import list_synthesizers
-    from .families import FAMILIES, LazyParameters
+    from .backends.families import FAMILIES, LazyParameters
     from .probes import list_probes
     from .scoring import list_scorings
     from .similarity import get_similarity, list_similarities
@@ -59,7 +60,8 @@ def registered_names() -> dict:
         "executor": list_executors(),
         "prompt_version": list_templates(),
         "similarity_keywords": keywords,
-        **{f"{family.names}_parameters": LazyParameters(family) for family in FAMILIES.values()},
+        **{f"{BACKEND_SECTIONS[f.section]}_parameters": LazyParameters(f)
+           for f in FAMILIES.values()},
     }
 
 

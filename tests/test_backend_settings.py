@@ -13,7 +13,7 @@ from nd_utils.backends.configured import (language_model_from_config, load_targe
                                           load_vlm_from_config)
 from nd_utils.context import load_config, registered_names
 from nd_utils.errors import ConfigError
-from nd_utils.families import FAMILIES
+from nd_utils.backends.families import FAMILIES
 from nd_utils.registry import Registry
 from nd_utils.stage_cache import STAGES, stage_params
 from nd_utils.stages import load_stages

@@ -20,7 +20,7 @@ LAYERS = {
              "hooks", "registry", "notices", "run_faults", "plugins"),
     "data": ("probes", "probe_set", "probe_sources", "probe_split", "concept_sets",
              "concept_text", "paper_concept_files", "imagenet_labels", "imagenet_sample", "data"),
-    "config": ("config", "config_values", "families", "config_schema"),
+    "config": ("config", "config_values", "config_schema"),
     "models and methods": ("backends", "similarity", "similarity_formulas", "similarity_blocks",
                            "cosines", "trust_metrics", "attention_crops",
                            "label_metrics", "scoring"),

@@ -31,7 +31,6 @@ import torch
 from PIL import Image
 
 from ..errors import NdUtilsError, OfflineError
-from ..families import FAMILIES
 from ..machine import resolve_device
 from ..registry import Registry
 from .target_network import _state_dict_hash
@@ -348,6 +347,8 @@ def _blip_architecture(model: str):
 
 
 CAPTIONERS = Registry("captioner")
+# loader arguments no config section sets: the registry name; the device is the config's
+CAPTIONER_SUPPLIED = ("name", "device")
 CAPTIONERS.register("blip", BlipCaptioner)
 CAPTIONERS.register("classifier", ClassifierCaptioner)
 register_captioner = CAPTIONERS.register
@@ -367,11 +368,11 @@ def load_captioner(name: str, device="cpu", **kwargs) -> Captioner:
 def captioner_settings(name: str, section: Mapping) -> dict:
     """The keys of a `captioner:` config section that captioner `name`'s loader takes: those it
     names as parameters, or every key but `name` (and `device`) when it takes **kwargs
-    (`Registry.settings`, as for every backend family: see `nd_utils.families`).
+    (`Registry.settings`, as for every backend family: see `nd_utils.backends.families`).
 
     So `blip` gets model, checkpoint and max_new_tokens (not batch_size, which the stage uses),
     `classifier` none, and a captioner added with `register_captioner` its own keys.
     >>> captioner_settings("classifier", {"name": "classifier", "model": None, "batch_size": 16})
     {}
     """
-    return FAMILIES["captioner"].settings(name, section)
+    return CAPTIONERS.settings(name, section, exclude=CAPTIONER_SUPPLIED)

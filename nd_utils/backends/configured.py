@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..config import Config
-from ..families import FAMILIES
+from .families import FAMILIES
 from ..machine import resolve_device
 from .captioners import Captioner, captioner_settings, load_captioner
 from .answer_cache import CachedLanguageModel

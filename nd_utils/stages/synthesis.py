@@ -31,7 +31,7 @@ from ..config import Config
 from ..context import run_context
 from ..decode_once import run_decode_once
 from ..errors import ProbeError
-from ..families import FAMILIES
+from ..backends.families import FAMILIES
 from ..probes import load_probes
 from ..probe_set import ProbeSet
 from ..stage_cache import (Stage, register_stage, StageOutput, cached_stage, stage_output,

@@ -6,37 +6,39 @@ config check rejects those the chosen backend's loader does not take (`Registry.
 `*_from_config` passes them to it (`Family.extra_settings`), and the stages that read
 `<section>.name` put them into their keys (`stage_cache.stage_params`), only when present.
 
-This module imports no backend: a family names its registry, imported on first use.
+The config layer knows only the sections (`config_values.BACKEND_SECTIONS`); the registries
+are joined to them here, in the layer of the backends.
 
 Example:
-    >>> FAMILIES["llm"].names, FAMILIES["llm"].registry
-    ('language_model', 'LANGUAGE_MODELS')
+    >>> FAMILIES["llm"].registry.kind
+    'language model'
 """
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping
+
+from ..registry import Registry
+from .captioners import CAPTIONER_SUPPLIED, CAPTIONERS
+from .language_models import LANGUAGE_MODELS
+from .synthesizers import SYNTHESIZERS
+from .targets import TARGETS
+from .vlm import VLMS
 
 
 @dataclass(frozen=True)
 class Family:
     section: str        # the config section
-    names: str          # its key in context.registered_names() (and `<names>_parameters`)
-    module: str         # the module holding its registry
-    registry: str       # the registry's name in that module
+    registry: Registry  # the family's registry
     supplied: tuple     # loader arguments its *_from_config supplies itself: never a setting
-
-    def registry_object(self):
-        return getattr(importlib.import_module(self.module), self.registry)
 
     def parameters(self, name: str) -> "tuple[set[str], bool]":
         """(the settings backend `name`'s loader takes, whether it takes **kwargs)."""
-        return self.registry_object().parameters(name, exclude=self.supplied)
+        return self.registry.parameters(name, exclude=self.supplied)
 
     def settings(self, name: str, section: Mapping) -> dict:
         """The keys of `section` that backend `name`'s loader takes (see Registry.settings)."""
-        return self.registry_object().settings(name, section, exclude=self.supplied)
+        return self.registry.settings(name, section, exclude=self.supplied)
 
     def extra_settings(self, section: Any) -> dict:
         """The extra (non-schema) keys of a parsed section that its backend takes: {} without
@@ -46,16 +48,13 @@ class Family:
 
 
 FAMILIES: "dict[str, Family]" = {f.section: f for f in (
-    Family("captioner", "captioner", "nd_utils.backends.captioners", "CAPTIONERS",
-           ("name", "device")),
-    Family("llm", "language_model", "nd_utils.backends.language_models", "LANGUAGE_MODELS",
-           ("name", "device", "model", "max_new_tokens", "require_key")),
-    Family("synthesis", "synthesizer", "nd_utils.backends.synthesizers", "SYNTHESIZERS",
+    Family("captioner", CAPTIONERS, CAPTIONER_SUPPLIED),
+    Family("llm", LANGUAGE_MODELS, ("name", "device", "model", "max_new_tokens", "require_key")),
+    Family("synthesis", SYNTHESIZERS,
            ("name", "device", "model", "steps", "scheduler", "guidance_scale", "height", "width",
             "batch_size", "cfg", "pool", "pool_features", "vlm")),
-    Family("vlm", "vlm", "nd_utils.backends.vlm", "VLMS", ("name", "device", "dtype")),
-    Family("target", "target", "nd_utils.backends.targets", "TARGETS",
-           ("name", "device", "seed")),
+    Family("vlm", VLMS, ("name", "device", "dtype")),
+    Family("target", TARGETS, ("name", "device", "seed")),
 )}
 
 
