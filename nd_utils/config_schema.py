@@ -21,10 +21,10 @@ from typing import Annotated, Any, Literal, Mapping, Optional, get_args
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
-from .config_values import (BACKEND_SECTIONS, UNION_TAGS, Neurons, PosInt, Similarity, Text, Unit, check_device,
-                            check_gpus, check_image_side, check_module_name, check_path,
-                            check_prompt, check_prompt_version, check_template, check_top_n,
-                            expect, one_of)
+from .config_values import (BACKEND_SECTIONS, UNION_TAGS, Neurons, PosInt, Similarity, Text, Unit,
+                            check_device, check_gpus, check_image_side, check_module_name,
+                            check_path, check_prompt, check_prompt_version, check_template,
+                            check_top_n, expect, one_of)
 from .errors import ConfigError, closest
 
 
@@ -40,9 +40,9 @@ class _Section(BaseModel):
 
 
 class _BackendSection(_Section):
-    """The section of a backend family (`config_values.BACKEND_SECTIONS`): the keys every backend of the
-    family has, then a backend's own keys (extra keys, checked against its loader's parameters
-    by `_backend_keys` and passed to it by its `*_from_config`)."""
+    """The section of a backend family (`config_values.BACKEND_SECTIONS`): the keys every backend
+    of the family has, then a backend's own keys (extra keys, checked against its loader's
+    parameters by `_backend_keys` and passed to it by its `*_from_config`)."""
     model_config = ConfigDict(strict=True, extra="allow")
 
 
