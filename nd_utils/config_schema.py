@@ -16,14 +16,15 @@ Example:
 """
 from __future__ import annotations
 
+import difflib
 from typing import Annotated, Any, Literal, Mapping, Optional, get_args
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
-from .config_values import (UNION_TAGS, Neurons, PosInt, Similarity, Text, Unit, check_device,
-                            check_gpus, check_image_side, check_module_name, check_path,
-                            check_prompt, check_prompt_version, check_template, check_top_n,
-                            expect, one_of)
+from .config_values import (BACKEND_SECTIONS, UNION_TAGS, Neurons, PosInt, Similarity, Text, Unit,
+                            check_device, check_gpus, check_image_side, check_module_name,
+                            check_path, check_prompt, check_prompt_version, check_template,
+                            check_top_n, expect, one_of)
 from .errors import ConfigError, closest
 
 
@@ -38,6 +39,13 @@ class _Section(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
 
 
+class _BackendSection(_Section):
+    """The section of a backend family (`config_values.BACKEND_SECTIONS`): the keys every backend
+    of the family has, then a backend's own keys (extra keys, checked against its loader's
+    parameters by `_backend_keys` and passed to it by its `*_from_config`)."""
+    model_config = ConfigDict(strict=True, extra="allow")
+
+
 class ProbeSpec(BaseModel):
     """`{name: ..., **parameters}`; the parameters depend on the probe set (path, ...)."""
     model_config = ConfigDict(strict=True, extra="allow")
@@ -49,7 +57,7 @@ ProbeSets = Annotated[list[ProbeSpec], Field(min_length=1)]
 _SETS = "a non-empty list of probe sets, e.g. [{name: offline-sample}]"
 
 
-class Target(_Section):
+class Target(_BackendSection):
     name: Text = expect("a target model name such as efficientnet-lite0, resnet50:IMAGENET1K_V1 "
                     "or timm:<model> (see nd_utils.list_targets())")
     layers: Annotated[list[Text], Field(min_length=1)] = expect(
@@ -70,7 +78,7 @@ class Activations(_Section):
         "a whole number >= 0 (DataLoader workers; 0 = decode in the main process)")
 
 
-class Vlm(_Section):
+class Vlm(_BackendSection):
     name: Annotated[str, Field(pattern=r"^(conse|open_clip:[^:]+:[^:]+)$")] = expect(
         "conse or open_clip:<model>:<pretrained>, e.g. open_clip:ViT-B-16:openai")
     batch_size: PosInt = expect(_BATCH)
@@ -152,10 +160,7 @@ class Dnd(_Section):
     crops: Crops = expect("{size: ..., max_per_image: ..., iou_max: ..., image_iou_max: ...}")
 
 
-class Captioner(_Section):
-    """Keys every captioner has; a captioner's own keys may follow (extra keys, checked against
-    its loader's parameters by `_cross_checks` and passed to it by `load_captioner_from_config`)."""
-    model_config = ConfigDict(strict=True, extra="allow")
+class Captioner(_BackendSection):
     name: Annotated[str, one_of("captioner", "captioner")] = expect(
         "a captioner name (see nd_utils.list_captioners())")
     model: Optional[str] = expect(_MODEL)
@@ -164,7 +169,7 @@ class Captioner(_Section):
     batch_size: PosInt = expect(_BATCH)
 
 
-class Llm(_Section):
+class Llm(_BackendSection):
     name: Annotated[str, one_of("language model", "language_model")] = expect(
         "a language model backend (see nd_utils.list_language_models())")
     model: Optional[str] = expect(_MODEL)
@@ -179,7 +184,7 @@ class Llm(_Section):
         "empty, garbled, over-long and example-copying answers)")
 
 
-class Synthesis(_Section):
+class Synthesis(_BackendSection):
     name: Annotated[str, one_of("synthesis backend", "synthesizer")] = expect(
         "a synthesis backend: diffusers or retrieve")
     model: Optional[str] = expect("null or a diffusers pipeline id or folder (text)")
@@ -261,7 +266,7 @@ def _cross_checks(cfg: Schema, names: Mapping) -> list[tuple[tuple, Any, str]]:
             out.append((("clip_dissect", "hyperparameters", name), value,
                         f"a keyword of {cfg.clip_dissect.similarity}: one of "
                         f"{', '.join(accepted)}"))
-    out += _captioner_keys(cfg.captioner, names)
+    out += _backend_keys(cfg, names)
     parts = {"select", "pool", "calibrate", "test"}
     if cfg.quality is not None and (set(cfg.quality.split) != parts
                                     or abs(sum(cfg.quality.split.values()) - 1) > 1e-6):
@@ -274,18 +279,26 @@ def _cross_checks(cfg: Schema, names: Mapping) -> list[tuple[tuple, Any, str]]:
     return out
 
 
-def _captioner_keys(section: Captioner, names: Mapping) -> list[tuple]:
-    """The extra keys of `captioner:` that its captioner's loader does not take (a loader with
-    **kwargs takes all), as unknown keys; unchecked without the loaders' parameters in `names`."""
-    found = (names.get("captioner_parameters") or {}).get(section.name)
-    if found is None:
-        return []
-    accepted, takes_any = found
+def _backend_keys(cfg: Schema, names: Mapping) -> list[tuple]:
+    """The extra keys of each backend family's section that its backend's loader does not take,
+    as unknown keys (a loader with **kwargs takes all but a near-copy of a schema key: a typo);
+    a family is unchecked without its loaders' parameters (`<family>_parameters`) in `names`."""
     out = []
-    for key, value in (section.model_extra or {}).items():
-        if not takes_any and key not in accepted:
-            near = closest(key, [*Captioner.model_fields, *sorted(accepted)], n=3)
-            out.append((("captioner", key), value, "no such key: remove it" + (
+    for section_name, names_key in BACKEND_SECTIONS.items():
+        section = getattr(cfg, section_name)
+        extra = section.model_extra or {}
+        table = names.get(f"{names_key}_parameters") if extra else None
+        found = table.get(section.name) if table is not None else None
+        if found is None:
+            continue
+        accepted, takes_any = found
+        fields = list(type(section).model_fields)
+        for key, value in extra.items():
+            typo = key not in accepted and difflib.get_close_matches(key, fields, n=1, cutoff=0.8)
+            if (takes_any and not typo) or key in accepted:
+                continue
+            near = closest(key, [*fields, *sorted(accepted)], n=3)
+            out.append(((section_name, key), value, "no such key: remove it" + (
                 f", or did you mean {' / '.join(near)}?" if near else ""), "extra_forbidden"))
     return out
 

@@ -37,6 +37,10 @@ def one_of(kind: str, family: str) -> AfterValidator:
 
 # the families `names` may hold (see one_of); also "prompt_version" (templates) and
 # "similarity_keywords" ({function name: keyword arguments it accepts})
+# the sections that choose a backend, with the key of their names in the validation context: a
+# section's extra keys are that backend's own settings (`<names key>_parameters` checks them)
+BACKEND_SECTIONS = {"captioner": "captioner", "llm": "language_model", "synthesis": "synthesizer",
+                    "vlm": "vlm", "target": "target"}
 NAME_FAMILIES = ("similarity", "scoring", "captioner", "language_model", "synthesizer",
                  "probe_set", "executor")
 STORED_TOP = 20  # concepts kept per neuron in stage 02's artifact; clip_dissect.top_n shows fewer

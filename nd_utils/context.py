@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from .config import Config, import_configured_plugins, read_config
+from .config_values import BACKEND_SECTIONS
 from .config_schema import Schema, validate_config
 from .executors import executor_from_config, list_executors
 from .machine import resolve_device
@@ -31,11 +32,14 @@ _STAGE_KEYWORDS = ("layer", "device", "chunk_size", "num_workers")
 
 
 def registered_names() -> dict:
-    """{family: names} of every registry a config chooses from (see config_values.one_of)."""
-    from .backends.captioners import captioner_parameters, list_captioners
+    """{family: names} of every registry a config chooses from (see config_values.one_of), and
+    `<family>_parameters` of each backend family ({backend name: (the settings its loader takes,
+    whether it takes **kwargs)}, read from its loader's signature on first lookup)."""
+    from .backends.captioners import list_captioners
     from .backends.language_models import list_language_models
     from .backends.prompt_templates import list_templates
     from .backends.synthesizers import list_synthesizers
+    from .backends.families import FAMILIES, LazyParameters
     from .probes import list_probes
     from .scoring import list_scorings
     from .similarity import get_similarity, list_similarities
@@ -46,13 +50,19 @@ def registered_names() -> dict:
         params = inspect.signature(get_similarity(name)).parameters.values()
         keywords[name] = [p.name for p in params
                           if p.kind == p.KEYWORD_ONLY and p.name not in _STAGE_KEYWORDS]
-    captioners = list_captioners()
-    return {"similarity": similarities, "scoring": list_scorings(),
-            "captioner": captioners,
-            "captioner_parameters": {name: captioner_parameters(name) for name in captioners}, "language_model": list_language_models(),
-            "synthesizer": list_synthesizers(), "probe_set": list_probes(),
-            "executor": list_executors(), "prompt_version": list_templates(),
-            "similarity_keywords": keywords}
+    return {
+        "similarity": similarities,
+        "scoring": list_scorings(),
+        "captioner": list_captioners(),
+        "language_model": list_language_models(),
+        "synthesizer": list_synthesizers(),
+        "probe_set": list_probes(),
+        "executor": list_executors(),
+        "prompt_version": list_templates(),
+        "similarity_keywords": keywords,
+        **{f"{BACKEND_SECTIONS[f.section]}_parameters": LazyParameters(f)
+           for f in FAMILIES.values()},
+    }
 
 
 def load_config(

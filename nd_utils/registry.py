@@ -6,7 +6,11 @@ An entry is an exact name (`conse`) or a prefix family (`open_clip`, for names
 `open_clip:<model>:<pretrained>`), whose loader gets the rest of the name; a family may list
 examples and a catalogue of names it accepts. `load(name, **kwargs)` calls a backend's loader;
 `get(name)` returns what was registered, uncalled (a method). Users add their own with
-`register_*`:
+`register_*`.
+
+`parameters(name)` reads the keyword parameters of the loader that builds `name` (a prefix
+family's or the fallback's for the names they claim) and `settings(name, section)` picks the keys
+of a config section it takes: how each backend family receives its own settings.
 
 Example:
     >>> CAPTIONERS = Registry("captioner")
@@ -20,11 +24,15 @@ Example:
     'cpu'
     >>> CAPTIONERS.get("constant") is Constant, "constant" in CAPTIONERS
     (True, True)
+    >>> CAPTIONERS.settings("constant", {"name": "constant", "device": "cpu", "size": 3},
+    ...                     exclude=("name",))
+    {'device': 'cpu'}
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping
 
 from .errors import unknown_name
 
@@ -100,3 +108,54 @@ class Registry:
         if self.fallback is not None:
             return self.fallback(name, **kwargs)
         raise unknown_name(self.kind, name, self.names(), hint=self.hint)
+
+    def loader(self, name: str) -> "tuple[Callable, int] | None":
+        """The loader `load(name)` calls and how many positional arguments it is given before the
+        keywords (0 for an exact name; 1, the rest of the name or the name, for a prefix family
+        or the fallback); None when nothing claims `name`."""
+        entry = self.entries.get(name) if isinstance(name, str) else None
+        if entry is not None and not entry.prefix:
+            return entry.loader, 0
+        head, sep, _ = str(name).partition(":")
+        entry = self.entries.get(head)
+        if entry is not None and entry.prefix and sep:
+            return entry.loader, 1
+        if self.fallback is not None:
+            return self.fallback, 1
+        return None
+
+    def parameters(self, name: str, exclude: Iterable[str] = ()) -> "tuple[set[str], bool]":
+        """(the keyword parameters of `name`'s loader, whether it takes **kwargs).
+
+        The positional argument a prefix family or the fallback receives, parameters whose name
+        starts with `_` and the names in `exclude` (what the caller supplies itself) are not
+        among them. A name nothing claims, or a loader without a readable signature, takes any.
+
+        >>> reg = Registry("thing")
+        >>> _ = reg.register("fam", lambda rest, device="cpu", size=1: rest, prefix=True)
+        >>> reg.parameters("fam:x", exclude=("device",))
+        ({'size'}, False)
+        """
+        found = self.loader(name)
+        if found is None:
+            return set(), True
+        loader, skip = found
+        try:
+            params = list(inspect.signature(loader).parameters.values())
+        except (TypeError, ValueError):  # no signature to read: it takes what it is given
+            return set(), True
+        positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        skipped = {p.name for p in positional[:skip]}
+        named = {p.name for p in params
+                 if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+                 and p.name not in skipped and not p.name.startswith("_")}
+        return named - set(exclude), any(p.kind == p.VAR_KEYWORD for p in params)
+
+    def settings(self, name: str, section: Mapping, exclude: Iterable[str] = ()) -> dict:
+        """The keys of `section` (a config section, or part of one) that `name`'s loader takes:
+        those it names as parameters, or all of them when it takes **kwargs; the names in
+        `exclude` never."""
+        exclude = set(exclude)
+        accepted, takes_any = self.parameters(name, exclude)
+        return {k: v for k, v in section.items()
+                if k not in exclude and (takes_any or k in accepted)}

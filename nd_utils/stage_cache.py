@@ -1,10 +1,12 @@
 """The cached-stage mechanism: a stage's record (notebook, version, the config fields it reads,
 its upstream), its result tables, and the one way an output is keyed, built and published.
 
-A stage's output key is `hash(stage name, version, the fields below, content inputs, upstream
-keys)`: changing a field a stage reads (`Stage.reads`) changes its key and every downstream key; changing any
-other field changes nothing. Bump `version` whenever a stage's output format or numerics change,
-so that older cache folders are recomputed rather than reused.
+A stage's output key is `hash(stage name, version, the fields it reads, content inputs, upstream
+keys)`: changing a field a stage reads (`Stage.reads`) changes its key and every downstream key;
+changing any other field changes nothing. A stage that reads a backend's name (`<section>.name`)
+also reads that section's extra keys, a registered backend's own settings (`stage_params`), only
+when present. Bump `version` whenever a stage's output format or numerics change, so that older
+cache folders are recomputed rather than reused.
 
 Every stage output goes through one mechanism: `stage_output` gathers what decides it (params,
 the keys of the stages in `Stage.upstream`, content inputs) into a `StageOutput`, whose key and
@@ -26,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from .config_schema import Schema
 from .errors import NdUtilsError
 from .store import Artifact, ArtifactStore
 
@@ -53,13 +56,43 @@ def register_stage(stage: Stage) -> Stage:
     return stage
 
 
+def stage_params(cfg, stage: Stage) -> dict:
+    """The config fields that decide `stage`'s outputs: `cfg.select(stage.reads)`, then, for
+    each section whose `name` it reads (a backend family's: `target`, `vlm`, `llm`, `synthesis`,
+    `captioner`), that section's extra keys as `{"<section>.<key>": value}`.
+
+    The extra keys are a backend's own settings (see `nd_utils.backends.families`): they decide
+    what it computes, so they join the key, and only when present (a config without any keeps its keys).
+    """
+    params = cfg.select(stage.reads)
+    for read in stage.reads:
+        section, _, leaf = read.partition(".")
+        if leaf == "name":
+            params.update({f"{section}.{k}": v for k, v in _extra_keys(cfg, section).items()})
+    return params
+
+
+def _extra_keys(cfg, section: str) -> dict:
+    """The keys of `section` that its schema does not list, for a section that allows them (read
+    from the config as written, so that computing a key never needs the whole config valid)."""
+    field = Schema.model_fields.get(section)
+    model = field.annotation if field is not None else None
+    if not (isinstance(model, type) and model.model_config.get("extra") == "allow"):
+        return {}
+    data = cfg.get(section)
+    if not isinstance(data, Mapping):
+        return {}
+    return {k: v for k, v in data.items() if k not in model.model_fields}
+
+
 @dataclass(frozen=True)
 class Table:
     """A result table a stage writes into a run's `results/`.
 
     `kind`: the name readers ask for; `file`: its file name, `{}` standing for the layer in a
-    per-layer table (a table with one file per run is named by its kind: `file` left empty); `columns`: those the readers rely on; `notebooks`: the notebook(s) that
-    write it, as the run reader's errors name them.
+    per-layer table (a table with one file per run is named by its kind: `file` left empty);
+    `columns`: those the readers rely on; `notebooks`: the notebook(s) that write it, as the run
+    reader's errors name them.
     """
 
     kind: str

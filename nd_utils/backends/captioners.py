@@ -21,7 +21,6 @@ Example:
 from __future__ import annotations
 
 import hashlib
-import inspect
 import os
 import re
 import warnings
@@ -348,6 +347,8 @@ def _blip_architecture(model: str):
 
 
 CAPTIONERS = Registry("captioner")
+# loader arguments no config section sets: the registry name; the device is the config's
+CAPTIONER_SUPPLIED = ("name", "device")
 CAPTIONERS.register("blip", BlipCaptioner)
 CAPTIONERS.register("classifier", ClassifierCaptioner)
 register_captioner = CAPTIONERS.register
@@ -364,32 +365,14 @@ def load_captioner(name: str, device="cpu", **kwargs) -> Captioner:
                            **{k: v for k, v in kwargs.items() if v is not None})
 
 
-_NOT_SETTINGS = ("name", "device")   # the registry name; the device is the config's `device`
-
-
-def captioner_parameters(name: str) -> "tuple[set[str], bool]":
-    """(the keyword parameters of captioner `name`'s loader, whether it takes **kwargs).
-
-    >>> captioner_parameters("blip")[0] >= {"model", "checkpoint", "max_new_tokens"}
-    True
-    """
-    try:
-        params = inspect.signature(CAPTIONERS.get(name)).parameters.values()
-    except (TypeError, ValueError):  # no signature to read: it takes what it is given
-        return set(), True
-    named = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-    return named - set(_NOT_SETTINGS), any(p.kind == p.VAR_KEYWORD for p in params)
-
-
 def captioner_settings(name: str, section: Mapping) -> dict:
     """The keys of a `captioner:` config section that captioner `name`'s loader takes: those it
-    names as parameters, or every key but `name` (and `device`) when it takes **kwargs.
+    names as parameters, or every key but `name` (and `device`) when it takes **kwargs
+    (`Registry.settings`, as for every backend family: see `nd_utils.backends.families`).
 
     So `blip` gets model, checkpoint and max_new_tokens (not batch_size, which the stage uses),
     `classifier` none, and a captioner added with `register_captioner` its own keys.
     >>> captioner_settings("classifier", {"name": "classifier", "model": None, "batch_size": 16})
     {}
     """
-    accepted, takes_any = captioner_parameters(name)
-    return {k: v for k, v in section.items()
-            if k not in _NOT_SETTINGS and (takes_any or k in accepted)}
+    return CAPTIONERS.settings(name, section, exclude=CAPTIONER_SUPPLIED)

@@ -190,10 +190,12 @@ def canonical_target_name(name: str) -> str:
     return name
 
 
-def load_target(name: str, device: str | torch.device = "cpu", seed: int = 0) -> Target:
+def load_target(name: str, device: str | torch.device = "cpu", seed: int = 0,
+                **kwargs) -> Target:
     """Load a registry model, frozen in eval mode on ``device`` ("auto" = CUDA if present).
 
-    ``seed`` draws the weights of ``<arch>:none`` (other names ignore it). Raises
+    ``seed`` draws the weights of ``<arch>:none`` (other names ignore it); ``kwargs`` go to the
+    loader (a registered target's own settings; the built-in ones take none). Raises
     UnknownNameError for unknown names or weights tags, OfflineError when a needed download
     fails, MissingPackageError when an optional package is absent.
 
@@ -204,7 +206,7 @@ def load_target(name: str, device: str | torch.device = "cpu", seed: int = 0) ->
     if is_random_init(name):
         arch = str(name).partition(":")[0]
         return _load_torchvision(name, arch, "none", device, seed=seed)
-    return TARGETS.load(name, device=device)
+    return TARGETS.load(name, device=device, **kwargs)
 
 
 def _load_torchvision_name(name: str, device="cpu") -> Target:

@@ -29,7 +29,7 @@ from ..notices import record_notice
 from ..probes import load_probes
 from ..probe_set import ProbeSet
 from .image_features import IMAGE_STAGE, cfg_for_root, image_feature_job
-from ..stage_cache import Stage, register_stage, StageOutput, stage_output
+from ..stage_cache import Stage, register_stage, StageOutput, stage_output, stage_params
 from ..store import Artifact
 from ..backends.configured import load_target_from_config
 from ..backends.target_network import Target
@@ -97,7 +97,7 @@ def target_identity(cfg: Config, target: "Target | None" = None) -> str:
 def activation_output(cfg: Config, layer: str, probe: ProbeSet,
                       target: "Target | None" = None) -> StageOutput:
     """What decides one layer's activations: config fields read, weights, probe content."""
-    return stage_output(STAGE, {**cfg.select(STAGE.reads), "layer": layer},
+    return stage_output(STAGE, {**stage_params(cfg, STAGE), "layer": layer},
                         inputs={"probe_fingerprint": probe.fingerprint,
                                 "target": target_identity(cfg, target)})
 

@@ -42,7 +42,8 @@ from ..backends.configured import language_model_from_config
 from ..backends.answer_cache import CachedLanguageModel
 from ..backends.language_models import content_words
 from ..backends.prompt_templates import load_template
-from ..stage_cache import Stage, register_stage, StageOutput, cached_stage, stage_output
+from ..stage_cache import (Stage, register_stage, StageOutput, cached_stage, stage_output,
+                           stage_params)
 from ..store import atomic_write_text, canonical_json
 
 # v3: the background rule adds "<c> background" beside <c> (it replaced it); llm.guards
@@ -218,7 +219,7 @@ class LayerConcepts:
 
 
 def concepts_output(cfg: Config, layer: str, captions_key: str) -> StageOutput:
-    return stage_output(STAGE, {**cfg.select(STAGE.reads), "layer": layer},
+    return stage_output(STAGE, {**stage_params(cfg, STAGE), "layer": layer},
                         upstream={"03_captions": captions_key})
 
 

@@ -22,7 +22,8 @@ from ..backends.configured import load_captioner_from_config
 from ..config import Config
 from ..context import run_context
 from ..jsonl_cache import JsonlCache
-from ..stage_cache import Stage, register_stage, StageOutput, cached_stage, stage_output
+from ..stage_cache import (Stage, register_stage, StageOutput, cached_stage, stage_output,
+                           stage_params)
 from ..store import atomic_write_text
 from .top_images import TopImages, image_sha256
 
@@ -111,14 +112,6 @@ def caption_cache(data_dir: "str | Path") -> JsonlCache:
     return JsonlCache(Path(data_dir) / "cache" / "captions.jsonl")
 
 
-def captioner_own_keys(cfg: Config) -> dict:
-    """The keys of `captioner:` beyond the schema's (a registered captioner's own settings, as
-    `{"captioner.<key>": value}`): they decide its captions, so they join the stage key, and
-    only when present, so a config without any keeps its key."""
-    extra = run_context(cfg).settings.captioner.model_extra or {}
-    return {f"captioner.{k}": v for k, v in extra.items()}
-
-
 def caption_output(cfg: Config, top: TopImages) -> StageOutput:
     inputs = {}
     captioner = run_context(cfg).settings.captioner
@@ -126,7 +119,7 @@ def caption_output(cfg: Config, top: TopImages) -> StageOutput:
     weights_file = checkpoint_file(checkpoint) if checkpoint else None
     if weights_file is not None:  # new bytes at the same path are other weights: another key
         inputs["checkpoint_sha256"] = file_sha256(weights_file)
-    params = {**cfg.select(STAGE.reads), **captioner_own_keys(cfg), "layer": top.layer}
+    params = {**stage_params(cfg, STAGE), "layer": top.layer}
     return stage_output(STAGE, params, inputs=inputs,
                         upstream={"03_top_images": top.key})
 

@@ -31,7 +31,8 @@ from .image_features import image_feature_key, load_image_features, vlm_key_para
 from ..probe_set import ProbeSet
 from ..cosines import Cosines, factorized
 from ..similarity import get_similarity, similarity_on_device, top_concepts
-from ..stage_cache import Stage, register_stage, StageOutput, cached_stage, stage_output, Table
+from ..stage_cache import (Stage, register_stage, StageOutput, cached_stage, stage_output, Table,
+                           stage_params)
 from ..store import ArtifactStore, atomic_write_text, save_tensors
 from ..backends.configured import load_vlm_from_config
 from ..backends.vlm import VisionLanguageModel
@@ -64,7 +65,7 @@ def load_concepts_from_config(cfg: Config, name: "str | None" = None) -> Concept
 
 
 def text_feature_output(cfg: Config, concepts: ConceptSet) -> StageOutput:
-    params = {**cfg.select(TEXT_STAGE.reads), "clip_dissect.concept_set": concepts.name,
+    params = {**stage_params(cfg, TEXT_STAGE), "clip_dissect.concept_set": concepts.name,
               **vlm_key_params(cfg)}
     return stage_output(TEXT_STAGE, params, inputs={"concepts_sha256": concepts.sha256})
 
@@ -110,7 +111,7 @@ def _reusable_text_batches(cfg: Config, store: ArtifactStore, texts: list[str],
     with the same batch size (`text_batch_size`; `TEXT_BATCH` when it records none) gives the
     same bits as encoding them again.
     """
-    settings = {k: v for k, v in {**cfg.select(TEXT_STAGE.reads), **vlm_key_params(cfg)}.items()
+    settings = {k: v for k, v in {**stage_params(cfg, TEXT_STAGE), **vlm_key_params(cfg)}.items()
                 if k != "clip_dissect.concept_set"}
     best, n_best = None, 0
     for art in store.find(TEXT_STAGE.name):
@@ -151,7 +152,7 @@ def concept_similarity(cfg: Config, probe: ProbeSet, concepts: ConceptSet,
 
 def label_output(cfg: Config, layer: str, probe: ProbeSet, concepts: ConceptSet,
                  target=None) -> StageOutput:
-    return stage_output(LABEL_STAGE, {**cfg.select(LABEL_STAGE.reads), "layer": layer}, upstream={
+    return stage_output(LABEL_STAGE, {**stage_params(cfg, LABEL_STAGE), "layer": layer}, upstream={
         "01_activation_caching": activation_key(cfg, layer, probe, target),
         "01_image_features": image_feature_key(cfg, probe),
         "02_text_features": text_feature_key(cfg, concepts)})

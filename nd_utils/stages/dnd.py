@@ -31,7 +31,7 @@ from ..context import run_context
 from ..machine import seed_everything
 from .selection import STAGE as SELECT_STAGE
 from .selection import concept_activations, select_labels
-from ..stage_cache import cached_stage, stage_output, Table
+from ..stage_cache import cached_stage, stage_output, Table, stage_params
 from ..store import atomic_write_text
 from .synthesis import ConceptImages, concept_images, load_synthesizer_from_config
 from .top_images import TopImages, build_top_images
@@ -140,7 +140,7 @@ def dnd_selection(cfg: Config, force: bool = False, progress: bool = True, synth
             atomic_write_text(tmp / "labels.csv", labels.to_csv(index=False))
             atomic_write_text(tmp / "candidates.csv", cand.to_csv(index=False))
 
-        spec = stage_output(SELECT_STAGE, {**cfg.select(SELECT_STAGE.reads), "layer": layer},
+        spec = stage_output(SELECT_STAGE, {**stage_params(cfg, SELECT_STAGE), "layer": layer},
                             upstream={"03_top_images": top.key, "04_concepts": lc.key,
                                       "06_concept_activations": cacts.key})
         art = cached_stage(ctx.store, spec, build, force=force,

@@ -21,7 +21,7 @@ from ..config import Config
 from ..context import run_context
 from ..decode_once import CacheJob
 from ..probe_set import ProbeSet
-from ..stage_cache import Stage, register_stage, StageOutput, stage_output
+from ..stage_cache import Stage, register_stage, StageOutput, stage_output, stage_params
 
 # the vision-language image features share stage 01's decode-once pass over the probe set
 IMAGE_STAGE = register_stage(Stage("01_image_features", "01_activation_caching.ipynb", version=1,
@@ -46,7 +46,7 @@ def vlm_key_params(cfg: Config) -> dict:
 
 
 def image_feature_output(cfg: Config, probe: ProbeSet) -> StageOutput:
-    return stage_output(IMAGE_STAGE, {**cfg.select(IMAGE_STAGE.reads), **vlm_key_params(cfg)},
+    return stage_output(IMAGE_STAGE, {**stage_params(cfg, IMAGE_STAGE), **vlm_key_params(cfg)},
                         inputs={"probe_fingerprint": probe.fingerprint})
 
 

@@ -55,7 +55,7 @@ from ..probe_set import ProbeSet
 from ..probes import probe_set_names
 from ..machine import seed_everything
 from .selection import label_image_activations
-from ..stage_cache import Stage, register_stage, cached_stage, stage_output, Table
+from ..stage_cache import Stage, register_stage, cached_stage, stage_output, Table, stage_params
 from ..notices import record_notice
 from ..store import atomic_write_text
 from .synthesis import load_pool
@@ -289,7 +289,7 @@ def evaluate_label_quality(cfg: Config, force: bool = False, progress: bool = Tr
                for layer in set(labels.layer)}
     labels = sanity_labels(qcfg, labels, target.class_names, n_units)
     whole = parts["test"].root
-    spec = stage_output(STAGE, cfg.select(STAGE.reads), inputs={
+    spec = stage_output(STAGE, stage_params(cfg, STAGE), inputs={
         "probe_fingerprint": whole.fingerprint, "vlm": vlm.backend_id,
         "weights": target.weights_id, "labels_sha256": _sha(labels.to_csv(index=False))})
 

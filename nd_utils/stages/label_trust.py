@@ -50,7 +50,7 @@ from ..cosines import factorized
 from .image_features import image_feature_key, load_image_features
 from ..probe_set import ProbeSet
 from ..similarity import get_similarity, similarity_on_device, top_concepts
-from ..stage_cache import Stage, register_stage, cached_stage, stage_output, Table
+from ..stage_cache import Stage, register_stage, cached_stage, stage_output, Table, stage_params
 from ..store import atomic_write_text
 from .trust_scoring import (CosySource, LazyModel, TrustSettings, fit_simulator,
                             load_configured_vlm, null_concept_ids, score_labels, trust_split)
@@ -105,7 +105,7 @@ class _Inputs:
         return cls(cfg, layer, s, probe, concepts, seed, select, held, vlm, cosy, target)
 
     def params(self, stage) -> dict:
-        return {**self.cfg.select(stage.reads), **self.settings.key_params(), "layer": self.layer}
+        return {**stage_params(self.cfg, stage), **self.settings.key_params(), "layer": self.layer}
 
     def cosy_inputs(self) -> dict:
         """The key input naming CoSy's image source ({} with `trust.cosy: false`)."""

@@ -33,7 +33,7 @@ from safetensors.torch import load_file
 from ..config import Config
 from ..context import run_context
 from ..hooks import trace_images
-from ..stage_cache import Stage, register_stage, cached_stage, stage_output
+from ..stage_cache import Stage, register_stage, cached_stage, stage_output, stage_params
 from ..scoring import check_scoring, rank_by, score_candidates
 from ..store import atomic_write_text, save_tensors
 
@@ -68,7 +68,7 @@ def concept_activations(cfg: Config, layers: list[str], images: dict, target, vl
     """
     ctx = run_context(cfg)
     layers = list(layers)
-    params = {**cfg.select(ACT_STAGE.reads), "layers": layers}
+    params = {**stage_params(cfg, ACT_STAGE), "layers": layers}
     inputs = {"vlm": vlm.backend_id, "weights": target.weights_id}
     if not features:  # another output, so another key; the VLM then decides nothing
         params["features"], inputs = False, {"weights": target.weights_id}

@@ -31,9 +31,11 @@ from ..config import Config
 from ..context import run_context
 from ..decode_once import run_decode_once
 from ..errors import ProbeError
+from ..backends.families import FAMILIES
 from ..probes import load_probes
 from ..probe_set import ProbeSet
-from ..stage_cache import Stage, register_stage, StageOutput, cached_stage, stage_output
+from ..stage_cache import (Stage, register_stage, StageOutput, cached_stage, stage_output,
+                           stage_params)
 from ..store import atomic_write_bytes, atomic_write_text
 from .top_images import png_bytes
 
@@ -56,23 +58,25 @@ def load_pool(cfg: Config) -> tuple[ProbeSet, str]:
 
 
 def load_synthesizer_from_config(cfg: Config, vlm=None):
-    """The `synthesis.*` backend; `retrieve` also caches the pool's image features."""
+    """The `synthesis.*` backend; `retrieve` also caches the pool's image features. A backend
+    gets, besides, the extra keys of `synthesis:` it takes (a registered one's own settings)."""
     ctx = run_context(cfg)
     s = ctx.settings.synthesis
     name = s.name
+    own = FAMILIES["synthesis"].extra_settings(s)
     if name == "diffusers":
         return load_synthesizer(name, model=s.model, device=ctx.device, steps=s.steps,
                                 scheduler=s.scheduler, guidance_scale=s.guidance_scale,
-                                height=s.height, width=s.width, batch_size=s.batch_size)
+                                height=s.height, width=s.width, batch_size=s.batch_size, **own)
     if name == "retrieve":
         pool, source, pcfg = pool_config(cfg)
         vlm = vlm or load_vlm_from_config(cfg)
         cache_pool_features(cfg, vlm, pool, pcfg)
         synth = load_synthesizer(name, cfg=cfg, pool=pool,
-                                 pool_features=load_image_features(pcfg, pool), vlm=vlm)
+                                 pool_features=load_image_features(pcfg, pool), vlm=vlm, **own)
         synth.pool_source = source
         return synth
-    return load_synthesizer(name)  # a registered user backend, or UnknownNameError
+    return load_synthesizer(name, **own)  # a registered user backend, or UnknownNameError
 
 
 def pool_config(cfg: Config) -> "tuple[ProbeSet, str, Config]":
@@ -127,7 +131,7 @@ def prompt_for(cfg: Config, concept: str) -> str:
 
 
 def concept_image_output(cfg: Config, concept: str, backend_id: str) -> StageOutput:
-    return stage_output(STAGE, cfg.select(STAGE.reads),
+    return stage_output(STAGE, stage_params(cfg, STAGE),
                         inputs={"prompt": prompt_for(cfg, concept), "backend": backend_id})
 
 

@@ -29,7 +29,8 @@ from ..config import Config
 from ..context import run_context
 from ..errors import NdUtilsError
 from ..probe_set import ProbeSet
-from ..stage_cache import Stage, register_stage, StageOutput, cached_stage, stage_output
+from ..stage_cache import (Stage, register_stage, StageOutput, cached_stage, stage_output,
+                           stage_params)
 from ..store import atomic_write_bytes, atomic_write_text, save_tensors
 from ..backends.configured import load_target_from_config
 from ..backends.target_network import Target
@@ -109,7 +110,7 @@ class TopImages:
 
 def top_images_output(cfg: Config, layer: str, neurons: list[int], probe: ProbeSet,
                       target: "Target | None" = None) -> StageOutput:
-    return stage_output(STAGE, {**cfg.select(STAGE.reads), "layer": layer, "neurons": neurons},
+    return stage_output(STAGE, {**stage_params(cfg, STAGE), "layer": layer, "neurons": neurons},
                         upstream={"01_activation_caching":
                                   activation_key(cfg, layer, probe, target)})
 
