@@ -13,7 +13,7 @@ resolve here (0.2.0): import them from their submodule.
 Example:
     >>> import nd_utils as nd
     >>> cfg = nd.load_config("offline")
-    >>> cfg["target.name"]
+    >>> cfg.settings.target.name
     'efficientnet-lite0'
 """
 from __future__ import annotations
